@@ -1,0 +1,84 @@
+"""The MSDCN op: ``msdcn(value, offsets, weights)`` and the fused ``msdcn_deform(...)``.
+
+Contract (../../README.md, design.md):
+  value   [B,H,W,G,C]   bf16 / fp16 / fp32 (fp64 for exact checks)
+  offsets [B,H,W,G,K,2] token-grid units relative to the query pixel, last dim (x, y); used in fp32
+  weights [B,H,W,G,K]   unnormalised
+  returns [B,H,W,G,C]   in value.dtype
+
+``impl``: "torch" (reference, any device), "cuda" (JIT-compiled kernels, see build.py),
+"auto" (cuda when the kernels can be built and the inputs are on a CUDA device, else torch).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import ops as _ops  # registers flowdcn::msdcn_ref
+from .reference import ROUNDING_MODES, check_msdcn_inputs, deform_offsets_ref, msdcn_grid_sample_ref, msdcn_ref
+
+IMPLS = ("auto", "torch", "cuda")
+
+__all__ = ["msdcn", "msdcn_deform", "msdcn_ref", "deform_offsets_ref", "msdcn_grid_sample_ref", "cuda_available", "IMPLS"]
+
+
+def _cuda_backend():
+    """The CUDA backend module, or None when it is not part of this build."""
+    try:
+        from . import cuda as backend
+    except ImportError:
+        return None
+    return backend
+
+
+def cuda_available() -> bool:
+    """True when a CUDA device is present and the JIT kernels build (or are cached)."""
+    backend = _cuda_backend()
+    return backend is not None and torch.cuda.is_available() and backend.available()
+
+
+def _use_cuda(impl: str, device: torch.device) -> bool:
+    if impl not in IMPLS:
+        raise ValueError(f"msdcn: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return False
+    if impl == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"msdcn: impl='cuda' needs CUDA tensors, got device {device}")
+        backend = _cuda_backend()
+        if backend is None:
+            raise RuntimeError("msdcn: impl='cuda' requested but cuda_ext.msdcn.cuda is not available in this build")
+        backend.require()  # raises a clear error (no nvcc, no GPU, build failure)
+        return True
+    return device.type == "cuda" and cuda_available()
+
+
+def msdcn(value: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, *, rounding: str = "floor", impl: str = "auto") -> torch.Tensor:
+    """Groupwise deformable sampling: out[b,h,w,g] = sum_k weights[...,k] * bilinear(value[b,:,:,g], pos_k)."""
+    check_msdcn_inputs(value, offsets, weights, rounding)
+    if _use_cuda(impl, value.device):
+        return _cuda_backend().msdcn(value, offsets, weights, rounding=rounding)
+    return torch.ops.flowdcn.msdcn_ref(value, offsets, weights, rounding)
+
+
+def msdcn_deform(
+    value: torch.Tensor,
+    delta: torch.Tensor,
+    scale_logit: torch.Tensor,
+    weights: torch.Tensor,
+    prior: torch.Tensor,
+    s0: torch.Tensor,
+    s_max: torch.Tensor,
+    *,
+    rounding: str = "floor",
+    impl: str = "auto",
+) -> torch.Tensor:
+    """MSDCN with FlowDCN's deformable field fused in: offsets = (delta + prior)·σ(scale_logit + s0)·S_max.
+
+    delta [B,H,W,G,K,2], scale_logit [B,H,W,G,K], prior [K,2], s0 [G], s_max [2] as (x, y).
+    The CUDA path computes the offsets in registers (the [B,H,W,G,K,2] field never touches memory);
+    the torch path composes deform_offsets_ref and msdcn_ref, and is the spec.
+    """
+    if _use_cuda(impl, value.device):
+        return _cuda_backend().msdcn_deform(value, delta, scale_logit, weights, prior, s0, s_max, rounding=rounding)
+    offsets = deform_offsets_ref(delta, scale_logit, prior, s0, s_max)
+    return msdcn(value, offsets, weights, rounding=rounding, impl="torch")
