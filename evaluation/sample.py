@@ -83,7 +83,10 @@ def load_eval_model(cfg: ModelLoadConfig, device) -> LoadedModel:
         model.to_empty(device="cpu")
         model.init_weights()  # buffers that are not in the state dict get their real values
         sd = load_file(path)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise ValueError(f"{path}: weights do not fit {name} {overrides}: {e}") from None
         if missing or unexpected:
             raise ValueError(f"{path}: weights do not fit {name} {overrides}: missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]}")
