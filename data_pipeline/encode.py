@@ -67,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-tasks", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)))
     p.add_argument("--task-id", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))
                    - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0)))
+    p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -163,6 +164,8 @@ def main(argv=None) -> int:
     worker, num_workers = args.task_id * world + rank, args.num_tasks * world
     if not 0 <= args.task_id < args.num_tasks:
         raise ValueError(f"--task-id {args.task_id} outside [0, {args.num_tasks})")
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)  # on a shared CPU node, 1 thread avoids OpenMP spin contention
     device = args.device
     if device == "cuda":
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"

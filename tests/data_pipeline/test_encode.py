@@ -1,0 +1,170 @@
+"""The encode job on real photos with the tiny VAE: records equal direct VAE calls, both formats agree, resume, bad input."""
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import encode_args, write_image_folder
+from data_pipeline.buckets import nearest_bucket
+from data_pipeline.encode import main
+from data_pipeline.preprocess import Preprocessor, PreprocessConfig, to_tensor
+from data_pipeline.shards import ShardError, open_shard
+from data_pipeline.vae import LatentVAE
+
+
+def _manifest(d):
+    with open(os.path.join(d, "manifest.json")) as f:
+        return json.load(f)
+
+
+def _records(d):
+    """key -> (label, moments, bucket) over all shards of an encoded dir."""
+    m = _manifest(d)
+    shapes = {b["id"]: (len(m["moments"]), m["vae"]["latent_channels"], *b["latent_hw"]) for b in m["buckets"]}
+    out = {}
+    for e in m["shards"]:
+        sh = open_shard(d, e, m["format"], shapes[e["bucket"]], verify=True)
+        for i in range(len(sh)):
+            label, mom = sh.read(i)
+            out[sh.key(i)] = (label, mom, e["bucket"])
+    return out
+
+
+def test_records_match_direct_vae_and_formats_agree(latent_data, tiny_vae_dir):
+    m = _manifest(latent_data["wds"])
+    assert m["counts"]["images"] == 48 and m["counts"]["failed"] == 0 and m["vae"]["scale_factor"] == pytest.approx(0.18215)
+    wds, mds = _records(latent_data["wds"]), _records(latent_data["mds"])
+    assert wds.keys() == mds.keys() and len(wds) == 48
+    for k in wds:  # both formats hold bit-identical records
+        assert wds[k][0] == mds[k][0] and wds[k][2] == mds[k][2] and np.array_equal(wds[k][1], mds[k][1])
+    # Independent recomputation: source order, bucket by aspect ratio, preprocessing, VAE moments of image and flip.
+    pre = Preprocessor(PreprocessConfig(**m["preprocess"]))
+    vae = LatentVAE.from_pretrained(tiny_vae_dir)
+    root = latent_data["imgs"]
+    paths = sorted(os.path.join(root, c, f) for c in sorted(os.listdir(root)) for f in os.listdir(os.path.join(root, c)))
+    counts = {}
+    for idx, p in enumerate(paths):
+        label, mom, bucket = wds[f"{idx:09d}"]
+        img = Image.open(p)
+        assert label == int(os.path.basename(os.path.dirname(p))[1:])
+        assert bucket == nearest_bucket(img.size[0], img.size[1], pre.table)
+        counts[bucket] = counts.get(bucket, 0) + 1
+        if idx % 6:  # spot-check the VAE moments on 8 of the images
+            continue
+        _, px, _ = pre(img, key=f"{idx:09d}")
+        x = to_tensor(px)[None]
+        mean, logvar = vae.encode_moments(x)
+        fmean, flogvar = vae.encode_moments(torch.flip(x, dims=[-1]))
+        want = torch.stack([mean[0], logvar[0], fmean[0], flogvar[0]]).numpy()
+        np.testing.assert_allclose(mom.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+    assert m["counts"]["per_bucket"] == {str(b): n for b, n in sorted(counts.items())}
+    assert len(counts) >= 3  # several aspect-ratio buckets are exercised
+    assert sum(m["counts"]["per_class"].values()) == 48
+
+
+def test_wds_shards_readable_by_webdataset(latent_data):
+    import webdataset as wds
+
+    m = _manifest(latent_data["wds"])
+    shard = os.path.join(latent_data["wds"], m["shards"][0]["path"])
+    samples = list(wds.WebDataset(shard, shardshuffle=False).decode())
+    mine = open_shard(latent_data["wds"], m["shards"][0], "wds", samples[0]["npy"].shape)
+    assert len(samples) == len(mine)
+    for i, s in enumerate(samples):
+        assert s["__key__"] == mine.key(i) and s["cls"] == mine.read(i)[0]
+        assert np.array_equal(s["npy"], mine.read(i)[1]) and s["json"]["bucket"] == m["shards"][0]["bucket"]
+
+
+def test_resume_skips_done_units_and_rank_split(tmp_path, latent_data, tiny_vae_dir):
+    out = str(tmp_path / "out")
+    args = encode_args(latent_data["imgs"], out, tiny_vae_dir, "wds")
+    # Two "array tasks": task 1 alone does not write the manifest; task 0 finishes it.
+    assert main(args + ["--num-tasks", "2", "--task-id", "1"]) == 0
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+    assert main(args + ["--num-tasks", "2", "--task-id", "0"]) == 0
+    first = _manifest(out)
+    assert first["shards"] == _manifest(latent_data["wds"])["shards"]  # same shards, same checksums as one task
+    # Lose unit 1 (as if killed after writing shards but before recording it): only unit 1 is redone.
+    os.remove(os.path.join(out, "_progress", "unit-000001.json"))
+    os.remove(os.path.join(out, "manifest.json"))
+    mtimes = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out) if f.endswith(".tar")}
+    assert main(args) == 0
+    again = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in mtimes}
+    changed = sorted(f for f in mtimes if again[f] != mtimes[f])
+    assert changed and all(f.startswith("u000001-") for f in changed)
+    assert _manifest(out) == first
+
+
+def test_bad_image_reported_and_counted(tmp_path, tiny_vae_dir, capsys):
+    imgs = str(tmp_path / "imgs")
+    write_image_folder(imgs)
+    bad = os.path.join(imgs, "class_a", "zz_truncated.png")
+    with open(os.path.join(imgs, "class_a", "astronaut.png"), "rb") as f:
+        data = f.read()
+    with open(bad, "wb") as f:
+        f.write(data[: len(data) // 3])  # a truncated PNG
+    out = str(tmp_path / "out")
+    args = encode_args(imgs, out, tiny_vae_dir, "wds")
+    assert main(args) == 1  # fails, naming the file, and writes no manifest
+    err = capsys.readouterr().err
+    assert "zz_truncated.png" in err and not os.path.exists(os.path.join(out, "manifest.json"))
+    assert main(args + ["--allow-failures"]) == 0
+    m = _manifest(out)
+    assert m["counts"]["failed"] == 1 and m["failures"][0]["path"] == bad and m["counts"]["images"] == 8
+
+
+def test_tar_source_with_cls(tmp_path, tiny_vae_dir):
+    from conftest import skimage_photos
+
+    tpath = str(tmp_path / "images-000.tar")
+    with tarfile.open(tpath, "w") as tf:
+        for i, (name, arr) in enumerate(skimage_photos()[:4]):
+            buf = io.BytesIO()
+            Image.fromarray(np.asarray(arr)).convert("RGB").save(buf, format="JPEG")
+            for ext, payload in (("jpg", buf.getvalue()), ("cls", str(7 + i).encode())):
+                info = tarfile.TarInfo(f"{name}.{ext}")
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+    out = str(tmp_path / "out")
+    assert main(encode_args(tpath, out, tiny_vae_dir, "mds", "--source", "tar", "--no-flip")) == 0
+    recs = _records(out)
+    assert sorted(r[0] for r in recs.values()) == [7, 8, 9, 10]
+    assert all(r[1].shape[0] == 2 for r in recs.values())  # no flips: (mean, logvar)
+
+
+def test_truncated_and_corrupt_shards_named(tmp_path, latent_data):
+    import shutil
+
+    for fmt in ("wds", "mds"):
+        d = str(tmp_path / fmt)
+        shutil.copytree(latent_data[fmt], d)
+        m = _manifest(d)
+        e = max(m["shards"], key=lambda s: s["count"])
+        shape = (4, 4, *m["buckets"][e["bucket"]]["latent_hw"])
+        data_file = os.path.join(d, e["path"]) if fmt == "wds" else os.path.join(d, e["path"], "shard.00000.mds")
+        with open(data_file, "rb") as f:
+            data = f.read()
+        with open(data_file, "wb") as f:
+            f.write(data[: len(data) // 2])
+        with pytest.raises(ShardError, match=e["path"]):
+            open_shard(d, e, fmt, shape)
+        # Same size, flipped bytes inside one record's moments: the checksum or the record decode names it.
+        corrupt = bytearray(data)
+        sh = open_shard(latent_data[fmt], e, fmt, shape)
+        if fmt == "wds":
+            off, _ = sh.spans[1]
+        else:
+            off = int(sh.offsets[1]) + 20
+        corrupt[off: off + 8] = b"\xff" * 8  # breaks the .npy magic / header of record 1
+        with open(data_file, "wb") as f:
+            f.write(bytes(corrupt))
+        with pytest.raises(ShardError, match=e["path"]):
+            open_shard(d, e, fmt, shape, verify=True)
+        if fmt == "wds":
+            with pytest.raises(ShardError, match=f"key {sh.key(1)}"):
+                open_shard(d, e, fmt, shape).read(1)
