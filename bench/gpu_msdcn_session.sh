@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One GPU session for the MSDCN kernels: build, CUDA tests, op benchmark. Logs and JSON go to $OUT.
+#   bash bench/gpu_msdcn_session.sh [tests|bench|all]   (default all)
+set -o pipefail
+what=${1:-all}
+OUT=${OUT:-/tmp/msdcn_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD FLOWDCN_EXT_DIR=${FLOWDCN_EXT_DIR:-/tmp/flowdcn_ext}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+t0=$(date +%s)
+python3 - <<'PY' 2>&1 | tee "$OUT/build.log" | tail -n 25
+import time
+from cuda_ext.msdcn import build
+t = time.time()
+build.load(verbose=False)
+print(f"build+load {time.time() - t:.1f} s", build.module_name(build.arch_of()))
+PY
+[ $? -eq 0 ] || { echo "BUILD FAILED"; cat "$FLOWDCN_EXT_DIR"/*/build.log 2>/dev/null | tail -n 60; exit 1; }
+if [ "$what" = all ] || [ "$what" = tests ]; then
+  timeout 420 python3 -m pytest -q -m cuda -p no:cacheprovider tests/cuda_ext --durations=8 -rs 2>&1 | tee "$OUT/tests.log" | tail -n 45
+fi
+if [ "$what" = all ] || [ "$what" = bench ]; then
+  timeout 400 python3 bench/msdcn_op.py --json "$OUT/bench_msdcn_op.json" --sweep --block 2>&1 | tee "$OUT/bench.log" | tail -n 40
+fi
+echo "session wall $(( $(date +%s) - t0 )) s"

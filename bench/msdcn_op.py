@@ -1,0 +1,252 @@
+"""MSDCN op benchmark: our CUDA kernels vs the PyTorch reference vs SDPA (flash) on the same token count.
+
+Shapes: FlowDCN-XL/2 (G=16, C=72, K=9) and B/2 (G=12, C=64, K=9), batch 32, token grids 16², 32², 64²;
+bf16 value, fp32 fields (delta, scale_logit, weights), as in the targets of issue 3. Times are the
+median of CUDA-event timings after warm-up, rotating between input sets so small cases do not run from
+L2. "floor" is the byte floor (each input read once, each output written once) over the measured
+device-to-device copy bandwidth. Optionally times one FlowDCN-XL block against one SiT-XL block.
+
+    python bench/msdcn_op.py --json bench_msdcn.json [--block] [--sweep]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cuda_ext.msdcn import cuda as msdcn_cuda  # noqa: E402
+from cuda_ext.msdcn.reference import deform_offsets_ref, msdcn_ref  # noqa: E402
+
+SHAPES = {"XL": (16, 72, 9), "B": (12, 64, 9)}  # (G, C, K)
+GRIDS = (16, 32, 64)
+BATCH = 32
+
+
+def cuda_time(fn, sets: list, warmup: int = 5, reps: int = 30) -> float:
+    """Median milliseconds of fn(*inputs) over reps, rotating between input sets, CUDA events."""
+    for i in range(warmup):
+        fn(*sets[i % len(sets)])
+    torch.cuda.synchronize()
+    times = []
+    for i in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        args = sets[i % len(sets)]
+        start.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + written), 1 GiB buffer."""
+    a = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
+    b = torch.empty_like(a)
+    ms = cuda_time(lambda x, y: y.copy_(x), [(a, b)], warmup=3, reps=10)
+    return 2 * a.numel() * 4 / ms / 1e6
+
+
+def make_inputs(B, H, W, G, C, K, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    value = torch.randn(B, H, W, G, C, device="cuda", generator=gen).to(torch.bfloat16)
+    delta = torch.randn(B, H, W, G, K, 2, device="cuda", generator=gen) * 0.5
+    scale = torch.randn(B, H, W, G, K, device="cuda", generator=gen)
+    weights = torch.randn(B, H, W, G, K, device="cuda", generator=gen) * 0.3
+    prior = torch.tensor([[x, y] for y in (-1.0, 0.0, 1.0) for x in (-1.0, 0.0, 1.0)], device="cuda")[:K]
+    q = (torch.arange(G, device="cuda", dtype=torch.float64) + 1) / G - 1e-4
+    s0 = torch.log(q / (1 - q)).float()
+    s_max = torch.tensor([6.0, 6.0], device="cuda")
+    return value, delta, scale, weights, prior, s0, s_max
+
+
+def with_grad(inputs):
+    value, delta, scale, weights, prior, s0, s_max = inputs
+    leaves = [t.detach().clone().requires_grad_(True) for t in (value, delta, scale, weights, s0)]
+    grad = torch.randn_like(value)
+    return leaves[:4] + [prior, leaves[4], s_max, grad]
+
+
+def ours_fwd(v, d, s, w, p, z, m):
+    return msdcn_cuda.msdcn_deform(v, d, s, w, p, z, m)
+
+
+def ours_fwdbwd(v, d, s, w, p, z, m, g):
+    out = msdcn_cuda.msdcn_deform(v, d, s, w, p, z, m)
+    torch.autograd.grad(out, [v, d, s, w, z], g)
+
+
+def ref_fwd(v, d, s, w, p, z, m):
+    return torch.ops.flowdcn.msdcn_ref(v, deform_offsets_ref(d, s, p, z, m), w, "floor")
+
+
+def ref_fwdbwd(v, d, s, w, p, z, m, g):
+    out = ref_fwd(v, d, s, w, p, z, m)
+    torch.autograd.grad(out, [v, d, s, w, z], g)
+
+
+def sdpa_inputs(B, T, G, C, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    qkv = [torch.randn(B, G, T, C, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_(True) for _ in range(3)]
+    return qkv + [torch.randn(B, G, T, C, device="cuda", generator=gen).to(torch.bfloat16)]
+
+
+def sdpa_fwd(q, k, v, g):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def sdpa_fwdbwd(q, k, v, g):
+    torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), [q, k, v], g)
+
+
+def byte_floor(B, H, W, G, C, K) -> tuple[int, int]:
+    """Bytes (forward, forward+backward): bf16 value/out/grads, fp32 fields and field grads, each touched once."""
+    n = B * H * W * G
+    val, fields = n * C * 2, n * K * 4 * 4  # delta(2) + scale + weights, fp32
+    fwd = val + fields + val
+    bwd = val + val + fields + val + fields  # read grad_out, value, fields; write grad value, grad fields
+    return fwd, fwd + bwd
+
+
+def sweep_threads(G, C, K, H) -> dict:
+    """Threads-per-block targets for forward and backward, best of a few, at one grid size."""
+    sets = [with_grad(make_inputs(BATCH, H, H, G, C, K, s)) for s in range(2)]
+    best = {}
+    for phase in ("forward", "backward"):
+        res = {}
+        for t in (128, 256, 384, 512):
+            msdcn_cuda.set_launch_threads(**{phase: t})
+            if phase == "forward":
+                res[t] = cuda_time(lambda *a: ours_fwd(*a[:7]), sets)
+            else:
+                res[t] = cuda_time(ours_fwdbwd, sets)
+        best[phase] = min(res, key=res.get)
+        msdcn_cuda.set_launch_threads(**{phase: best[phase]})
+        print(f"  sweep {phase} G={G} C={C} {H}²: " + ", ".join(f"{t}: {ms:.3f}" for t, ms in res.items()) + f" -> {best[phase]}", flush=True)
+    return best
+
+
+def bench_op(bw: float, with_ref: bool) -> list[dict]:
+    rows = []
+    for name, (G, C, K) in SHAPES.items():
+        for H in GRIDS:
+            B, W = BATCH, H
+            sets = [with_grad(make_inputs(B, H, W, G, C, K, s)) for s in range(2 if H < 64 else 1)]
+            row = {"shape": name, "grid": H, "B": B, "G": G, "C": C, "K": K}
+            row["ours_fwd_ms"] = cuda_time(lambda *a: ours_fwd(*a[:7]), sets)
+            row["ours_fwdbwd_ms"] = cuda_time(ours_fwdbwd, sets)
+            plain = []
+            for v, d, s, w, p, z, m, g in sets:
+                off = deform_offsets_ref(d.detach(), s.detach(), p, z.detach(), m).requires_grad_(True)
+                plain.append((v, off, w, g))
+            row["plain_fwd_ms"] = cuda_time(lambda v, o, w, g: msdcn_cuda.msdcn(v, o, w), plain)
+            row["plain_fwdbwd_ms"] = cuda_time(
+                lambda v, o, w, g: torch.autograd.grad(msdcn_cuda.msdcn(v, o, w), [v, o, w], g), plain)
+            del plain
+            if with_ref and H <= 32:  # the reference materialises [B,H,W,G,K,C] per corner: too big at 64²
+                try:
+                    row["ref_fwd_ms"] = cuda_time(lambda *a: ref_fwd(*a[:7]), sets[:1], warmup=1, reps=5)
+                    row["ref_fwdbwd_ms"] = cuda_time(ref_fwdbwd, sets[:1], warmup=1, reps=5)
+                except torch.OutOfMemoryError:
+                    row["ref_fwd_ms"] = row["ref_fwdbwd_ms"] = None
+                torch.cuda.empty_cache()
+            del sets
+            qs = [sdpa_inputs(B, H * W, G, C, s) for s in range(2)]
+            row["sdpa_fwd_ms"] = cuda_time(sdpa_fwd, qs)
+            row["sdpa_fwdbwd_ms"] = cuda_time(sdpa_fwdbwd, qs)
+            del qs
+            fb, fbb = byte_floor(B, H, W, G, C, K)
+            row["floor_fwd_ms"] = fb / bw / 1e6
+            row["floor_fwdbwd_ms"] = fbb / bw / 1e6
+            row["ours_fwd_GBps"] = fb / row["ours_fwd_ms"] / 1e6
+            row["ours_fwdbwd_GBps"] = fbb / row["ours_fwdbwd_ms"] / 1e6
+            rows.append(row)
+            torch.cuda.empty_cache()
+            print(f"  {name} {H}²: ours {row['ours_fwd_ms']:.3f}/{row['ours_fwdbwd_ms']:.3f} ms, sdpa {row['sdpa_fwd_ms']:.3f}/{row['sdpa_fwdbwd_ms']:.3f} ms", flush=True)
+    return rows
+
+
+def bench_blocks() -> list[dict]:
+    """fwd+bwd of one FlowDCN-XL block (cuda MSDCN) vs one SiT-XL block (SDPA), bf16 autocast, batch 32."""
+    import modeling
+
+    rows = []
+    for H in GRIDS:
+        row = {"grid": H, "B": BATCH}
+        for name in ("FlowDCN-XL/2", "SiT-XL/2"):
+            kw = {"msdcn_impl": "cuda"} if name.startswith("FlowDCN") else {}
+            model = modeling.build_model(name, device="meta", depth=1, **kw)
+            model.to_empty(device="cuda")
+            model.init_weights()
+            block = model.blocks[0]
+            with torch.no_grad():
+                for p in block.parameters():
+                    p.add_(torch.randn_like(p) * 0.02)
+            D = 1152
+            x = torch.randn(BATCH, H, H, D, device="cuda", requires_grad=True)
+            c = torch.randn(BATCH, D, device="cuda")
+            s_max = torch.tensor([6.0, 6.0], device="cuda")
+
+            def step(x, c):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = block(x, c, s_max) if name.startswith("FlowDCN") else block(x.flatten(1, 2), c)
+                out.float().square().mean().backward()  # parameter grads accumulate, as in training
+
+            row[name] = cuda_time(step, [(x, c)], warmup=3, reps=15)
+            del model, block, x
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(f"  block {H}²: FlowDCN-XL {row['FlowDCN-XL/2']:.3f} ms, SiT-XL {row['SiT-XL/2']:.3f} ms", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default="bench_msdcn_op.json")
+    ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference timings")
+    ap.add_argument("--block", action="store_true", help="also time one FlowDCN-XL block vs one SiT-XL block")
+    ap.add_argument("--sweep", action="store_true", help="pick threads per block at the XL 32² shape first")
+    args = ap.parse_args()
+
+    msdcn_cuda.require()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    dev = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    print(f"device: {dev}; torch {torch.__version__}; copy bandwidth {bw:.0f} GB/s", flush=True)
+    result = {"device": dev, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "copy_GBps": bw, "command": " ".join(sys.argv)}
+    if args.sweep:
+        result["threads"] = sweep_threads(16, 72, 9, 32)
+    result["threads_used"] = dict(msdcn_cuda._THREADS)
+    result["op"] = bench_op(bw, with_ref=not args.no_ref)
+    if args.block:
+        result["block"] = bench_blocks()
+    Path(args.json).write_text(json.dumps(result, indent=1))
+
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    print(f"\nMSDCN op, {dev}, batch {BATCH}, bf16 value, fp32 fields; ms (median); fused = deform field in-kernel")
+    print("| shape | grid | ours fused fwd / fwd+bwd | ours plain fwd / fwd+bwd | reference fwd / fwd+bwd | SDPA fwd / fwd+bwd | byte floor fwd / fwd+bwd | ours GB/s fwd / fwd+bwd |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in result["op"]:
+        print(f"| {r['shape']} (G={r['G']},C={r['C']}) | {r['grid']}² | {f(r['ours_fwd_ms'])} / {f(r['ours_fwdbwd_ms'])} | "
+              f"{f(r['plain_fwd_ms'])} / {f(r['plain_fwdbwd_ms'])} | {f(r.get('ref_fwd_ms'))} / {f(r.get('ref_fwdbwd_ms'))} | "
+              f"{f(r['sdpa_fwd_ms'])} / {f(r['sdpa_fwdbwd_ms'])} | {f(r['floor_fwd_ms'])} / {f(r['floor_fwdbwd_ms'])} | "
+              f"{r['ours_fwd_GBps']:.0f} / {r['ours_fwdbwd_GBps']:.0f} |")
+    if args.block:
+        print("\n| grid | FlowDCN-XL block fwd+bwd (ms) | SiT-XL block fwd+bwd (ms) |\n|---|---|---|")
+        for r in result["block"]:
+            print(f"| {r['grid']}² | {r['FlowDCN-XL/2']:.3f} | {r['SiT-XL/2']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+// Python bindings of the MSDCN CUDA launchers (registered as torch.library ops in cuda_ext/msdcn/cuda.py).
+#include <torch/extension.h>
+
+#include <vector>
+
+namespace flowdcn {
+at::Tensor msdcn_forward(const at::Tensor& value, const at::Tensor& off, const at::Tensor& scale, const at::Tensor& weight,
+                         const at::Tensor& prior, const at::Tensor& s0, const at::Tensor& smax, bool fused, bool trunc, int64_t threads);
+std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor& value, const at::Tensor& off,
+                                       const at::Tensor& scale, const at::Tensor& weight, const at::Tensor& prior,
+                                       const at::Tensor& s0, const at::Tensor& smax, bool fused, bool trunc, int64_t threads);
+}  // namespace flowdcn
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "FlowDCN MSDCN CUDA kernels (forward, backward; plain and with the fused deformable field)";
+  m.def("forward", &flowdcn::msdcn_forward, "MSDCN forward (value, off|delta, scale_logit, weights, prior, s0, s_max, fused, trunc, threads)");
+  m.def("backward", &flowdcn::msdcn_backward, "MSDCN backward (grad_out, value, off|delta, scale_logit, weights, prior, s0, s_max, fused, trunc, threads)");
+}

@@ -1,0 +1,184 @@
+// Host launchers of the MSDCN kernels: dtype dispatch, launch geometry, device guard, current stream.
+// Input checking that needs no GPU (shapes, contiguity, alignment, dtype pairing) is done in Python
+// (cuda_ext/msdcn/cuda.py); the TORCH_CHECKs here guard the assumptions the kernels rely on.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <vector>
+
+#include "msdcn_kernels.cuh"
+
+namespace flowdcn {
+namespace {
+
+
+struct Geometry {
+  int64_t N, H, W;
+  int G, C, K, L, Q, threads;
+  int64_t blocks;
+};
+
+Geometry geometry(const at::Tensor& value, const at::Tensor& weight, int64_t target_threads) {
+  Geometry g;
+  g.N = value.size(0) * value.size(1) * value.size(2);
+  g.H = value.size(1);
+  g.W = value.size(2);
+  g.G = static_cast<int>(value.size(3));
+  g.C = static_cast<int>(value.size(4));
+  g.K = static_cast<int>(weight.size(4));
+  TORCH_CHECK(g.C % kVec == 0, "msdcn_cuda: C must be a multiple of 8, got ", g.C);
+  g.L = g.C / kVec;
+  const int gl = g.G * g.L;
+  TORCH_CHECK(gl <= kMaxThreads, "msdcn_cuda: G * C / 8 must be <= ", kMaxThreads, " (one block holds a whole query), got ", gl);
+  TORCH_CHECK(target_threads > 0 && target_threads <= kMaxThreads, "msdcn_cuda: threads per block must be in [1, ", kMaxThreads, "], got ", target_threads);
+  g.Q = std::max<int>(1, static_cast<int>(target_threads) / gl);  // several queries per block
+  g.threads = g.Q * gl;
+  g.blocks = (g.N + g.Q - 1) / g.Q;
+  TORCH_CHECK(g.blocks < (int64_t(1) << 31), "msdcn_cuda: too many queries for one launch: ", g.N);
+  return g;
+}
+
+template <typename T, typename F, typename A>
+MsdcnParams<T, F, A> make_params(const Geometry& geo, const at::Tensor& value, const at::Tensor& off, const at::Tensor& scale,
+                                 const at::Tensor& weight, const at::Tensor& prior, const at::Tensor& s0, const at::Tensor& smax,
+                                 bool fused, bool trunc) {
+  MsdcnParams<T, F, A> p{};
+  p.value = reinterpret_cast<const T*>(value.data_ptr());
+  p.off = reinterpret_cast<const F*>(off.data_ptr());
+  p.weight = reinterpret_cast<const F*>(weight.data_ptr());
+  if (fused) {
+    p.scale = reinterpret_cast<const F*>(scale.data_ptr());
+    p.prior = reinterpret_cast<const A*>(prior.data_ptr());
+    p.s0 = reinterpret_cast<const A*>(s0.data_ptr());
+    p.smax = reinterpret_cast<const A*>(smax.data_ptr());
+  }
+  p.N = geo.N; p.H = geo.H; p.W = geo.W;
+  p.G = geo.G; p.C = geo.C; p.K = geo.K; p.L = geo.L; p.Q = geo.Q;
+  p.trunc = trunc;
+  return p;
+}
+
+// Dispatch over the supported (value, field) dtype pairs; A is fp64 for fp64 values, else fp32.
+#define FLOWDCN_DISPATCH(VDT, FDT, NAME, ...)                                                                  \
+  [&] {                                                                                                      \
+    if (VDT == at::kBFloat16 && FDT == at::kBFloat16) {                                                      \
+      using T = __nv_bfloat16; using F = __nv_bfloat16; using A = float; return __VA_ARGS__();                \
+    } else if (VDT == at::kBFloat16 && FDT == at::kFloat) {                                                  \
+      using T = __nv_bfloat16; using F = float; using A = float; return __VA_ARGS__();                        \
+    } else if (VDT == at::kHalf && FDT == at::kHalf) {                                                       \
+      using T = __half; using F = __half; using A = float; return __VA_ARGS__();                              \
+    } else if (VDT == at::kHalf && FDT == at::kFloat) {                                                      \
+      using T = __half; using F = float; using A = float; return __VA_ARGS__();                               \
+    } else if (VDT == at::kFloat && FDT == at::kFloat) {                                                     \
+      using T = float; using F = float; using A = float; return __VA_ARGS__();                                \
+    } else if (VDT == at::kDouble && FDT == at::kDouble) {                                                   \
+      using T = double; using F = double; using A = double; return __VA_ARGS__();                             \
+    }                                                                                                        \
+    TORCH_CHECK(false, NAME ": unsupported dtypes value=", VDT, " fields=", FDT,                               \
+                " (supported: bf16/fp16 values with fields of the same dtype or fp32; fp32/fp32; fp64/fp64)"); \
+  }()
+
+void check_cuda(const at::Tensor& t, const char* name, const at::Tensor& value) {
+  TORCH_CHECK(t.is_cuda(), "msdcn_cuda: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.device() == value.device(), "msdcn_cuda: ", name, " is on ", t.device(), " but value is on ", value.device());
+  TORCH_CHECK(t.is_contiguous(), "msdcn_cuda: ", name, " must be contiguous");
+}
+
+void check_all(const at::Tensor& value, const at::Tensor& off, const at::Tensor& scale, const at::Tensor& weight,
+               const at::Tensor& prior, const at::Tensor& s0, const at::Tensor& smax, bool fused) {
+  check_cuda(value, "value", value);
+  check_cuda(off, fused ? "delta" : "offsets", value);
+  check_cuda(weight, "weights", value);
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(value.data_ptr()) % 16 == 0, "msdcn_cuda: value must be 16-byte aligned");
+  TORCH_CHECK(off.scalar_type() == weight.scalar_type(), "msdcn_cuda: offsets/delta and weights must share a dtype");
+  if (fused) {
+    check_cuda(scale, "scale_logit", value);
+    check_cuda(prior, "prior", value);
+    check_cuda(s0, "s0", value);
+    check_cuda(smax, "s_max", value);
+    TORCH_CHECK(scale.scalar_type() == weight.scalar_type(), "msdcn_cuda: scale_logit and weights must share a dtype");
+    const auto adt = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK(prior.scalar_type() == adt && s0.scalar_type() == adt && smax.scalar_type() == adt,
+                "msdcn_cuda: prior, s0 and s_max must be ", adt);
+  }
+}
+
+}  // namespace
+
+// out = msdcn(value, off, weight) (fused=false) or msdcn(value, deform(delta=off, scale, prior, s0, smax), weight).
+at::Tensor msdcn_forward(const at::Tensor& value, const at::Tensor& off, const at::Tensor& scale, const at::Tensor& weight,
+                         const at::Tensor& prior, const at::Tensor& s0, const at::Tensor& smax, bool fused, bool trunc,
+                         int64_t threads) {
+  check_all(value, off, scale, weight, prior, s0, smax, fused);
+  const c10::cuda::CUDAGuard guard(value.device());
+  auto out = at::empty_like(value);
+  if (value.numel() == 0) return out;
+  const Geometry geo = geometry(value, weight, threads);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  FLOWDCN_DISPATCH(value.scalar_type(), weight.scalar_type(), "msdcn_forward", [&] {
+    auto p = make_params<T, F, A>(geo, value, off, scale, weight, prior, s0, smax, fused, trunc);
+    p.out = reinterpret_cast<T*>(out.data_ptr());
+    if (fused)
+      msdcn_forward_kernel<T, F, A, true><<<geo.blocks, geo.threads, 0, stream>>>(p);
+    else
+      msdcn_forward_kernel<T, F, A, false><<<geo.blocks, geo.threads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// Returns [grad_value (fp32/fp64 buffer), grad_off (or delta), grad_scale (fused, else empty),
+//          grad_weight, s0 partials [blocks, G] (fused, else empty)].
+std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor& value, const at::Tensor& off,
+                                       const at::Tensor& scale, const at::Tensor& weight, const at::Tensor& prior,
+                                       const at::Tensor& s0, const at::Tensor& smax, bool fused, bool trunc,
+                                       int64_t threads) {
+  check_all(value, off, scale, weight, prior, s0, smax, fused);
+  check_cuda(gout, "grad_out", value);
+  TORCH_CHECK(gout.sizes() == value.sizes() && gout.scalar_type() == value.scalar_type(),
+              "msdcn_cuda: grad_out must match value in shape and dtype");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(gout.data_ptr()) % 16 == 0, "msdcn_cuda: grad_out must be 16-byte aligned");
+  const c10::cuda::CUDAGuard guard(value.device());
+  const auto adt = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto gvalue = at::zeros(value.sizes(), value.options().dtype(adt));
+  auto goff = at::empty_like(off);
+  auto gweight = at::empty_like(weight);
+  auto gscale = fused ? at::empty_like(scale) : at::empty({0}, weight.options());
+  if (value.numel() == 0 || weight.numel() == 0) {
+    goff.zero_(); gweight.zero_();
+    if (fused) gscale.zero_();
+    auto s0p = fused ? at::zeros({1, value.size(3)}, value.options().dtype(adt)) : at::empty({0}, value.options().dtype(adt));
+    return {gvalue, goff, gscale, gweight, s0p};
+  }
+  const Geometry geo = geometry(value, weight, threads);
+  auto s0p = fused ? at::empty({geo.blocks, geo.G}, value.options().dtype(adt)) : at::empty({0}, value.options().dtype(adt));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  FLOWDCN_DISPATCH(value.scalar_type(), weight.scalar_type(), "msdcn_backward", [&] {
+    auto p = make_params<T, F, A>(geo, value, off, scale, weight, prior, s0, smax, fused, trunc);
+    p.gout = reinterpret_cast<const T*>(gout.data_ptr());
+    p.gvalue = reinterpret_cast<A*>(gvalue.data_ptr());
+    p.goff = reinterpret_cast<F*>(goff.data_ptr());
+    p.gweight = reinterpret_cast<F*>(gweight.data_ptr());
+    if (fused) {
+      p.gscale = reinterpret_cast<F*>(gscale.data_ptr());
+      p.s0_part = reinterpret_cast<A*>(s0p.data_ptr());
+    }
+    const int S = (3 * geo.K) | 1;
+    const size_t smem = (static_cast<size_t>(geo.threads) * S + geo.G) * sizeof(A);
+    auto kernel = fused ? msdcn_backward_kernel<T, F, A, true> : msdcn_backward_kernel<T, F, A, false>;
+    if (smem > 48 * 1024) {
+      int dev_max = 0;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&dev_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, value.get_device()));
+      TORCH_CHECK(smem <= static_cast<size_t>(dev_max), "msdcn_cuda: backward needs ", smem, " bytes of shared memory (K=", geo.K,
+                  ", G*C/8=", geo.G * geo.L, "), the device allows ", dev_max);
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    }
+    kernel<<<geo.blocks, geo.threads, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {gvalue, goff, gscale, gweight, s0p};
+}
+
+}  // namespace flowdcn

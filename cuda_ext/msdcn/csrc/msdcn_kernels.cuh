@@ -1,0 +1,327 @@
+// MSDCN forward and backward kernels (no PyTorch dependency; launched from msdcn_cuda.cu).
+//
+// Semantics are those of cuda_ext/msdcn/reference.py: for query (b, h, w), group g and point k the
+// group's value map is sampled bilinearly at (w + off_x, h + off_y) with floor (or trunc) as the
+// lower corner, each corner outside the grid contributes zero, and the K samples are summed with
+// unnormalised weights. Coordinates and accumulation are in A (fp32, or fp64 for fp64 inputs).
+//
+// Mapping (as DCNv4): one thread per (query, group, 8 channels). L = C / 8 consecutive threads
+// serve one (query, group); a block holds Q queries x G groups x L lanes. B, H, W, C, K are runtime
+// values, so no shape ever triggers a recompile; all memory offsets are int64.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace flowdcn {
+
+constexpr int kVec = 8;         // channels per thread: 16-byte loads for bf16/fp16
+constexpr int kMaxThreads = 512;  // threads per block at most (bounds the register budget)
+
+// ---------------------------------------------------------------- scalar conversions
+__device__ __forceinline__ float to_acc(float x, float) { return x; }
+__device__ __forceinline__ double to_acc(double x, double) { return x; }
+__device__ __forceinline__ float to_acc(__half x, float) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x, float) { return __bfloat162float(x); }
+
+__device__ __forceinline__ void from_acc(float x, float* o) { *o = x; }
+__device__ __forceinline__ void from_acc(double x, double* o) { *o = x; }
+__device__ __forceinline__ void from_acc(float x, __half* o) { *o = __float2half_rn(x); }
+__device__ __forceinline__ void from_acc(float x, __nv_bfloat16* o) { *o = __float2bfloat16_rn(x); }
+
+// ---------------------------------------------------------------- 8-channel vector loads/stores
+// Pointers are 16-byte aligned: the host checks the base address and C % 8 == 0.
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* o) {
+  const uint4 r = __ldg(reinterpret_cast<const uint4*>(p));
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    o[2 * i] = f.x;
+    o[2 * i + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void load8(const __half* p, float* o) {
+  const uint4 r = __ldg(reinterpret_cast<const uint4*>(p));
+  const __half2* h = reinterpret_cast<const __half2*>(&r);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(h[i]);
+    o[2 * i] = f.x;
+    o[2 * i + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void load8(const float* p, float* o) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
+  o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+}
+__device__ __forceinline__ void load8(const double* p, double* o) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const double2 d = __ldg(reinterpret_cast<const double2*>(p) + i);
+    o[2 * i] = d.x;
+    o[2 * i + 1] = d.y;
+  }
+}
+
+__device__ __forceinline__ void store8(__nv_bfloat16* p, const float* v) {
+  uint4 r;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&r);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+  *reinterpret_cast<uint4*>(p) = r;
+}
+__device__ __forceinline__ void store8(__half* p, const float* v) {
+  uint4 r;
+  __half2* h = reinterpret_cast<__half2*>(&r);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+  *reinterpret_cast<uint4*>(p) = r;
+}
+__device__ __forceinline__ void store8(float* p, const float* v) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void store8(double* p, const double* v) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) reinterpret_cast<double2*>(p)[i] = make_double2(v[2 * i], v[2 * i + 1]);
+}
+
+// grad_value accumulates in an fp32 (fp64) buffer; sm_90 has 16-byte vector float atomics.
+__device__ __forceinline__ void atomic_add8(float* p, const float* v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
+  atomicAdd(reinterpret_cast<float4*>(p) + 1, make_float4(v[4], v[5], v[6], v[7]));
+#else
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) atomicAdd(p + i, v[i]);
+#endif
+}
+__device__ __forceinline__ void atomic_add8(double* p, const double* v) {
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) atomicAdd(p + i, v[i]);
+}
+
+__device__ __forceinline__ float sigmoid(float z) { return 1.f / (1.f + expf(-z)); }
+__device__ __forceinline__ double sigmoid(double z) { return 1.0 / (1.0 + exp(-z)); }
+
+// ---------------------------------------------------------------- parameters
+template <typename T, typename F, typename A>
+struct MsdcnParams {
+  const T* value;     // [N, G, C] with N = B*H*W (rows ordered b, h, w)
+  const F* off;       // FUSED: delta [N, G, K, 2]; else offsets [N, G, K, 2]   (x, y)
+  const F* scale;     // FUSED: scale_logit [N, G, K]
+  const F* weight;    // [N, G, K]
+  const A* prior;     // FUSED: [K, 2]
+  const A* s0;        // FUSED: [G]
+  const A* smax;      // FUSED: [2] (x, y)
+  T* out;             // forward: [N, G, C]
+  const T* gout;      // backward: [N, G, C]
+  A* gvalue;          // backward: [N, G, C] fp32/fp64 accumulation buffer (zeroed)
+  F* goff;            // backward: [N, G, K, 2] grad of offsets (or delta)
+  F* gscale;          // backward, FUSED: [N, G, K]
+  F* gweight;         // backward: [N, G, K]
+  A* s0_part;         // backward, FUSED: [gridDim.x, G] per-block partial sums of d/ds0
+  int64_t N, H, W;
+  int G, C, K, L, Q;  // L = C / 8 lanes per (query, group); Q queries per block
+  bool trunc;         // trunc (official compat) instead of floor for the lower corner
+};
+
+// Offsets of point k in fp32/fp64; FUSED computes (delta + prior) * sigmoid(logit + s0) * S_max.
+template <bool FUSED, typename T, typename F, typename A>
+__device__ __forceinline__ void point_offset(const MsdcnParams<T, F, A>& p, int64_t fk, int g, int k, A& ox, A& oy) {
+  const A dx = to_acc(p.off[2 * fk], A()), dy = to_acc(p.off[2 * fk + 1], A());
+  if (FUSED) {
+    const A s = sigmoid(to_acc(p.scale[fk], A()) + p.s0[g]);
+    ox = (dx + p.prior[2 * k]) * s * p.smax[0];
+    oy = (dy + p.prior[2 * k + 1]) * s * p.smax[1];
+  } else {
+    ox = dx;
+    oy = dy;
+  }
+}
+
+// Corner geometry of one sample; corner c = (dx, dy) in order (0,0), (1,0), (0,1), (1,1).
+template <typename A>
+struct Corners {
+  int64_t row[4];  // pixel index (b*H + y)*W + x of each corner, valid only where ok[c]
+  A bil[4];        // bilinear weight
+  A ddx[4], ddy[4];  // derivative of bil w.r.t. px, py
+  bool ok[4];
+  bool any;
+};
+
+template <typename A>
+__device__ __forceinline__ Corners<A> corners(A px, A py, int64_t b, int64_t H, int64_t W, bool trunc_mode) {
+  Corners<A> c;
+  const A fx = trunc_mode ? trunc(px) : floor(px);
+  const A fy = trunc_mode ? trunc(py) : floor(py);
+  const A lx = px - fx, ly = py - fy;  // negative under trunc for px < 0 (official extrapolation)
+  const A hx = A(1) - lx, hy = A(1) - ly;
+  // Validity is decided in floating point, so huge or NaN offsets never reach an integer cast.
+  const bool x0 = fx >= A(0) && fx <= A(W - 1), x1 = fx >= A(-1) && fx <= A(W - 2);
+  const bool y0 = fy >= A(0) && fy <= A(H - 1), y1 = fy >= A(-1) && fy <= A(H - 2);
+  c.ok[0] = x0 && y0; c.ok[1] = x1 && y0; c.ok[2] = x0 && y1; c.ok[3] = x1 && y1;
+  c.any = (x0 || x1) && (y0 || y1);
+  c.bil[0] = hx * hy; c.ddx[0] = -hy; c.ddy[0] = -hx;
+  c.bil[1] = lx * hy; c.ddx[1] = hy;  c.ddy[1] = -lx;
+  c.bil[2] = hx * ly; c.ddx[2] = -ly; c.ddy[2] = hx;
+  c.bil[3] = lx * ly; c.ddx[3] = ly;  c.ddy[3] = lx;
+  if (c.any) {
+    const int64_t xi = static_cast<int64_t>(fx), yi = static_cast<int64_t>(fy);  // in [-1, W-1] / [-1, H-1]
+    const int64_t r00 = (b * H + yi) * W + xi;
+    c.row[0] = r00; c.row[1] = r00 + 1; c.row[2] = r00 + W; c.row[3] = r00 + W + 1;
+  }
+  return c;
+}
+
+// ---------------------------------------------------------------- forward
+template <typename T, typename F, typename A, bool FUSED>
+__global__ void __launch_bounds__(kMaxThreads) msdcn_forward_kernel(const MsdcnParams<T, F, A> p) {
+  const int tid = threadIdx.x;
+  const int GL = p.G * p.L;
+  const int q = tid / GL, r = tid - q * GL, g = r / p.L, lane = r - g * p.L;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * p.Q + q;
+  if (q >= p.Q || n >= p.N) return;
+  const int64_t w = n % p.W, h = (n / p.W) % p.H, b = n / (p.H * p.W);
+  const int64_t GC = static_cast<int64_t>(p.G) * p.C;
+  const T* vbase = p.value + g * p.C + lane * kVec;  // + row * GC per corner
+  const int64_t fbase = (n * p.G + g) * p.K;
+
+  A acc[kVec];
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) acc[i] = A(0);
+
+  for (int k = 0; k < p.K; ++k) {
+    A ox, oy;
+    point_offset<FUSED>(p, fbase + k, g, k, ox, oy);
+    const A wk = to_acc(p.weight[fbase + k], A());
+    const Corners<A> c = corners(A(w) + ox, A(h) + oy, b, p.H, p.W, p.trunc);
+    if (!c.any) continue;
+    A v[4][kVec];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // issue the four gathers before using any of them
+      if (c.ok[j]) {
+        load8(vbase + c.row[j] * GC, v[j]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) v[j][i] = A(0);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const A cw = c.ok[j] ? wk * c.bil[j] : A(0);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[i] += cw * v[j][i];
+    }
+  }
+  store8(p.out + n * GC + g * p.C + lane * kVec, acc);
+}
+
+// ---------------------------------------------------------------- backward
+// Phase 1 (per thread): recompute the corners, scatter w_k * bil * grad_out into the fp32 grad_value
+// buffer with atomics, and keep per-point partial dots <v_corner, grad_out> over the thread's 8
+// channels in shared memory. Phase 2 (per (query, group, point)): sum the L lanes' partials, apply
+// the chain rule (weights, offsets or delta / scale_logit) and store; d/ds0 is summed per block.
+template <typename T, typename F, typename A, bool FUSED>
+__global__ void __launch_bounds__(kMaxThreads) msdcn_backward_kernel(const MsdcnParams<T, F, A> p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int nthreads = blockDim.x;
+  const int S = (3 * p.K) | 1;  // odd row stride: conflict-free shared-memory writes
+  A* part = reinterpret_cast<A*>(smem_raw);  // [nthreads, S]: (gw, gx, gy) partials per point
+  A* s0_acc = part + static_cast<int64_t>(nthreads) * S;  // [G]
+  const int tid = threadIdx.x;
+  const int GL = p.G * p.L;
+  const int q = tid / GL, r = tid - q * GL, g = r / p.L, lane = r - g * p.L;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * p.Q + q;
+  const int64_t GC = static_cast<int64_t>(p.G) * p.C;
+  if (FUSED)
+    for (int i = tid; i < p.G; i += nthreads) s0_acc[i] = A(0);
+
+  if (q < p.Q && n < p.N) {
+    const int64_t w = n % p.W, h = (n / p.W) % p.H, b = n / (p.H * p.W);
+    const int64_t choff = g * p.C + lane * kVec;
+    const int64_t fbase = (n * p.G + g) * p.K;
+    A go[kVec];
+    load8(p.gout + n * GC + choff, go);
+    A* my = part + static_cast<int64_t>(tid) * S;
+    for (int k = 0; k < p.K; ++k) {
+      A ox, oy;
+      point_offset<FUSED>(p, fbase + k, g, k, ox, oy);
+      const A wk = to_acc(p.weight[fbase + k], A());
+      const Corners<A> c = corners(A(w) + ox, A(h) + oy, b, p.H, p.W, p.trunc);
+      A sw = A(0), sx = A(0), sy = A(0);
+      if (c.any) {
+        A v[4][kVec];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (c.ok[j]) {
+            load8(p.value + c.row[j] * GC + choff, v[j]);
+          } else {
+#pragma unroll
+            for (int i = 0; i < kVec; ++i) v[j][i] = A(0);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (!c.ok[j]) continue;
+          A dot = A(0);
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) dot += v[j][i] * go[i];
+          sw += c.bil[j] * dot;
+          sx += c.ddx[j] * dot;
+          sy += c.ddy[j] * dot;
+          const A cw = wk * c.bil[j];
+          A contrib[kVec];
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) contrib[i] = cw * go[i];
+          atomic_add8(p.gvalue + c.row[j] * GC + choff, contrib);
+        }
+      }
+      my[3 * k] = sw;
+      my[3 * k + 1] = sx;
+      my[3 * k + 2] = sy;
+    }
+  }
+  __syncthreads();
+
+  const int items = p.Q * p.G * p.K;
+  for (int it = tid; it < items; it += nthreads) {
+    const int iq = it / (p.G * p.K), rem = it - iq * p.G * p.K, ig = rem / p.K, ik = rem - ig * p.K;
+    const int64_t n2 = static_cast<int64_t>(blockIdx.x) * p.Q + iq;
+    if (n2 >= p.N) continue;
+    const A* src = part + static_cast<int64_t>((iq * p.G + ig) * p.L) * S + 3 * ik;
+    A sw = A(0), sx = A(0), sy = A(0);
+    for (int l = 0; l < p.L; ++l) {
+      sw += src[l * S];
+      sx += src[l * S + 1];
+      sy += src[l * S + 2];
+    }
+    const int64_t fk = (n2 * p.G + ig) * p.K + ik;
+    const A wk = to_acc(p.weight[fk], A());
+    const A gox = wk * sx, goy = wk * sy;  // d loss / d offset (x, y)
+    from_acc(sw, &p.gweight[fk]);
+    if (FUSED) {
+      const A dx = to_acc(p.off[2 * fk], A()), dy = to_acc(p.off[2 * fk + 1], A());
+      const A s = sigmoid(to_acc(p.scale[fk], A()) + p.s0[ig]);
+      const A sx_ = p.smax[0], sy_ = p.smax[1];
+      from_acc(gox * s * sx_, &p.goff[2 * fk]);
+      from_acc(goy * s * sy_, &p.goff[2 * fk + 1]);
+      const A gl = (gox * (dx + p.prior[2 * ik]) * sx_ + goy * (dy + p.prior[2 * ik + 1]) * sy_) * s * (A(1) - s);
+      from_acc(gl, &p.gscale[fk]);
+      atomicAdd(&s0_acc[ig], gl);  // shared-memory atomics, Q*K contributions per group
+    } else {
+      from_acc(gox, &p.goff[2 * fk]);
+      from_acc(goy, &p.goff[2 * fk + 1]);
+    }
+  }
+  if (FUSED) {
+    __syncthreads();
+    for (int i = tid; i < p.G; i += nthreads) p.s0_part[static_cast<int64_t>(blockIdx.x) * p.G + i] = s0_acc[i];
+  }
+}
+
+}  // namespace flowdcn

@@ -1,0 +1,294 @@
+"""CUDA backend of the MSDCN op: the JIT-compiled kernels of csrc/ as torch.library custom ops.
+
+Ops (each with a fake impl, so torch.compile(fullgraph=True) traces through without a graph break):
+  flowdcn::msdcn_cuda(value, offsets, weights, rounding)                                  -> out
+  flowdcn::msdcn_cuda_backward(grad_out, value, offsets, weights, rounding)               -> (g_value, g_offsets, g_weights)
+  flowdcn::msdcn_deform_cuda(value, delta, scale_logit, weights, prior, s0, s_max, rounding) -> out
+  flowdcn::msdcn_deform_cuda_backward(grad_out, ...same inputs...)  -> (g_value, g_delta, g_scale_logit, g_weights, g_s0)
+
+Dtypes are taken as they come (autocast gives bf16 value and fields): value bf16/fp16/fp32/fp64, fields
+of the value's dtype or fp32 (other mixes are cast to fp32 here). Coordinates and sums are fp32 (fp64
+for fp64 values), grad_value is accumulated in an fp32 buffer, every grad is returned in its input's
+dtype. C need not be a multiple of 8: other C are zero-padded here (a copy; C % 8 == 0 is the fast path).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from . import build
+from .reference import ROUNDING_MODES, check_msdcn_inputs
+
+__all__ = ["available", "require", "msdcn", "msdcn_deform", "set_launch_threads"]
+
+_VALUE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+_state: dict[str, object] = {"error": None}
+# Threads per block aimed at (each block holds whole (query, group) sets); tuned by bench/msdcn_op.py.
+_THREADS = {
+    "forward": int(os.environ.get("FLOWDCN_MSDCN_THREADS_FWD", "256")),
+    "backward": int(os.environ.get("FLOWDCN_MSDCN_THREADS_BWD", "256")),
+}
+
+
+def set_launch_threads(forward: int | None = None, backward: int | None = None) -> None:
+    """Set the threads-per-block target of the forward / backward launches (1..512)."""
+    for key, val in (("forward", forward), ("backward", backward)):
+        if val is not None:
+            if not 1 <= int(val) <= 512:
+                raise ValueError(f"msdcn cuda: threads per block must be in [1, 512], got {key}={val}")
+            _THREADS[key] = int(val)
+
+
+_LOADED: dict[int, object] = {}
+
+
+def _module(device: torch.device | None = None):
+    """The compiled extension for ``device`` (built on first use, then a dict lookup per call)."""
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    mod = _LOADED.get(index)
+    if mod is None:
+        mod = _LOADED[index] = build.load(index)
+    return mod
+
+
+def require() -> None:
+    """Raise RuntimeError naming what is missing (no GPU, no nvcc, compile error and its log) unless the kernels load."""
+    if _state["error"] is not None:
+        raise RuntimeError(_state["error"])
+    try:
+        build.check_prerequisites()
+        _module()
+    except Exception as exc:  # remember the reason: "auto" must not retry a failing build on every call
+        _state["error"] = str(exc)
+        raise RuntimeError(str(exc)) from exc
+
+
+def available() -> bool:
+    """True when a CUDA device is present and the extension builds or is cached; never raises."""
+    try:
+        require()
+        return True
+    except Exception:
+        return False
+
+
+# ---------------------------------------------------------------- input preparation
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous, with a 16-byte aligned base address (the kernels use 16-byte vector accesses)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _acc_dtype(value: torch.Tensor) -> torch.dtype:
+    return torch.float64 if value.dtype == torch.float64 else torch.float32
+
+
+def _field_dtype(value: torch.Tensor, *fields: torch.Tensor) -> torch.dtype:
+    """Fields stay in their dtype when it equals a bf16/fp16 value's (autocast); otherwise fp32 (fp64 for fp64)."""
+    if value.dtype == torch.float64:
+        return torch.float64
+    if value.dtype in (torch.bfloat16, torch.float16) and all(f.dtype == value.dtype for f in fields):
+        return value.dtype
+    return torch.float32
+
+
+def _prep_value(value: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Aligned value, zero-padded to a multiple of 8 channels; returns (value, original C)."""
+    if value.dtype not in _VALUE_DTYPES:
+        raise TypeError(f"msdcn cuda: value dtype must be one of {_VALUE_DTYPES}, got {value.dtype}")
+    if not value.is_cuda:
+        raise ValueError(f"msdcn cuda: value must be a CUDA tensor, got device {value.device}")
+    C = value.shape[-1]
+    pad = (-C) % 8
+    if pad:
+        value = F.pad(value, (0, pad))
+    return _aligned(value), C
+
+
+def _prep_grad(grad_out: torch.Tensor, value: torch.Tensor, pad: int) -> torch.Tensor:
+    g = grad_out.to(value.dtype)
+    if pad:
+        g = F.pad(g, (0, pad))
+    return _aligned(g)
+
+
+def _fields(value: torch.Tensor, *fields: torch.Tensor) -> list[torch.Tensor]:
+    fdt = _field_dtype(value, *fields)
+    return [f.to(device=value.device, dtype=fdt).contiguous() for f in fields]
+
+
+def _consts(value: torch.Tensor, *consts: torch.Tensor) -> list[torch.Tensor]:
+    adt = _acc_dtype(value)
+    return [c.detach().to(device=value.device, dtype=adt).contiguous() for c in consts]
+
+
+def _empty(value: torch.Tensor) -> torch.Tensor:
+    return torch.empty(0, device=value.device, dtype=_acc_dtype(value))
+
+
+# ---------------------------------------------------------------- plain op
+@torch.library.custom_op("flowdcn::msdcn_cuda", mutates_args=())
+def msdcn_cuda_op(value: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, rounding: str) -> torch.Tensor:
+    v, C = _prep_value(value)
+    off, w = _fields(v, offsets, weights)
+    e = _empty(v)
+    with torch.cuda.device(v.device):
+        out = _module(v.device).forward(v, off, e, w, e, e, e, False, rounding == "trunc", _THREADS["forward"])
+    return out[..., :C] if out.shape[-1] != C else out
+
+
+@msdcn_cuda_op.register_fake
+def _(value, offsets, weights, rounding):
+    return torch.empty_like(value)
+
+
+@torch.library.custom_op("flowdcn::msdcn_cuda_backward", mutates_args=())
+def msdcn_cuda_backward_op(
+    grad_out: torch.Tensor, value: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, rounding: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    v, C = _prep_value(value)
+    g = _prep_grad(grad_out, v, v.shape[-1] - C)
+    off, w = _fields(v, offsets, weights)
+    e = _empty(v)
+    with torch.cuda.device(v.device):
+        gv, goff, _, gw, _ = _module(v.device).backward(g, v, off, e, w, e, e, e, False, rounding == "trunc", _THREADS["backward"])
+    gv = gv[..., :C].to(value.dtype).contiguous()
+    return gv, goff.to(offsets.dtype), gw.to(weights.dtype)
+
+
+@msdcn_cuda_backward_op.register_fake
+def _(grad_out, value, offsets, weights, rounding):
+    return torch.empty_like(value), torch.empty_like(offsets), torch.empty_like(weights)
+
+
+def _plain_setup(ctx, inputs, output):
+    value, offsets, weights, rounding = inputs
+    ctx.save_for_backward(value, offsets, weights)
+    ctx.rounding = rounding
+
+
+def _plain_backward(ctx, grad_out):
+    value, offsets, weights = ctx.saved_tensors
+    gv, go, gw = msdcn_cuda_backward_op(grad_out, value, offsets, weights, ctx.rounding)
+    return gv, go, gw, None
+
+
+msdcn_cuda_op.register_autograd(_plain_backward, setup_context=_plain_setup)
+
+
+# ---------------------------------------------------------------- fused deformable-field op
+@torch.library.custom_op("flowdcn::msdcn_deform_cuda", mutates_args=())
+def msdcn_deform_cuda_op(
+    value: torch.Tensor,
+    delta: torch.Tensor,
+    scale_logit: torch.Tensor,
+    weights: torch.Tensor,
+    prior: torch.Tensor,
+    s0: torch.Tensor,
+    s_max: torch.Tensor,
+    rounding: str,
+) -> torch.Tensor:
+    v, C = _prep_value(value)
+    d, s, w = _fields(v, delta, scale_logit, weights)
+    p, z, m = _consts(v, prior, s0, s_max)
+    with torch.cuda.device(v.device):
+        out = _module(v.device).forward(v, d, s, w, p, z, m, True, rounding == "trunc", _THREADS["forward"])
+    return out[..., :C] if out.shape[-1] != C else out
+
+
+@msdcn_deform_cuda_op.register_fake
+def _(value, delta, scale_logit, weights, prior, s0, s_max, rounding):
+    return torch.empty_like(value)
+
+
+@torch.library.custom_op("flowdcn::msdcn_deform_cuda_backward", mutates_args=())
+def msdcn_deform_cuda_backward_op(
+    grad_out: torch.Tensor,
+    value: torch.Tensor,
+    delta: torch.Tensor,
+    scale_logit: torch.Tensor,
+    weights: torch.Tensor,
+    prior: torch.Tensor,
+    s0: torch.Tensor,
+    s_max: torch.Tensor,
+    rounding: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    v, C = _prep_value(value)
+    g = _prep_grad(grad_out, v, v.shape[-1] - C)
+    d, s, w = _fields(v, delta, scale_logit, weights)
+    p, z, m = _consts(v, prior, s0, s_max)
+    with torch.cuda.device(v.device):
+        gv, gd, gs, gw, s0_part = _module(v.device).backward(g, v, d, s, w, p, z, m, True, rounding == "trunc", _THREADS["backward"])
+    gv = gv[..., :C].to(value.dtype).contiguous()
+    gs0 = s0_part.sum(0).to(device=s0.device, dtype=s0.dtype)  # per-block partials -> [G]
+    return gv, gd.to(delta.dtype), gs.to(scale_logit.dtype), gw.to(weights.dtype), gs0
+
+
+@msdcn_deform_cuda_backward_op.register_fake
+def _(grad_out, value, delta, scale_logit, weights, prior, s0, s_max, rounding):
+    return (torch.empty_like(value), torch.empty_like(delta), torch.empty_like(scale_logit), torch.empty_like(weights), torch.empty_like(s0))
+
+
+def _deform_setup(ctx, inputs, output):
+    value, delta, scale_logit, weights, prior, s0, s_max, rounding = inputs
+    ctx.save_for_backward(value, delta, scale_logit, weights, prior, s0, s_max)
+    ctx.rounding = rounding
+
+
+def _deform_backward(ctx, grad_out):
+    value, delta, scale_logit, weights, prior, s0, s_max = ctx.saved_tensors
+    gv, gd, gs, gw, gs0 = msdcn_deform_cuda_backward_op(grad_out, value, delta, scale_logit, weights, prior, s0, s_max, ctx.rounding)
+    return gv, gd, gs, gw, None, gs0, None, None
+
+
+msdcn_deform_cuda_op.register_autograd(_deform_backward, setup_context=_deform_setup)
+
+
+# ---------------------------------------------------------------- public entry points
+def check_deform_inputs(value, delta, scale_logit, weights, prior, s0, s_max, rounding) -> None:
+    """Raise a clear error naming the argument whose shape does not match the fused op's contract."""
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"msdcn_deform: rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+    if value.dim() != 5:
+        raise ValueError(f"msdcn_deform: value must be [B,H,W,G,C], got shape {tuple(value.shape)}")
+    B, H, W, G, _ = value.shape
+    if weights.dim() != 5 or tuple(weights.shape[:4]) != (B, H, W, G):
+        raise ValueError(f"msdcn_deform: weights must be [B,H,W,G,K]=[{B},{H},{W},{G},K], got {tuple(weights.shape)}")
+    K = weights.shape[4]
+    expect = {
+        "delta": (delta, (B, H, W, G, K, 2)),
+        "scale_logit": (scale_logit, (B, H, W, G, K)),
+        "prior": (prior, (K, 2)),
+        "s0": (s0, (G,)),
+        "s_max": (s_max, (2,)),
+    }
+    for name, (t, shape) in expect.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"msdcn_deform: {name} must have shape {list(shape)}, got {tuple(t.shape)}")
+    for name, t in (("delta", delta), ("scale_logit", scale_logit), ("weights", weights)):
+        if t.device != value.device:
+            raise ValueError(f"msdcn_deform: {name} is on {t.device} but value is on {value.device}")
+
+
+def msdcn(value: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, *, rounding: str = "floor") -> torch.Tensor:
+    """MSDCN through the CUDA kernels (same contract as cuda_ext.msdcn)."""
+    check_msdcn_inputs(value, offsets, weights, rounding)
+    return torch.ops.flowdcn.msdcn_cuda(value, offsets, weights, rounding)
+
+
+def msdcn_deform(
+    value: torch.Tensor,
+    delta: torch.Tensor,
+    scale_logit: torch.Tensor,
+    weights: torch.Tensor,
+    prior: torch.Tensor,
+    s0: torch.Tensor,
+    s_max: torch.Tensor,
+    *,
+    rounding: str = "floor",
+) -> torch.Tensor:
+    """MSDCN with offsets (delta + prior)·σ(scale_logit + s0)·S_max computed inside the kernels."""
+    check_deform_inputs(value, delta, scale_logit, weights, prior, s0, s_max, rounding)
+    return torch.ops.flowdcn.msdcn_deform_cuda(value, delta, scale_logit, weights, prior, s0, s_max, rounding)

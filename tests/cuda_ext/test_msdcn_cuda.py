@@ -1,0 +1,344 @@
+"""GPU tests of the CUDA MSDCN kernels against the pure-PyTorch reference (cuda_ext/msdcn/reference.py).
+
+Tolerances: fp64 kernels vs the fp64 reference to 1e-12 relative (same formula, reordered sums);
+fp32 to 1e-5; bf16/fp16 values against the fp64 reference of the same rounded inputs to 1e-2
+(one rounding of the output). Gradients: fp64 tight, plus torch.autograd.gradcheck on tiny shapes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cuda_ext.msdcn.reference import deform_offsets_ref, msdcn_ref, msdcn_ref_backward
+
+pytestmark = pytest.mark.cuda
+
+ROUNDINGS = ("floor", "trunc")
+# (B, H, W, G, C, K): odd and non-square grids, B=1, C=72 (XL), single pixel rows/columns, K=1.
+SHAPES = [(2, 5, 7, 2, 8, 3), (1, 9, 4, 3, 72, 9), (3, 1, 6, 1, 16, 2), (1, 6, 1, 2, 24, 1), (2, 11, 13, 4, 64, 9)]
+
+
+@pytest.fixture(scope="module")
+def cuda_mod():
+    from cuda_ext.msdcn import cuda
+
+    cuda.require()  # fails with the build error if the extension cannot be built
+    return cuda
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(shape, dtype=torch.float64, field_dtype=None, seed=0, spread=2.5, device="cuda"):
+    """Random value/offsets/weights; offsets include negative and out-of-grid positions (some far outside)."""
+    B, H, W, G, C, K = shape
+    gen = torch.Generator().manual_seed(seed)
+    value = torch.randn(B, H, W, G, C, generator=gen, dtype=torch.float64)
+    offsets = torch.randn(B, H, W, G, K, 2, generator=gen, dtype=torch.float64) * spread
+    far = torch.rand(B, H, W, G, K, 2, generator=gen) < 0.05
+    offsets = torch.where(far, offsets.sign() * (max(H, W) + 3.5), offsets)  # fully outside the grid
+    weights = torch.randn(B, H, W, G, K, generator=gen, dtype=torch.float64)
+    fdt = field_dtype or dtype
+    return value.to(device, dtype), offsets.to(device, fdt), weights.to(device, fdt)
+
+
+def make_deform(shape, dtype=torch.float64, field_dtype=None, seed=0, device="cuda"):
+    """Random inputs of the fused op: delta, scale_logit, prior [K,2], s0 [G], s_max [2] (x != y)."""
+    B, H, W, G, C, K = shape
+    gen = torch.Generator().manual_seed(seed)
+    value = torch.randn(B, H, W, G, C, generator=gen, dtype=torch.float64)
+    delta = torch.randn(B, H, W, G, K, 2, generator=gen, dtype=torch.float64) * 0.7
+    scale_logit = torch.randn(B, H, W, G, K, generator=gen, dtype=torch.float64)
+    weights = torch.randn(B, H, W, G, K, generator=gen, dtype=torch.float64)
+    prior = torch.randn(K, 2, generator=gen, dtype=torch.float64)
+    s0 = torch.randn(G, generator=gen, dtype=torch.float64)
+    s_max = torch.tensor([3.0, 2.0], dtype=torch.float64)
+    fdt = field_dtype or dtype
+    adt = torch.float64 if dtype == torch.float64 else torch.float32
+    return (value.to(device, dtype), delta.to(device, fdt), scale_logit.to(device, fdt), weights.to(device, fdt),
+            prior.to(device, adt), s0.to(device, adt), s_max.to(device, adt))
+
+
+def poison_allocator(nbytes: int = 1 << 26) -> None:
+    """Fill freed caching-allocator blocks with NaN, so any output element the kernel never writes shows up."""
+    torch.cuda.synchronize()
+    junk = torch.full((nbytes // 4,), float("nan"), device="cuda")
+    del junk
+    for size in (1 << 12, 1 << 16, 1 << 20):  # small-pool blocks too
+        j = torch.full((size,), float("nan"), device="cuda")
+        del j
+
+
+# ---------------------------------------------------------------- forward
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_fp64_matches_reference(cuda_mod, shape, rounding):
+    value, offsets, weights = make_inputs(shape, seed=hash(shape) % 1000)
+    poison_allocator()
+    out = cuda_mod.msdcn(value, offsets, weights, rounding=rounding)
+    ref = msdcn_ref(value.cpu(), offsets.cpu(), weights.cpu(), rounding)
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) output elements"
+    assert rel_err(out.cpu(), ref) < 1e-12
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize(
+    "dtype,field_dtype,tol",
+    [(torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, 1e-2), (torch.bfloat16, torch.float32, 1e-2),
+     (torch.float16, torch.float16, 2e-3), (torch.float16, torch.float32, 2e-3)],
+)
+def test_forward_low_precision(cuda_mod, dtype, field_dtype, tol, rounding):
+    shape = (2, 9, 12, 4, 72, 9)
+    value, offsets, weights = make_inputs(shape, dtype=dtype, field_dtype=field_dtype, seed=3)
+    poison_allocator()
+    out = cuda_mod.msdcn(value, offsets, weights, rounding=rounding)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    ref = msdcn_ref(value.cpu().double(), offsets.cpu().double(), weights.cpu().double(), rounding)
+    assert rel_err(out.cpu(), ref) < tol
+
+
+def test_floor_vs_trunc_differ_only_for_negative_coordinates(cuda_mod):
+    """The official trunc rule extrapolates for x in (-2, 0): row [1, 10, 100] at x = -0.5 gives -3.5 (floor: 0.5)."""
+    value = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64).view(1, 1, 3, 1, 1).expand(1, 1, 3, 1, 8).contiguous().cuda()
+    offsets = torch.zeros(1, 1, 3, 1, 1, 2, dtype=torch.float64, device="cuda")
+    offsets[0, 0, 0, 0, 0, 0] = -0.5  # query at column 0 samples x = -0.5
+    weights = torch.ones(1, 1, 3, 1, 1, dtype=torch.float64, device="cuda")
+    floor = cuda_mod.msdcn(value, offsets, weights, rounding="floor")[0, 0, 0, 0, 0].item()
+    trunc = cuda_mod.msdcn(value, offsets, weights, rounding="trunc")[0, 0, 0, 0, 0].item()
+    assert floor == pytest.approx(0.5) and trunc == pytest.approx(-3.5)
+
+
+# ---------------------------------------------------------------- backward
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backward_fp64_matches_reference(cuda_mod, shape, rounding):
+    value, offsets, weights = make_inputs(shape, seed=7 + hash(shape) % 1000)
+    grad = torch.randn_like(value)
+    poison_allocator()
+    got = torch.ops.flowdcn.msdcn_cuda_backward(grad, value, offsets, weights, rounding)
+    want = msdcn_ref_backward(grad.cpu(), value.cpu(), offsets.cpu(), weights.cpu(), rounding)
+    for name, g, w in zip(("value", "offsets", "weights"), got, want):
+        assert torch.isfinite(g).all(), f"grad {name} has unwritten elements"
+        assert rel_err(g.cpu(), w) < 1e-11, name
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_autograd_matches_reference_autograd(cuda_mod, rounding):
+    shape = (2, 6, 5, 3, 16, 4)
+    inputs = make_inputs(shape, seed=11)
+    a = [t.clone().requires_grad_(True) for t in inputs]
+    b = [t.cpu().clone().requires_grad_(True) for t in inputs]
+    gy = torch.randn(shape[:5], dtype=torch.float64)
+    (cuda_mod.msdcn(*a, rounding=rounding) * gy.cuda()).sum().backward()
+    (msdcn_ref(*b, rounding=rounding) * gy).sum().backward()
+    for ta, tb in zip(a, b):
+        assert rel_err(ta.grad.cpu(), tb.grad) < 1e-11
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_gradcheck_fp64(cuda_mod, rounding):
+    value, offsets, weights = make_inputs((1, 3, 4, 2, 8, 2), seed=5, spread=1.3)
+    args = [t.requires_grad_(True) for t in (value, offsets, weights)]
+    assert torch.autograd.gradcheck(lambda v, o, w: cuda_mod.msdcn(v, o, w, rounding=rounding), args, eps=1e-6, atol=1e-5)
+
+
+def test_backward_bf16_uses_fp32_accumulation(cuda_mod):
+    """bf16 grads against the fp64 reference grads of the same rounded inputs: no bf16 atomics (those drift ~1e-1)."""
+    shape = (2, 8, 8, 4, 64, 9)
+    value, offsets, weights = make_inputs(shape, dtype=torch.bfloat16, field_dtype=torch.float32, seed=2, spread=1.0)
+    grad = torch.randn_like(value)
+    gv, go, gw = torch.ops.flowdcn.msdcn_cuda_backward(grad, value, offsets, weights, "floor")
+    assert (gv.dtype, go.dtype, gw.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+    want = msdcn_ref_backward(grad.cpu().double(), value.cpu().double(), offsets.cpu().double(), weights.cpu().double(), "floor")
+    assert rel_err(gv.cpu(), want[0]) < 1e-2
+    assert rel_err(go.cpu(), want[1]) < 1e-5
+    assert rel_err(gw.cpu(), want[2]) < 1e-5
+
+
+# ---------------------------------------------------------------- fused deformable field
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("shape", [(2, 5, 7, 2, 8, 3), (1, 7, 9, 3, 72, 9)])
+def test_deform_fp64_forward_and_grads(cuda_mod, shape, rounding):
+    inputs = make_deform(shape, seed=13)
+    a = [t.clone().requires_grad_(i in (0, 1, 2, 3, 5)) for i, t in enumerate(inputs)]
+    b = [t.cpu().clone().requires_grad_(i in (0, 1, 2, 3, 5)) for i, t in enumerate(inputs)]
+    gy = torch.randn(shape[:5], dtype=torch.float64)
+    poison_allocator()
+    out = cuda_mod.msdcn_deform(*a, rounding=rounding)
+    value, delta, scale, weights, prior, s0, s_max = b
+    ref = msdcn_ref(value, deform_offsets_ref(delta, scale, prior, s0, s_max), weights, rounding)
+    assert rel_err(out.detach().cpu(), ref.detach()) < 1e-12
+    (out * gy.cuda()).sum().backward()
+    (ref * gy).sum().backward()
+    for name, i in (("value", 0), ("delta", 1), ("scale_logit", 2), ("weights", 3), ("s0", 5)):
+        assert torch.isfinite(a[i].grad).all(), name
+        assert rel_err(a[i].grad.cpu(), b[i].grad) < 1e-10, name
+
+
+def test_deform_gradcheck_fp64(cuda_mod):
+    inputs = make_deform((1, 3, 4, 2, 8, 2), seed=17)
+    value, delta, scale, weights, prior, s0, s_max = inputs
+    args = [t.requires_grad_(True) for t in (value, delta, scale, weights, s0)]
+    fn = lambda v, d, s, w, z: cuda_mod.msdcn_deform(v, d, s, w, prior, z, s_max)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("field_dtype", [torch.bfloat16, torch.float32])
+def test_deform_bf16_autocast_dtypes(cuda_mod, field_dtype):
+    """Autocast gives bf16 value and fields: outputs and grads come back in each input's dtype, close to fp64."""
+    shape = (2, 8, 10, 4, 72, 9)
+    inputs = make_deform(shape, dtype=torch.bfloat16, field_dtype=field_dtype, seed=19)
+    a = [t.clone().requires_grad_(i in (0, 1, 2, 3, 5)) for i, t in enumerate(inputs)]
+    b = [t.cpu().double().requires_grad_(i in (0, 1, 2, 3, 5)) for i, t in enumerate(inputs)]
+    gy = torch.randn(shape[:5]).to(torch.bfloat16)
+    out = cuda_mod.msdcn_deform(*a)
+    assert out.dtype == torch.bfloat16
+    value, delta, scale, weights, prior, s0, s_max = b
+    ref = msdcn_ref(value, deform_offsets_ref(delta, scale, prior, s0, s_max), weights)
+    assert rel_err(out.detach().cpu(), ref.detach()) < 1e-2
+    (out.float() * gy.cuda().float()).sum().backward()
+    (ref * gy.double()).sum().backward()
+    for name, i, tol in (("value", 0, 1e-2), ("delta", 1, 2e-2), ("scale_logit", 2, 2e-2), ("weights", 3, 1e-2), ("s0", 5, 1e-2)):
+        assert a[i].grad.dtype == inputs[i].dtype, name
+        assert rel_err(a[i].grad.cpu(), b[i].grad) < tol, name
+
+
+# ---------------------------------------------------------------- layouts, streams, devices, sizes
+def test_noncontiguous_and_unaligned_inputs(cuda_mod):
+    shape = (2, 5, 6, 3, 16, 4)
+    value, offsets, weights = make_inputs(shape, seed=23)
+    v_nc = value.permute(0, 2, 1, 3, 4).contiguous().permute(0, 2, 1, 3, 4)        # transposed strides
+    big = torch.cat([torch.zeros(1, dtype=value.dtype, device="cuda"), value.flatten()])
+    v_un = big[1:].view(shape[:5])                                                   # 8-byte offset base
+    o_nc = torch.stack([offsets[..., 0], offsets[..., 1]], dim=0).movedim(0, -1)     # last dim stride != 1
+    ref = msdcn_ref(value.cpu(), offsets.cpu(), weights.cpu())
+    for v in (v_nc, v_un):
+        assert rel_err(cuda_mod.msdcn(v, o_nc, weights).cpu(), ref) < 1e-12
+
+
+def test_channels_not_multiple_of_8_are_padded(cuda_mod):
+    shape = (1, 4, 5, 2, 12, 3)
+    inputs = make_inputs(shape, seed=29)
+    a = [t.clone().requires_grad_(True) for t in inputs]
+    b = [t.cpu().clone().requires_grad_(True) for t in inputs]
+    out = cuda_mod.msdcn(*a)
+    ref = msdcn_ref(*b)
+    assert out.shape == ref.shape and rel_err(out.detach().cpu(), ref.detach()) < 1e-12
+    out.sum().backward()
+    ref.sum().backward()
+    for ta, tb in zip(a, b):
+        assert rel_err(ta.grad.cpu(), tb.grad) < 1e-11
+
+
+def test_side_stream(cuda_mod):
+    """Work is queued on the current stream: results are right when a side stream is current."""
+    value, offsets, weights = make_inputs((2, 16, 16, 4, 64, 9), dtype=torch.float32, seed=31)
+    ref = msdcn_ref(value.cpu(), offsets.cpu(), weights.cpu())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(1_000_000)  # a slow stream: a launch on the default stream would race ahead
+        out = cuda_mod.msdcn(value, offsets, weights)
+        ret = out.clone()
+    side.synchronize()
+    assert rel_err(ret.cpu(), ref) < 1e-5
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_device(cuda_mod):
+    value, offsets, weights = make_inputs((1, 6, 7, 2, 16, 3), seed=37, device="cuda:1")
+    out = cuda_mod.msdcn(value, offsets, weights)  # current device is still cuda:0
+    assert out.device == value.device
+    assert rel_err(out.cpu(), msdcn_ref(value.cpu(), offsets.cpu(), weights.cpu())) < 1e-12
+
+
+def test_int64_indexing_beyond_2_31_elements(cuda_mod):
+    """value with > 2^31 elements: the last batch element must equal the reference run on it alone."""
+    H, W, G, C, K = 128, 128, 4, 256, 2
+    B = 2**31 // (H * W * G * C) + 1  # 129 images: 2.2e9 elements
+    free, _ = torch.cuda.mem_get_info()
+    need = 2 * B * H * W * G * C * 2 + (1 << 30)
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB free, {free / 2**30:.1f} GiB available")
+    value = torch.empty(B, H, W, G, C, dtype=torch.bfloat16, device="cuda")
+    value[:-1].fill_(1.0)
+    gen = torch.Generator(device="cuda").manual_seed(41)
+    value[-1:] = torch.randn(1, H, W, G, C, device="cuda", generator=gen).to(torch.bfloat16)
+    offsets = (torch.rand(B, H, W, G, K, 2, device="cuda", generator=gen) - 0.5) * 6
+    weights = torch.randn(B, H, W, G, K, device="cuda", generator=gen)
+    out = cuda_mod.msdcn(value, offsets, weights)
+    last = out[-1:].float().cpu()
+    del out
+    ref = msdcn_ref(value[-1:].cpu().double(), offsets[-1:].cpu().double(), weights[-1:].cpu().double())
+    assert value.numel() > 2**31
+    assert rel_err(last, ref) < 1e-2
+
+
+def test_torch_compile_fullgraph_no_graph_break(cuda_mod):
+    """A block-like function around msdcn_deform compiles with fullgraph=True and matches eager (fwd and grads)."""
+    shape = (2, 6, 6, 2, 16, 9)
+    value, delta, scale, weights, prior, s0, s_max = make_deform(shape, dtype=torch.float32, seed=43)
+    lin = torch.nn.Linear(32, 32).cuda()
+
+    def block(v, d, s, w, z):
+        y = cuda_mod.msdcn_deform(v, d, s, w, prior, z, s_max)
+        return lin(y.flatten(-2)).square().mean()
+
+    args = [t.clone().requires_grad_(True) for t in (value, delta, scale, weights, s0)]
+    args_c = [t.clone().requires_grad_(True) for t in (value, delta, scale, weights, s0)]
+    eager = block(*args)
+    eager.backward()
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)(*args_c)
+    compiled.backward()
+    assert rel_err(compiled.detach().cpu(), eager.detach().cpu()) < 1e-5
+    for ta, tb in zip(args_c, args):
+        assert rel_err(ta.grad.cpu(), tb.grad.cpu()) < 1e-5
+
+
+def test_public_dispatch_and_auto(cuda_mod):
+    import cuda_ext
+
+    value, offsets, weights = make_inputs((1, 5, 5, 2, 16, 3), seed=47)
+    assert cuda_ext.cuda_available()
+    a = cuda_ext.msdcn(value, offsets, weights, impl="cuda")
+    b = cuda_ext.msdcn(value, offsets, weights, impl="auto")
+    c = cuda_ext.msdcn(value, offsets, weights, impl="torch")
+    assert rel_err(a, c) < 1e-12 and rel_err(b, c) < 1e-12
+
+
+# ---------------------------------------------------------------- whole model
+def test_flowdcn_debug_model_cuda_equals_torch(cuda_mod):
+    """The FlowDCN debug model gives the same loss and parameter gradients with impl='cuda' and impl='torch'."""
+    modeling = pytest.importorskip("modeling")
+    torch.manual_seed(0)
+    models = {}
+    for impl in ("torch", "cuda"):
+        m = modeling.build_model("FlowDCN-debug", device="meta", msdcn_impl=impl)
+        m.to_empty(device="cuda")
+        m.init_weights()
+        models[impl] = m
+    with torch.no_grad():  # leave init (zero projections) so offsets and scales vary per token
+        for p in models["torch"].parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    models["cuda"].load_state_dict(models["torch"].state_dict())
+    N = 3
+    x = torch.randn(N, 4, 16, 12, device="cuda")
+    t = torch.rand(N, device="cuda")
+    y = torch.randint(0, 10, (N,), device="cuda")
+    target = torch.randn_like(x)
+    losses = {}
+    for impl, m in models.items():
+        loss = (m(x, t, y) - target).square().mean()
+        loss.backward()
+        losses[impl] = loss.item()
+    assert losses["cuda"] == pytest.approx(losses["torch"], rel=1e-5)
+    grads_t = dict(models["torch"].named_parameters())
+    for name, p in models["cuda"].named_parameters():
+        if p.grad is None:
+            assert grads_t[name].grad is None, name
+            continue
+        assert rel_err(p.grad, grads_t[name].grad) < 1e-4, name
