@@ -179,33 +179,31 @@ class LatentStream(IterableDataset):
         lo = self.rank * per_rank
         first_slot = int(plan.start[step]) + lo  # sample position in the epoch of this rank's first sample
         bucket = self.layout.bucket_ids[int(plan.bucket[step])]
-        moments, labels, keys = [], [], []
-        for rid in rids[lo: lo + per_rank]:
+        shape = self.layout.shapes[bucket][1:]  # (C, h, w)
+        draw = self.cfg.sample or self.cfg.flip_prob > 0
+        eps = torch.empty((per_rank, *shape)) if self.cfg.sample else None  # (B, C, h, w)
+        picked, labels, keys = [], [], []
+        for j, rid in enumerate(rids[lo: lo + per_rank]):
             k, i = self.layout.locate(int(rid))
             sh = self._shard(k)
-            label, m = sh.read(i)
-            moments.append(m)
-            labels.append(label)
-            keys.append(sh.key(i))
-        mom = torch.from_numpy(np.stack(moments)).float()  # (B, K, C, h, w)
-        has_flip = mom.shape[1] == 4
-        mean, logvar = mom[:, 0], mom[:, 1]  # (B, C, h, w)
-        if self.cfg.sample or self.cfg.flip_prob > 0:
-            eps = torch.empty_like(mean)
-            flips = torch.zeros(per_rank, dtype=torch.bool)
-            for j in range(per_rank):
+            label, m = sh.read(i)  # (K, C, h, w) fp16
+            flip = False
+            if draw:
                 # One generator per (seed, epoch, position): the draw does not depend on ranks or workers.
                 gen = torch.Generator().manual_seed(_seed64(self.cfg.seed, epoch, first_slot + j))
-                flips[j] = bool(torch.rand((), generator=gen) < self.cfg.flip_prob)
-                eps[j] = torch.randn(mean.shape[1:], generator=gen)
-            if flips.any():
-                if not has_flip:
-                    raise ShardError("flip_prob > 0 but the shards hold no flipped moments (encoded with --no-flip); "
-                                     "set flip_prob: 0")
-                mean = torch.where(flips[:, None, None, None], mom[:, 2], mean)
-                logvar = torch.where(flips[:, None, None, None], mom[:, 3], logvar)
-            if self.cfg.sample:
-                mean = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps  # posterior sample
+                flip = bool(torch.rand((), generator=gen) < self.cfg.flip_prob)
+                if self.cfg.sample:
+                    torch.randn(shape, generator=gen, out=eps[j])
+            if flip and m.shape[0] < 4:
+                raise ShardError(f"shard {sh.path}, key {sh.key(i)}: flip_prob > 0 but no flipped moments "
+                                 "(encoded with --no-flip); set flip_prob: 0")
+            picked.append(m[2:4] if flip else m[0:2])
+            labels.append(label)
+            keys.append(sh.key(i))
+        mom = torch.from_numpy(np.stack(picked)).float()  # (B, 2, C, h, w)
+        mean = mom[:, 0]
+        if self.cfg.sample:
+            mean = mean + torch.exp(0.5 * mom[:, 1].clamp_(-30.0, 20.0)) * eps  # posterior sample
         return {"x": mean * self.scale, "y": torch.tensor(labels, dtype=torch.int64), "nimg_global": g,
                 "bucket": bucket, "keys": keys, "epoch": epoch,
                 "_end": epoch * self.epoch_samples + int(plan.start[step + 1])}
