@@ -21,24 +21,34 @@ import torch.nn.functional as F
 from . import build
 from .reference import ROUNDING_MODES, check_msdcn_inputs
 
-__all__ = ["available", "require", "msdcn", "msdcn_deform", "set_launch_threads"]
+__all__ = ["available", "require", "msdcn", "msdcn_deform", "set_launch"]
 
 _VALUE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _state: dict[str, object] = {"error": None}
-# Threads per block aimed at (each block holds whole (query, group) sets); tuned by bench/msdcn_op.py.
-_THREADS = {
-    "forward": int(os.environ.get("FLOWDCN_MSDCN_THREADS_FWD", "256")),
-    "backward": int(os.environ.get("FLOWDCN_MSDCN_THREADS_BWD", "256")),
+# Launch shape: threads per block aimed at (a block holds whole (query, group) sets) and rounds of
+# queries per block (consecutive queries share corners, later rounds hit L1); tuned by bench/msdcn_op.py.
+_LAUNCH = {
+    "forward": [int(os.environ.get("FLOWDCN_MSDCN_THREADS_FWD", "256")), int(os.environ.get("FLOWDCN_MSDCN_ROUNDS_FWD", "1"))],
+    "backward": [int(os.environ.get("FLOWDCN_MSDCN_THREADS_BWD", "256")), int(os.environ.get("FLOWDCN_MSDCN_ROUNDS_BWD", "1"))],
 }
+# Backward channel layout: two 4-channel runs per thread, at lane*4 and C/2 + lane*4 (True), or 8 in a row.
+_SPLIT_BWD = os.environ.get("FLOWDCN_MSDCN_SPLIT_BWD", "1") == "1"
+# Benchmark diagnostic only: the backward leaves grad_value zero (to measure the atomics' share).
+_DIAG_SKIP_VALUE_GRAD = False
 
 
-def set_launch_threads(forward: int | None = None, backward: int | None = None) -> None:
-    """Set the threads-per-block target of the forward / backward launches (1..512)."""
-    for key, val in (("forward", forward), ("backward", backward)):
-        if val is not None:
-            if not 1 <= int(val) <= 512:
-                raise ValueError(f"msdcn cuda: threads per block must be in [1, 512], got {key}={val}")
-            _THREADS[key] = int(val)
+def set_launch(phase: str, threads: int | None = None, rounds: int | None = None) -> None:
+    """Set the threads-per-block target (1..512) and rounds per block (>= 1) of the 'forward' or 'backward' launch."""
+    if phase not in _LAUNCH:
+        raise ValueError(f"msdcn cuda: phase must be 'forward' or 'backward', got {phase!r}")
+    if threads is not None:
+        if not 1 <= int(threads) <= 512:
+            raise ValueError(f"msdcn cuda: threads per block must be in [1, 512], got {threads}")
+        _LAUNCH[phase][0] = int(threads)
+    if rounds is not None:
+        if int(rounds) < 1:
+            raise ValueError(f"msdcn cuda: rounds per block must be >= 1, got {rounds}")
+        _LAUNCH[phase][1] = int(rounds)
 
 
 _LOADED: dict[int, object] = {}
@@ -135,7 +145,7 @@ def msdcn_cuda_op(value: torch.Tensor, offsets: torch.Tensor, weights: torch.Ten
     off, w = _fields(v, offsets, weights)
     e = _empty(v)
     with torch.cuda.device(v.device):
-        out = _module(v.device).forward(v, off, e, w, e, e, e, False, rounding == "trunc", _THREADS["forward"])
+        out = _module(v.device).forward(v, off, e, w, e, e, e, False, rounding == "trunc", *_LAUNCH["forward"])
     return out[..., :C] if out.shape[-1] != C else out
 
 
@@ -153,7 +163,7 @@ def msdcn_cuda_backward_op(
     off, w = _fields(v, offsets, weights)
     e = _empty(v)
     with torch.cuda.device(v.device):
-        gv, goff, _, gw, _ = _module(v.device).backward(g, v, off, e, w, e, e, e, False, rounding == "trunc", _THREADS["backward"])
+        gv, goff, _, gw, _ = _module(v.device).backward(g, v, off, e, w, e, e, e, False, rounding == "trunc", *_LAUNCH["backward"], _SPLIT_BWD, _DIAG_SKIP_VALUE_GRAD)
     gv = gv[..., :C].to(value.dtype).contiguous()
     return gv, goff.to(offsets.dtype), gw.to(weights.dtype)
 
@@ -194,7 +204,7 @@ def msdcn_deform_cuda_op(
     d, s, w = _fields(v, delta, scale_logit, weights)
     p, z, m = _consts(v, prior, s0, s_max)
     with torch.cuda.device(v.device):
-        out = _module(v.device).forward(v, d, s, w, p, z, m, True, rounding == "trunc", _THREADS["forward"])
+        out = _module(v.device).forward(v, d, s, w, p, z, m, True, rounding == "trunc", *_LAUNCH["forward"])
     return out[..., :C] if out.shape[-1] != C else out
 
 
@@ -220,7 +230,7 @@ def msdcn_deform_cuda_backward_op(
     d, s, w = _fields(v, delta, scale_logit, weights)
     p, z, m = _consts(v, prior, s0, s_max)
     with torch.cuda.device(v.device):
-        gv, gd, gs, gw, s0_part = _module(v.device).backward(g, v, d, s, w, p, z, m, True, rounding == "trunc", _THREADS["backward"])
+        gv, gd, gs, gw, s0_part = _module(v.device).backward(g, v, d, s, w, p, z, m, True, rounding == "trunc", *_LAUNCH["backward"], _SPLIT_BWD, _DIAG_SKIP_VALUE_GRAD)
     gv = gv[..., :C].to(value.dtype).contiguous()
     gs0 = s0_part.sum(0).to(device=s0.device, dtype=s0.dtype)  # per-block partials -> [G]
     return gv, gd.to(delta.dtype), gs.to(scale_logit.dtype), gw.to(weights.dtype), gs0

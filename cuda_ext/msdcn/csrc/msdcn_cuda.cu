@@ -16,11 +16,11 @@ namespace {
 
 struct Geometry {
   int64_t N, H, W;
-  int G, C, K, L, Q, threads;
+  int G, C, K, L, Q, R, threads;
   int64_t blocks;
 };
 
-Geometry geometry(const at::Tensor& value, const at::Tensor& weight, int64_t target_threads) {
+Geometry geometry(const at::Tensor& value, const at::Tensor& weight, int64_t target_threads, int64_t rounds) {
   Geometry g;
   g.N = value.size(0) * value.size(1) * value.size(2);
   g.H = value.size(1);
@@ -35,7 +35,10 @@ Geometry geometry(const at::Tensor& value, const at::Tensor& weight, int64_t tar
   TORCH_CHECK(target_threads > 0 && target_threads <= kMaxThreads, "msdcn_cuda: threads per block must be in [1, ", kMaxThreads, "], got ", target_threads);
   g.Q = std::max<int>(1, static_cast<int>(target_threads) / gl);  // several queries per block
   g.threads = g.Q * gl;
-  g.blocks = (g.N + g.Q - 1) / g.Q;
+  TORCH_CHECK(rounds >= 1, "msdcn_cuda: rounds per block must be >= 1, got ", rounds);
+  g.R = static_cast<int>(rounds);
+  const int64_t per_block = static_cast<int64_t>(g.Q) * g.R;
+  g.blocks = (g.N + per_block - 1) / per_block;
   TORCH_CHECK(g.blocks < (int64_t(1) << 31), "msdcn_cuda: too many queries for one launch: ", g.N);
   return g;
 }
@@ -55,7 +58,7 @@ MsdcnParams<T, F, A> make_params(const Geometry& geo, const at::Tensor& value, c
     p.smax = reinterpret_cast<const A*>(smax.data_ptr());
   }
   p.N = geo.N; p.H = geo.H; p.W = geo.W;
-  p.G = geo.G; p.C = geo.C; p.K = geo.K; p.L = geo.L; p.Q = geo.Q;
+  p.G = geo.G; p.C = geo.C; p.K = geo.K; p.L = geo.L; p.Q = geo.Q; p.R = geo.R;
   p.trunc = trunc;
   return p;
 }
@@ -110,12 +113,12 @@ void check_all(const at::Tensor& value, const at::Tensor& off, const at::Tensor&
 // out = msdcn(value, off, weight) (fused=false) or msdcn(value, deform(delta=off, scale, prior, s0, smax), weight).
 at::Tensor msdcn_forward(const at::Tensor& value, const at::Tensor& off, const at::Tensor& scale, const at::Tensor& weight,
                          const at::Tensor& prior, const at::Tensor& s0, const at::Tensor& smax, bool fused, bool trunc,
-                         int64_t threads) {
+                         int64_t threads, int64_t rounds) {
   check_all(value, off, scale, weight, prior, s0, smax, fused);
   const c10::cuda::CUDAGuard guard(value.device());
   auto out = at::empty_like(value);
   if (value.numel() == 0) return out;
-  const Geometry geo = geometry(value, weight, threads);
+  const Geometry geo = geometry(value, weight, threads, rounds);
   auto stream = c10::cuda::getCurrentCUDAStream();
   FLOWDCN_DISPATCH(value.scalar_type(), weight.scalar_type(), "msdcn_forward", [&] {
     auto p = make_params<T, F, A>(geo, value, off, scale, weight, prior, s0, smax, fused, trunc);
@@ -134,7 +137,7 @@ at::Tensor msdcn_forward(const at::Tensor& value, const at::Tensor& off, const a
 std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor& value, const at::Tensor& off,
                                        const at::Tensor& scale, const at::Tensor& weight, const at::Tensor& prior,
                                        const at::Tensor& s0, const at::Tensor& smax, bool fused, bool trunc,
-                                       int64_t threads) {
+                                       int64_t threads, int64_t rounds, bool split, bool skip_value_grad) {
   check_all(value, off, scale, weight, prior, s0, smax, fused);
   check_cuda(gout, "grad_out", value);
   TORCH_CHECK(gout.sizes() == value.sizes() && gout.scalar_type() == value.scalar_type(),
@@ -152,12 +155,14 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
     auto s0p = fused ? at::zeros({1, value.size(3)}, value.options().dtype(adt)) : at::empty({0}, value.options().dtype(adt));
     return {gvalue, goff, gscale, gweight, s0p};
   }
-  const Geometry geo = geometry(value, weight, threads);
+  const Geometry geo = geometry(value, weight, threads, rounds);
   auto s0p = fused ? at::empty({geo.blocks, geo.G}, value.options().dtype(adt)) : at::empty({0}, value.options().dtype(adt));
   auto stream = c10::cuda::getCurrentCUDAStream();
   FLOWDCN_DISPATCH(value.scalar_type(), weight.scalar_type(), "msdcn_backward", [&] {
     auto p = make_params<T, F, A>(geo, value, off, scale, weight, prior, s0, smax, fused, trunc);
     p.gout = reinterpret_cast<const T*>(gout.data_ptr());
+    p.skip_value_grad = skip_value_grad;
+    p.split = split;
     p.gvalue = reinterpret_cast<A*>(gvalue.data_ptr());
     p.goff = reinterpret_cast<F*>(goff.data_ptr());
     p.gweight = reinterpret_cast<F*>(gweight.data_ptr());

@@ -90,6 +90,40 @@ __device__ __forceinline__ void store8(double* p, const double* v) {
   for (int i = 0; i < 4; ++i) reinterpret_cast<double2*>(p)[i] = make_double2(v[2 * i], v[2 * i + 1]);
 }
 
+// 4-channel halves, for the backward's split channel layout.
+__device__ __forceinline__ void load4(const __nv_bfloat16* p, float* o) {
+  const uint2 r = __ldg(reinterpret_cast<const uint2*>(p));
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r);
+  const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+  o[0] = a.x; o[1] = a.y; o[2] = b.x; o[3] = b.y;
+}
+__device__ __forceinline__ void load4(const __half* p, float* o) {
+  const uint2 r = __ldg(reinterpret_cast<const uint2*>(p));
+  const __half2* h = reinterpret_cast<const __half2*>(&r);
+  const float2 a = __half22float2(h[0]), b = __half22float2(h[1]);
+  o[0] = a.x; o[1] = a.y; o[2] = b.x; o[3] = b.y;
+}
+__device__ __forceinline__ void load4(const float* p, float* o) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+  o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
+}
+__device__ __forceinline__ void load4(const double* p, double* o) {
+  const double2 a = __ldg(reinterpret_cast<const double2*>(p)), b = __ldg(reinterpret_cast<const double2*>(p) + 1);
+  o[0] = a.x; o[1] = a.y; o[2] = b.x; o[3] = b.y;
+}
+__device__ __forceinline__ void atomic_add4(float* p, const float* v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
+#else
+#pragma unroll
+  for (int i = 0; i < 4; ++i) atomicAdd(p + i, v[i]);
+#endif
+}
+__device__ __forceinline__ void atomic_add4(double* p, const double* v) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) atomicAdd(p + i, v[i]);
+}
+
 // grad_value accumulates in an fp32 (fp64) buffer; sm_90 has 16-byte vector float atomics.
 __device__ __forceinline__ void atomic_add8(float* p, const float* v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -126,7 +160,10 @@ struct MsdcnParams {
   F* gweight;         // backward: [N, G, K]
   A* s0_part;         // backward, FUSED: [gridDim.x, G] per-block partial sums of d/ds0
   int64_t N, H, W;
-  int G, C, K, L, Q;  // L = C / 8 lanes per (query, group); Q queries per block
+  int G, C, K, L, Q;  // L = C / 8 lanes per (query, group); Q queries per block and round
+  int R;              // rounds of Q queries per block
+  bool split;            // backward channel layout (see msdcn_backward_kernel)
+  bool skip_value_grad;  // benchmark diagnostic: leave grad_value zero (never set by the ops)
   bool trunc;         // trunc (official compat) instead of floor for the lower corner
 };
 
@@ -179,53 +216,59 @@ __device__ __forceinline__ Corners<A> corners(A px, A py, int64_t b, int64_t H, 
 }
 
 // ---------------------------------------------------------------- forward
+// Block b handles the queries [b*Q*R, (b+1)*Q*R) in R rounds of Q: consecutive queries sample
+// overlapping corners, so later rounds find them in this SM's L1 instead of L2.
 template <typename T, typename F, typename A, bool FUSED>
 __global__ void __launch_bounds__(kMaxThreads) msdcn_forward_kernel(const MsdcnParams<T, F, A> p) {
   const int tid = threadIdx.x;
   const int GL = p.G * p.L;
   const int q = tid / GL, r = tid - q * GL, g = r / p.L, lane = r - g * p.L;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * p.Q + q;
-  if (q >= p.Q || n >= p.N) return;
-  const int64_t w = n % p.W, h = (n / p.W) % p.H, b = n / (p.H * p.W);
+  if (q >= p.Q) return;
   const int64_t GC = static_cast<int64_t>(p.G) * p.C;
-  const T* vbase = p.value + g * p.C + lane * kVec;  // + row * GC per corner
-  const int64_t fbase = (n * p.G + g) * p.K;
+  const int64_t choff = g * p.C + lane * kVec;
+  for (int round = 0; round < p.R; ++round) {
+    const int64_t n = (static_cast<int64_t>(blockIdx.x) * p.R + round) * p.Q + q;
+    if (n >= p.N) return;
+    const int64_t w = n % p.W, h = (n / p.W) % p.H, b = n / (p.H * p.W);
+    const int64_t fbase = (n * p.G + g) * p.K;
 
-  A acc[kVec];
+    A acc[kVec];
 #pragma unroll
-  for (int i = 0; i < kVec; ++i) acc[i] = A(0);
+    for (int i = 0; i < kVec; ++i) acc[i] = A(0);
 
-  for (int k = 0; k < p.K; ++k) {
-    A ox, oy;
-    point_offset<FUSED>(p, fbase + k, g, k, ox, oy);
-    const A wk = to_acc(p.weight[fbase + k], A());
-    const Corners<A> c = corners(A(w) + ox, A(h) + oy, b, p.H, p.W, p.trunc);
-    if (!c.any) continue;
-    A v[4][kVec];
+    for (int k = 0; k < p.K; ++k) {
+      A ox, oy;
+      point_offset<FUSED>(p, fbase + k, g, k, ox, oy);
+      const A wk = to_acc(p.weight[fbase + k], A());
+      const Corners<A> c = corners(A(w) + ox, A(h) + oy, b, p.H, p.W, p.trunc);
+      if (!c.any) continue;
+      A v[4][kVec];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {  // issue the four gathers before using any of them
-      if (c.ok[j]) {
-        load8(vbase + c.row[j] * GC, v[j]);
-      } else {
+      for (int j = 0; j < 4; ++j) {  // issue the four gathers before using any of them
+        if (c.ok[j]) {
+          load8(p.value + c.row[j] * GC + choff, v[j]);
+        } else {
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) v[j][i] = A(0);
+          for (int i = 0; i < kVec; ++i) v[j][i] = A(0);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const A cw = c.ok[j] ? wk * c.bil[j] : A(0);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) acc[i] += cw * v[j][i];
       }
     }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const A cw = c.ok[j] ? wk * c.bil[j] : A(0);
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) acc[i] += cw * v[j][i];
-    }
+    store8(p.out + n * GC + choff, acc);
   }
-  store8(p.out + n * GC + g * p.C + lane * kVec, acc);
 }
 
 // ---------------------------------------------------------------- backward
-// Phase 1 (per thread): recompute the corners, scatter w_k * bil * grad_out into the fp32 grad_value
-// buffer with atomics, and keep per-point partial dots <v_corner, grad_out> over the thread's 8
-// channels in shared memory. Phase 2 (per (query, group, point)): sum the L lanes' partials, apply
-// the chain rule (weights, offsets or delta / scale_logit) and store; d/ds0 is summed per block.
+// Per round of Q queries. Phase 1 (per thread): recompute the corners, scatter w_k * bil * grad_out
+// into the fp32 grad_value buffer with atomics, and keep per-point partial dots <v_corner, grad_out>
+// over the thread's 8 channels in shared memory. Phase 2 (per (query, group, point)): sum the L
+// lanes' partials, apply the chain rule (weights, offsets or delta / scale_logit) and store; d/ds0 is
+// summed per block in shared memory and written as one partial per block.
 template <typename T, typename F, typename A, bool FUSED>
 __global__ void __launch_bounds__(kMaxThreads) msdcn_backward_kernel(const MsdcnParams<T, F, A> p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -236,92 +279,102 @@ __global__ void __launch_bounds__(kMaxThreads) msdcn_backward_kernel(const Msdcn
   const int tid = threadIdx.x;
   const int GL = p.G * p.L;
   const int q = tid / GL, r = tid - q * GL, g = r / p.L, lane = r - g * p.L;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * p.Q + q;
   const int64_t GC = static_cast<int64_t>(p.G) * p.C;
+  // Channels of this thread: two runs of 4. Split layout: [4*lane, +4) and [C/2 + 4*lane, +4), so
+  // each atomic instruction of a group's lanes covers one contiguous span (whole 32-byte sectors).
+  const int64_t ch0 = g * p.C + (p.split ? lane * 4 : lane * kVec);
+  const int64_t ch1 = p.split ? ch0 + p.C / 2 : ch0 + 4;
+  A* my = part + static_cast<int64_t>(tid) * S;
   if (FUSED)
     for (int i = tid; i < p.G; i += nthreads) s0_acc[i] = A(0);
 
-  if (q < p.Q && n < p.N) {
-    const int64_t w = n % p.W, h = (n / p.W) % p.H, b = n / (p.H * p.W);
-    const int64_t choff = g * p.C + lane * kVec;
-    const int64_t fbase = (n * p.G + g) * p.K;
-    A go[kVec];
-    load8(p.gout + n * GC + choff, go);
-    A* my = part + static_cast<int64_t>(tid) * S;
-    for (int k = 0; k < p.K; ++k) {
-      A ox, oy;
-      point_offset<FUSED>(p, fbase + k, g, k, ox, oy);
-      const A wk = to_acc(p.weight[fbase + k], A());
-      const Corners<A> c = corners(A(w) + ox, A(h) + oy, b, p.H, p.W, p.trunc);
-      A sw = A(0), sx = A(0), sy = A(0);
-      if (c.any) {
-        A v[4][kVec];
+  for (int round = 0; round < p.R; ++round) {
+    const int64_t round0 = (static_cast<int64_t>(blockIdx.x) * p.R + round) * p.Q;  // first query of the round
+    if (round0 >= p.N) break;  // uniform over the block
+    const int64_t n = round0 + q;
+    if (q < p.Q && n < p.N) {
+      const int64_t w = n % p.W, h = (n / p.W) % p.H, b = n / (p.H * p.W);
+      const int64_t fbase = (n * p.G + g) * p.K;
+      A go[kVec];
+      load4(p.gout + n * GC + ch0, go);
+      load4(p.gout + n * GC + ch1, go + 4);
+      for (int k = 0; k < p.K; ++k) {
+        A ox, oy;
+        point_offset<FUSED>(p, fbase + k, g, k, ox, oy);
+        const A wk = to_acc(p.weight[fbase + k], A());
+        const Corners<A> c = corners(A(w) + ox, A(h) + oy, b, p.H, p.W, p.trunc);
+        A sw = A(0), sx = A(0), sy = A(0);
+        if (c.any) {
+          A v[4][kVec];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          if (c.ok[j]) {
-            load8(p.value + c.row[j] * GC + choff, v[j]);
-          } else {
+          for (int j = 0; j < 4; ++j) {
+            if (c.ok[j]) {
+              load4(p.value + c.row[j] * GC + ch0, v[j]);
+              load4(p.value + c.row[j] * GC + ch1, v[j] + 4);
+            } else {
 #pragma unroll
-            for (int i = 0; i < kVec; ++i) v[j][i] = A(0);
+              for (int i = 0; i < kVec; ++i) v[j][i] = A(0);
+            }
+          }
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            if (!c.ok[j]) continue;
+            A dot = A(0);
+#pragma unroll
+            for (int i = 0; i < kVec; ++i) dot += v[j][i] * go[i];
+            sw += c.bil[j] * dot;
+            sx += c.ddx[j] * dot;
+            sy += c.ddy[j] * dot;
+            if (p.skip_value_grad) continue;  // benchmark diagnostic only (measures the atomics' share)
+            const A cw = wk * c.bil[j];
+            A contrib[kVec];
+#pragma unroll
+            for (int i = 0; i < kVec; ++i) contrib[i] = cw * go[i];
+            atomic_add4(p.gvalue + c.row[j] * GC + ch0, contrib);
+            atomic_add4(p.gvalue + c.row[j] * GC + ch1, contrib + 4);
           }
         }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          if (!c.ok[j]) continue;
-          A dot = A(0);
-#pragma unroll
-          for (int i = 0; i < kVec; ++i) dot += v[j][i] * go[i];
-          sw += c.bil[j] * dot;
-          sx += c.ddx[j] * dot;
-          sy += c.ddy[j] * dot;
-          const A cw = wk * c.bil[j];
-          A contrib[kVec];
-#pragma unroll
-          for (int i = 0; i < kVec; ++i) contrib[i] = cw * go[i];
-          atomic_add8(p.gvalue + c.row[j] * GC + choff, contrib);
-        }
+        my[3 * k] = sw;
+        my[3 * k + 1] = sx;
+        my[3 * k + 2] = sy;
       }
-      my[3 * k] = sw;
-      my[3 * k + 1] = sx;
-      my[3 * k + 2] = sy;
     }
-  }
-  __syncthreads();
-
-  const int items = p.Q * p.G * p.K;
-  for (int it = tid; it < items; it += nthreads) {
-    const int iq = it / (p.G * p.K), rem = it - iq * p.G * p.K, ig = rem / p.K, ik = rem - ig * p.K;
-    const int64_t n2 = static_cast<int64_t>(blockIdx.x) * p.Q + iq;
-    if (n2 >= p.N) continue;
-    const A* src = part + static_cast<int64_t>((iq * p.G + ig) * p.L) * S + 3 * ik;
-    A sw = A(0), sx = A(0), sy = A(0);
-    for (int l = 0; l < p.L; ++l) {
-      sw += src[l * S];
-      sx += src[l * S + 1];
-      sy += src[l * S + 2];
-    }
-    const int64_t fk = (n2 * p.G + ig) * p.K + ik;
-    const A wk = to_acc(p.weight[fk], A());
-    const A gox = wk * sx, goy = wk * sy;  // d loss / d offset (x, y)
-    from_acc(sw, &p.gweight[fk]);
-    if (FUSED) {
-      const A dx = to_acc(p.off[2 * fk], A()), dy = to_acc(p.off[2 * fk + 1], A());
-      const A s = sigmoid(to_acc(p.scale[fk], A()) + p.s0[ig]);
-      const A sx_ = p.smax[0], sy_ = p.smax[1];
-      from_acc(gox * s * sx_, &p.goff[2 * fk]);
-      from_acc(goy * s * sy_, &p.goff[2 * fk + 1]);
-      const A gl = (gox * (dx + p.prior[2 * ik]) * sx_ + goy * (dy + p.prior[2 * ik + 1]) * sy_) * s * (A(1) - s);
-      from_acc(gl, &p.gscale[fk]);
-      atomicAdd(&s0_acc[ig], gl);  // shared-memory atomics, Q*K contributions per group
-    } else {
-      from_acc(gox, &p.goff[2 * fk]);
-      from_acc(goy, &p.goff[2 * fk + 1]);
-    }
-  }
-  if (FUSED) {
     __syncthreads();
-    for (int i = tid; i < p.G; i += nthreads) p.s0_part[static_cast<int64_t>(blockIdx.x) * p.G + i] = s0_acc[i];
+
+    const int items = p.Q * p.G * p.K;
+    for (int it = tid; it < items; it += nthreads) {
+      const int iq = it / (p.G * p.K), rem = it - iq * p.G * p.K, ig = rem / p.K, ik = rem - ig * p.K;
+      const int64_t n2 = round0 + iq;
+      if (n2 >= p.N) continue;
+      const A* src = part + static_cast<int64_t>((iq * p.G + ig) * p.L) * S + 3 * ik;
+      A sw = A(0), sx = A(0), sy = A(0);
+      for (int l = 0; l < p.L; ++l) {
+        sw += src[l * S];
+        sx += src[l * S + 1];
+        sy += src[l * S + 2];
+      }
+      const int64_t fk = (n2 * p.G + ig) * p.K + ik;
+      const A wk = to_acc(p.weight[fk], A());
+      const A gox = wk * sx, goy = wk * sy;  // d loss / d offset (x, y)
+      from_acc(sw, &p.gweight[fk]);
+      if (FUSED) {
+        const A dx = to_acc(p.off[2 * fk], A()), dy = to_acc(p.off[2 * fk + 1], A());
+        const A s = sigmoid(to_acc(p.scale[fk], A()) + p.s0[ig]);
+        const A sx_ = p.smax[0], sy_ = p.smax[1];
+        from_acc(gox * s * sx_, &p.goff[2 * fk]);
+        from_acc(goy * s * sy_, &p.goff[2 * fk + 1]);
+        const A gl = (gox * (dx + p.prior[2 * ik]) * sx_ + goy * (dy + p.prior[2 * ik + 1]) * sy_) * s * (A(1) - s);
+        from_acc(gl, &p.gscale[fk]);
+        atomicAdd(&s0_acc[ig], gl);  // shared-memory atomics, Q*K contributions per group and round
+      } else {
+        from_acc(gox, &p.goff[2 * fk]);
+        from_acc(goy, &p.goff[2 * fk + 1]);
+      }
+    }
+    __syncthreads();  // the partials are overwritten by the next round
   }
+  if (FUSED)
+    for (int i = tid; i < p.G; i += nthreads) p.s0_part[static_cast<int64_t>(blockIdx.x) * p.G + i] = s0_acc[i];
 }
 
 }  // namespace flowdcn

@@ -1,0 +1,145 @@
+"""Building blocks shared by FlowDCN and SiT: embedders, norms, MLPs, modulation, patchify and the final layer."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation x·(1 + scale) + shift, broadcasting [N, D] conditions over the token axes."""
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+    return x * (1 + scale.view(shape)) + shift.view(shape)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of t ∈ [0, 1] (used as is, no ×1000) followed by a 2-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        """[cos, sin] features of t (cos first, as in DiT/SiT/FlowDCN), computed in fp32."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]                                    # (N, half)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)                # (N, dim)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))                      # (N, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding table with one extra row: label ``num_classes`` is the null (unconditional) class."""
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(y)                                             # (N, D)
+
+
+class RMSNorm(nn.Module):
+    """LLaMA-style RMSNorm: normalise in fp32, cast back, then scale (FlowDCN's order)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) ⊙ w3 x), no biases; hidden = int(2·int(mlp_ratio·D)/3) as in the official code."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class PatchEmbed(nn.Module):
+    """Conv patch embedding to a channels-last token grid [N, h, w, D]; no position embedding."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, _, H, W = x.shape
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"input height and width must be divisible by the patch size {p}, got {H}x{W}")
+        return self.proj(x).permute(0, 2, 3, 1)                                   # (N, H/p, W/p, D)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """[N, h, w, p·p·c] tokens (ordered pi, pj, c) -> images [N, c, h·p, w·p]; non-square grids included."""
+    N, h, w, _ = x.shape
+    p = patch_size
+    x = x.reshape(N, h, w, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(N, channels, h * p, w * p)
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm (no affine) → adaLN shift/scale → Linear to p·p·out_channels (zero-initialised)."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+    def init_weights(self) -> None:
+        for lin in (self.adaLN_modulation[-1], self.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+
+def reset_linear(lin: nn.Linear) -> None:
+    """PyTorch's default Linear init (kaiming-uniform a=√5, bias U(±1/√fan_in)); usable after to_empty()."""
+    lin.reset_parameters()
+
+
+def sincos_pos_embed_2d(dim: int, h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """2-D sin-cos position embedding for any h×w grid (MAE/DiT formula), [h, w, dim]."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
+    gy, gx = torch.meshgrid(torch.arange(h, dtype=torch.float64, device=device),
+                            torch.arange(w, dtype=torch.float64, device=device), indexing="ij")
+    # DiT order: first half embeds the column (w) coordinate, second half the row (h) coordinate.
+    ex = gx[..., None] * omega                                                     # (h, w, dim/4)
+    ey = gy[..., None] * omega
+    emb = torch.cat([ex.sin(), ex.cos(), ey.sin(), ey.cos()], dim=-1)              # (h, w, dim)
+    return emb.to(dtype)

@@ -1,0 +1,72 @@
+"""The MSDCN token mixer: projections of the normalised tokens -> cuda_ext.msdcn_deform -> output projection."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from cuda_ext import msdcn_deform
+
+TRAIN_SMAX = 6.0  # S_max used in training (official flowdcn.py L82)
+
+
+def prior_grid(kernel_points: int) -> torch.Tensor:
+    """Prior sampling points p_k = (x, y): an n×n grid over [-1, 1]², n = ⌈√K⌉, row-major in y, first K points.
+
+    For K = 9 this is the official 3×3 grid (-1,-1), (0,-1), (1,-1), (-1,0), ... (1,1); unlike the
+    official code it is defined for any K (official bug M4 left extra points random).
+    """
+    n = max(2, math.ceil(math.sqrt(kernel_points)))
+    lin = torch.linspace(-1, 1, n, dtype=torch.float32)
+    gy, gx = torch.meshgrid(lin, lin, indexing="ij")
+    return torch.stack([gx, gy], dim=-1).reshape(-1, 2)[:kernel_points].contiguous()   # (K, 2)
+
+
+class MultiScaleDCN(nn.Module):
+    """Groupwise multi-scale deformable convolution (FlowDCN's replacement for attention)."""
+
+    def __init__(self, dim: int, groups: int, kernel_points: int = 9, rounding: str = "floor", impl: str = "auto"):
+        super().__init__()
+        if dim % groups:
+            raise ValueError(f"hidden size {dim} must be divisible by the number of groups {groups}")
+        self.dim, self.groups, self.kernel_points = dim, groups, kernel_points
+        self.channels = dim // groups
+        self.rounding, self.impl = rounding, impl
+        G, K = groups, kernel_points
+        self.v = nn.Linear(dim, G * self.channels, bias=True)
+        self.qk_deformables = nn.Linear(dim, G * K * 2, bias=True)   # Δ, ordered (g, k, {x, y})
+        self.qk_scales = nn.Linear(dim, G * K, bias=False)           # ŝ before the per-group logit s0
+        self.qk_weights = nn.Linear(dim, G * K, bias=True)           # unnormalised aggregation weights
+        self.out = nn.Linear(G * self.channels, dim, bias=True)
+        self.deformables_scale = nn.Parameter(torch.empty(G))         # s0_g logits, [G] (official: [1,1,1,G,1,1])
+        # A buffer, not a parameter (official bug M5); recomputed by init_weights() after meta init.
+        self.register_buffer("deformables_prior", prior_grid(K), persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Official init: v/out default with zero bias; Δ, ŝ and the weight matrix zero; weight bias default."""
+        for lin in (self.v, self.qk_deformables, self.qk_scales, self.qk_weights, self.out):
+            lin.reset_parameters()
+        nn.init.zeros_(self.v.bias)
+        nn.init.zeros_(self.out.bias)
+        nn.init.zeros_(self.qk_deformables.weight)
+        nn.init.zeros_(self.qk_deformables.bias)
+        nn.init.zeros_(self.qk_scales.weight)
+        nn.init.zeros_(self.qk_weights.weight)   # bias keeps its random default (official quirk M10)
+        # s0_g = logit((g+1)/G − 1e-4): initial scales σ(s0)·S_max spread over (0, S_max].
+        q = (torch.arange(self.groups, dtype=torch.float64) + 1) / self.groups - 1e-4
+        self.deformables_scale.copy_(torch.log(q / (1 - q)).to(self.deformables_scale.dtype))
+        self.deformables_prior = prior_grid(self.kernel_points).to(self.deformables_scale.device)
+
+    def forward(self, x: torch.Tensor, s_max: torch.Tensor) -> torch.Tensor:
+        """x [N, h, w, D], s_max [2] (x, y) -> [N, h, w, D]."""
+        N, h, w, _ = x.shape
+        G, K, C = self.groups, self.kernel_points, self.channels
+        value = self.v(x).view(N, h, w, G, C)                                     # (N, h, w, G, C)
+        delta = self.qk_deformables(x).view(N, h, w, G, K, 2)                     # (N, h, w, G, K, 2)
+        scale_logit = self.qk_scales(x).view(N, h, w, G, K)                       # (N, h, w, G, K)
+        weights = self.qk_weights(x).view(N, h, w, G, K)                          # (N, h, w, G, K)
+        y = msdcn_deform(value, delta, scale_logit, weights, self.deformables_prior, self.deformables_scale,
+                         s_max, rounding=self.rounding, impl=self.impl)           # (N, h, w, G, C)
+        return self.out(y.reshape(N, h, w, G * C))                                # (N, h, w, D)

@@ -1,0 +1,146 @@
+"""The reference MSDCN op against independent computations (fp64 loops, grid_sample), gradcheck, edge cases."""
+import pytest
+import torch
+
+from cuda_ext import deform_offsets_ref, msdcn, msdcn_deform
+from cuda_ext.msdcn.reference import msdcn_grid_sample_ref
+
+
+def loop_ref(value, offsets, weights, rounding):
+    """Scalar fp64 loops straight from the definition (independent of the vectorised reference)."""
+    import math
+
+    B, H, W, G, C = value.shape
+    K = weights.shape[-1]
+    out = torch.zeros(B, H, W, G, C, dtype=torch.float64)
+    rnd = math.floor if rounding == "floor" else math.trunc
+    v = value.double()
+    for b in range(B):
+        for h in range(H):
+            for w in range(W):
+                for g in range(G):
+                    for k in range(K):
+                        px, py = w + float(offsets[b, h, w, g, k, 0]), h + float(offsets[b, h, w, g, k, 1])
+                        x0, y0 = rnd(px), rnd(py)
+                        lx, ly = px - x0, py - y0
+                        for dx, dy, c in ((0, 0, (1 - lx) * (1 - ly)), (1, 0, lx * (1 - ly)), (0, 1, (1 - lx) * ly), (1, 1, lx * ly)):
+                            xi, yi = x0 + dx, y0 + dy
+                            if 0 <= xi < W and 0 <= yi < H:
+                                out[b, h, w, g] += float(weights[b, h, w, g, k]) * c * v[b, yi, xi, g]
+    return out
+
+
+def rand_inputs(B, H, W, G, C, K, dtype=torch.float64, spread=3.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(B, H, W, G, C, generator=gen, dtype=torch.float64).to(dtype)
+    o = (torch.randn(B, H, W, G, K, 2, generator=gen, dtype=torch.float64) * spread).float()
+    w = torch.randn(B, H, W, G, K, generator=gen, dtype=torch.float64).to(dtype)
+    return v, o.double() if dtype == torch.float64 else o, w
+
+
+@pytest.mark.parametrize("rounding", ["floor", "trunc"])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 2, 3, 4), (1, 4, 4, 1, 8, 9), (1, 1, 6, 2, 2, 3)])
+def test_matches_scalar_loops(rounding, shape):
+    v, o, w = rand_inputs(*shape)
+    torch.testing.assert_close(msdcn(v, o, w, rounding=rounding, impl="torch").double(), loop_ref(v, o, w, rounding),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3, 8, 9), (1, 6, 4, 2, 72, 9), (3, 9, 2, 1, 5, 2)])
+def test_floor_matches_grid_sample(shape):
+    v, o, w = rand_inputs(*shape, spread=4.0)
+    torch.testing.assert_close(msdcn(v, o, w, impl="torch"), msdcn_grid_sample_ref(v, o, w), rtol=1e-10, atol=1e-10)
+
+
+def test_trunc_border_extrapolation_documented_case():
+    # Row [1, 10, 100] sampled at x = −0.5: official trunc gives −3.5, floor (correct) gives 0.5.
+    v = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64).view(1, 1, 3, 1, 1)
+    w = torch.ones(1, 1, 3, 1, 1, dtype=torch.float64)
+    o = torch.zeros(1, 1, 3, 1, 1, 2, dtype=torch.float64)
+    o[0, 0, 0, 0, 0, 0] = -0.5
+    assert msdcn(v, o, w, rounding="trunc")[0, 0, 0, 0, 0].item() == pytest.approx(-3.5)
+    assert msdcn(v, o, w, rounding="floor")[0, 0, 0, 0, 0].item() == pytest.approx(0.5)
+    o[0, 0, 0, 0, 0, 0] = -1.5          # trunc: −0.5, floor: 0 (both corners outside)
+    assert msdcn(v, o, w, rounding="trunc")[0, 0, 0, 0, 0].item() == pytest.approx(-0.5)
+    assert msdcn(v, o, w, rounding="floor")[0, 0, 0, 0, 0].item() == pytest.approx(0.0)
+
+
+def test_far_out_of_grid_is_zero_and_integer_points_are_exact():
+    v, _, w = rand_inputs(1, 4, 5, 2, 3, 2)
+    o = torch.full((1, 4, 5, 2, 2, 2), 50.0, dtype=torch.float64)
+    assert msdcn(v, o, w).abs().max() == 0
+    o = torch.zeros_like(o)
+    o[..., 1, 0] = 1.0                  # point 1 samples the right neighbour exactly
+    out = msdcn(v, o, w)
+    right = torch.cat([v[:, :, 1:], torch.zeros_like(v[:, :, :1])], dim=2)
+    torch.testing.assert_close(out, w[..., 0:1] * v + w[..., 1:2] * right)
+
+
+@pytest.mark.parametrize("rounding", ["floor", "trunc"])
+def test_gradcheck(rounding):
+    v, o, w = rand_inputs(2, 3, 4, 2, 3, 4)
+    o = o + 0.01 * torch.rand_like(o)   # keep away from integer coordinates (kinks)
+    args = [t.clone().requires_grad_() for t in (v, o, w)]
+    assert torch.autograd.gradcheck(lambda a, b, c: msdcn(a, b, c, rounding=rounding), args)
+
+
+def test_explicit_backward_equals_autograd_of_composed_reference():
+    from cuda_ext.msdcn.reference import msdcn_ref
+
+    v, o, w = rand_inputs(2, 5, 3, 2, 8, 9)
+    a = [t.clone().requires_grad_() for t in (v, o, w)]
+    b = [t.clone().requires_grad_() for t in (v, o, w)]
+    g = torch.randn(2, 5, 3, 2, 8, dtype=torch.float64)
+    (msdcn(*a) * g).sum().backward()
+    (msdcn_ref(*b) * g).sum().backward()   # plain autograd through the vectorised reference
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_low_precision_values_fp32_coordinates(dtype, tol):
+    v, o, w = rand_inputs(2, 6, 5, 2, 72, 9, dtype=torch.float64, spread=2.0)
+    ref = msdcn(v, o, w)
+    out = msdcn(v.to(dtype), o.float(), w.to(dtype))
+    assert out.dtype == dtype
+    err = (out.double() - ref).norm() / ref.norm()
+    assert err < tol, err
+
+
+def test_deform_offsets_formula_and_fused_gradcheck():
+    gen = torch.Generator().manual_seed(3)
+    B, H, W, G, K, C = 1, 3, 4, 2, 9, 3
+    delta = torch.randn(B, H, W, G, K, 2, generator=gen, dtype=torch.float64)
+    sl = torch.randn(B, H, W, G, K, generator=gen, dtype=torch.float64)
+    prior = torch.randn(K, 2, generator=gen, dtype=torch.float64)
+    s0 = torch.randn(G, generator=gen, dtype=torch.float64)
+    smax = torch.tensor([6.0, 3.0], dtype=torch.float64)
+    off = deform_offsets_ref(delta, sl, prior, s0, smax)
+    g = 1 / (1 + torch.exp(-(sl[0, 1, 2, 1, 4] + s0[1])))
+    assert off[0, 1, 2, 1, 4, 0].item() == pytest.approx(((delta[0, 1, 2, 1, 4, 0] + prior[4, 0]) * g * 6).item())
+    assert off[0, 1, 2, 1, 4, 1].item() == pytest.approx(((delta[0, 1, 2, 1, 4, 1] + prior[4, 1]) * g * 3).item())
+    v = torch.randn(B, H, W, G, C, generator=gen, dtype=torch.float64)
+    w = torch.randn(B, H, W, G, K, generator=gen, dtype=torch.float64)
+    args = [t.clone().requires_grad_() for t in (v, delta * 0.3, sl, w, s0)]
+    assert torch.autograd.gradcheck(lambda a, d, s, ww, ss: msdcn_deform(a, d, s, ww, prior, ss, smax), args)
+
+
+def test_bad_shapes_name_the_argument():
+    v, o, w = rand_inputs(1, 2, 2, 1, 2, 3)
+    with pytest.raises(ValueError, match="offsets"):
+        msdcn(v, o[..., :1], w)
+    with pytest.raises(ValueError, match="weights"):
+        msdcn(v, o, w[:, :1])
+    with pytest.raises(ValueError, match="rounding"):
+        msdcn(v, o, w, rounding="round")
+
+
+def test_compile_fullgraph_no_graph_break():
+    v, o, w = rand_inputs(1, 3, 3, 2, 4, 3, dtype=torch.float32)
+    args = [t.clone().requires_grad_() for t in (v, o, w)]
+    f = torch.compile(lambda a, b, c: (msdcn(a, b, c, impl="torch") ** 2).sum(), fullgraph=True, backend="aot_eager")
+    f(*args).backward()
+    ref = [t.clone().requires_grad_() for t in (v, o, w)]
+    (msdcn(*ref, impl="torch") ** 2).sum().backward()
+    for a, b in zip(args, ref):
+        torch.testing.assert_close(a.grad, b.grad)

@@ -1,0 +1,118 @@
+"""FlowDCN/SiT construction, sizes, shapes, init, S_max handling and policies."""
+import math
+
+import pytest
+import torch
+
+from modeling import build_model, model_config
+from modeling.flowdcn import resolve_smax
+from modeling.msdcn import prior_grid
+from modeling.smax import ConstantRatioSmaxPolicy, OfficialSmaxPolicy, with_smax_policy
+
+# Official parameter counts (flowdcn.md §1) include the non-trainable 3×3 prior (18 per block) and the
+# learn-sigma output rows; with learn_sigma=True and the prior counted they must match exactly.
+OFFICIAL = {"S/2": 30_300_632, "B/2": 120_099_512, "L/2": 421_503_952, "XL/2": 618_948_120}
+
+
+@pytest.mark.parametrize("size", list(OFFICIAL))
+def test_parameter_counts_match_official(size):
+    m = build_model(f"FlowDCN-{size}", device="meta", learn_sigma=True)
+    n = sum(p.numel() for p in m.parameters()) + sum(b.numel() for b in m.buffers())
+    assert n == OFFICIAL[size]
+    clean = build_model(f"FlowDCN-{size}", device="meta")
+    assert abs(sum(p.numel() for p in clean.parameters()) - OFFICIAL[size]) / OFFICIAL[size] < 1e-3
+
+
+def test_official_widths():
+    assert model_config("FlowDCN-L/2").mlp_hidden == 2730
+    assert model_config("FlowDCN-XL/2").hidden_size // model_config("FlowDCN-XL/2").groups == 72
+
+
+@pytest.mark.parametrize("name", ["FlowDCN-debug", "SiT-debug"])
+@pytest.mark.parametrize("hw", [(8, 8), (8, 16), (6, 10)])
+def test_any_grid_shape(name, hw):
+    m = build_model(name)
+    x = torch.randn(2, 4, *hw)
+    out = m(x, torch.rand(2), torch.tensor([0, 1000]))
+    assert out.shape == x.shape
+
+
+def test_bad_grid_and_unknown_names_are_errors():
+    m = build_model("FlowDCN-debug")
+    with pytest.raises(ValueError, match="divisible by the patch size"):
+        m(torch.randn(1, 4, 7, 8), torch.rand(1), torch.tensor([0]))
+    with pytest.raises(KeyError, match="unknown model"):
+        build_model("FlowDCN-XXL/2")
+    with pytest.raises(TypeError, match="unknown override"):
+        build_model("FlowDCN-debug", hidden=3)
+
+
+def test_meta_build_then_init_weights_equals_eager_build():
+    eager = build_model("FlowDCN-debug")
+    torch.manual_seed(0)
+    eager.init_weights()          # init_weights() alone defines every value (constructors' draws are overwritten)
+    meta = build_model("FlowDCN-debug", device="meta")
+    assert all(p.is_meta for p in meta.parameters())
+    meta.to_empty(device="cpu")
+    torch.manual_seed(0)
+    meta.init_weights()
+    for (n, a), (_, b) in zip(eager.state_dict().items(), meta.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n)
+    torch.testing.assert_close(meta.blocks[0].attn.deformables_prior, prior_grid(9))
+
+
+def test_official_init_values():
+    m = build_model("FlowDCN-debug", groups=4)
+    attn = m.blocks[0].attn
+    # Prior: the 3×3 grid, row-major in y; s0 gives initial scales σ(s0)·6 = 1.5, 3, 4.5, 6 (−6e-4).
+    assert attn.deformables_prior[1].tolist() == [0.0, -1.0] and attn.deformables_prior[3].tolist() == [-1.0, 0.0]
+    scales = torch.sigmoid(attn.deformables_scale) * 6
+    torch.testing.assert_close(scales, torch.tensor([1.5, 3.0, 4.5, 6.0]) - 6e-4, atol=1e-5, rtol=0)
+    for lin in (attn.qk_deformables, attn.qk_scales):
+        assert lin.weight.abs().max() == 0
+    assert attn.qk_weights.weight.abs().max() == 0 and attn.qk_weights.bias.abs().max() > 0
+    assert m.blocks[0].adaLN_modulation[-1].weight.abs().max() > 0     # no adaLN-Zero in official FlowDCN
+    # Zero final layer: the model outputs exactly zero at init.
+    assert m(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])).abs().max() == 0
+
+
+def test_smax_argument_per_axis_and_per_block():
+    torch.manual_seed(0)
+    m = build_model("FlowDCN-debug")
+    torch.nn.init.normal_(m.final_layer.linear.weight, std=0.1)     # make the output depend on the blocks
+    x, t, y = torch.randn(1, 4, 8, 12), torch.rand(1), torch.tensor([3])
+    base = m(x, t, y)
+    torch.testing.assert_close(m(x, t, y, s_max=6.0), base)
+    torch.testing.assert_close(m(x, t, y, s_max=torch.tensor([6.0, 6.0])), base)
+    assert (m(x, t, y, s_max=torch.tensor([6.0, 3.0])) - base).abs().max() > 1e-6
+    per_block = torch.tensor([[6.0, 6.0], [2.0, 9.0]])
+    assert (m(x, t, y, s_max=per_block) - base).abs().max() > 1e-6
+    with pytest.raises(ValueError, match="s_max"):
+        resolve_smax(torch.ones(3, 2), 2, "cpu")
+
+
+def test_official_smax_policy_values():
+    p = OfficialSmaxPolicy(train_grid=(16, 16))
+    s = p((16, 32), t=0.0, depth=12)                 # 2× wider than training, t=0: m=2
+    assert s[0].tolist() == [6.0, 6.0] and s[4].tolist() == [6.0, 6.0] and s[8].tolist() == [6.0, 6.0]
+    assert s[5].tolist() == [12.0, 6.0] and s[7].tolist() == [12.0, 6.0]
+    s = p((48, 48), t=0.3, depth=12)                 # m = 1.5 caps r = 3
+    assert s[6].tolist() == [9.0, 9.0]
+    assert p((48, 48), t=0.7, depth=12).eq(6.0).all()
+    c = ConstantRatioSmaxPolicy(train_grid=(16, 16))((8, 32), t=0.9, depth=3)
+    assert c.tolist() == [[12.0, 6.0]] * 3
+
+
+def test_with_smax_policy_feeds_the_model():
+    seen = {}
+
+    class Fake(torch.nn.Module):
+        patch_size, blocks = 2, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+
+        def forward(self, x, t, y, s_max=None):
+            seen["s"] = s_max
+            return x
+
+    fn = with_smax_policy(Fake(), OfficialSmaxPolicy(train_grid=(4, 4), margin=4))
+    fn(torch.zeros(2, 4, 8, 16), torch.zeros(2), torch.zeros(2, dtype=torch.long))
+    assert seen["s"].shape == (11, 2) and seen["s"][5].tolist() == [12.0, 6.0]

@@ -1,0 +1,119 @@
+"""The strategy interface the loop talks to, and the DDP strategy (plain single process included).
+
+A strategy builds and wraps the model and optimizer, runs backward/step, and saves/loads its own
+sharded training state. The loop never branches on which strategy it holds.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.nn as nn
+
+from .. import dist
+
+
+class Strategy:
+    """What the loop needs: model, autocast, no_sync, backward, clip, step, state I/O, EMA params."""
+
+    model: nn.Module          # the wrapped module to call in forward
+    module: nn.Module         # the unwrapped model (same parameters)
+    optimizer: torch.optim.Optimizer
+
+    def setup(self, build_model, make_optimizer) -> None:
+        raise NotImplementedError
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def no_sync(self, skip_sync: bool):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Global grad norm (clipped to ``max_norm`` when > 0)."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+
+    def step(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def skip_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def ema_params(self) -> dict[str, torch.Tensor]:
+        """Trainable parameters by their model names (local shards under sharded strategies)."""
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def full_state_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Consolidate (possibly sharded) tensors to full CPU tensors on rank 0; None on other ranks."""
+        return {k: v.detach().cpu() for k, v in tensors.items()} if dist.get_rank() == 0 else None
+
+    def full_model_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The model's full state dict on rank 0 (for model.safetensors); None elsewhere."""
+        return self.full_state_dict(self.module.state_dict())
+
+    def load_full_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Load full (unsharded) weights into the model, e.g. the previous stage's (strict)."""
+        self.module.load_state_dict(state)
+
+    def shard_like_params(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Full tensors -> the local layout of ``ema_params()`` (identity when unsharded)."""
+        own = self.ema_params()
+        missing = sorted(set(own) - set(full))
+        if missing:
+            raise KeyError(f"weights lack parameters {missing[:5]}")
+        return {k: full[k] for k in own}
+
+    def save(self, path: str, ema_state: dict) -> None:
+        raise NotImplementedError
+
+    def load(self, path: str, ema_state: dict) -> None:
+        raise NotImplementedError
+
+
+class DDPStrategy(Strategy):
+    """DistributedDataParallel over gloo/nccl, or the bare model in a single process."""
+
+    def __init__(self, cfg, precision: str):
+        self.cfg, self.precision = cfg, precision
+
+    def setup(self, build_model, make_optimizer) -> None:
+        dev = dist.device()
+        self.module = build_model(dev)
+        self.model = self.module
+        if dist.get_world_size() > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.module, device_ids=[dev.index] if dev.type == "cuda" else None)
+        self.optimizer = make_optimizer(self.module.parameters())
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(dist.device().type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def no_sync(self, skip_sync: bool):
+        if skip_sync and isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def save(self, path: str, ema_state: dict) -> None:
+        # Replicated state: rank 0 writes one file.
+        if dist.get_rank() == 0:
+            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "ema": ema_state},
+                       os.path.join(path, "train_state.pt"))
+
+    def load(self, path: str, ema_state: dict) -> dict:
+        f = os.path.join(path, "train_state.pt")
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"checkpoint {path} has no train_state.pt (written by another strategy?)")
+        state = torch.load(f, map_location="cpu", weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state["ema"]
