@@ -10,8 +10,8 @@ pure function of (seed, epoch, position) (see ``data_pipeline.plan``). The posit
 ranks together, and only batches handed to the caller count (prefetched ones do not), so ``load_state_dict`` restores
 the exact next batch. Resuming on a different number of ranks is exact as long as every bucket's GLOBAL batch
 ``G_b`` is unchanged: with ``batch_policy="fixed"`` keep ``batch_size * world_size`` constant (e.g. 2 ranks x 32 ->
-1 rank x 64); with ``"tokens"`` keep ``tokens_per_batch * world_size`` constant and set ``batch_quantum`` to a
-multiple of every world size you will use. Anything else is refused with an error saying which bucket changed; to
+1 rank x 64), or simply set ``global_batch_size``; with ``"tokens"`` keep ``tokens_per_batch * world_size`` constant
+(or set ``global_tokens``) and set ``batch_quantum`` to a multiple of every world size you will use. Anything else is refused with an error saying which bucket changed; to
 continue anyway (new stage, new data, new batch) start the loader fresh, e.g. at ``epoch`` = the old one + 1.
 """
 from __future__ import annotations
@@ -40,7 +40,9 @@ class LoaderConfig:
     format: str = ""  # "wds" | "mds"; "" = whatever the manifest says (a mismatch is an error)
     batch_policy: str = "fixed"  # "fixed": batch_size per rank | "tokens": tokens_per_batch per rank, per bucket
     batch_size: int = 32  # fixed: samples per rank per step (global batch = batch_size * world_size)
+    global_batch_size: int = 0  # fixed: if > 0, samples per step over all ranks (overrides batch_size; must divide)
     tokens_per_batch: int = 0  # tokens: latent tokens per rank per step; bucket b gets ~tokens_per_batch/tokens_b
+    global_tokens: int = 0  # tokens: if > 0, tokens per step over all ranks (overrides tokens_per_batch)
     patch_size: int = 2  # tokens of a latent [C,h,w] = (h/patch_size) * (w/patch_size)
     batch_quantum: int = 0  # tokens: global batch rounded down to a multiple of this (0 = world_size)
     remainder: str = "drop"  # per bucket and epoch: "drop" the last partial global batch or "pad" it by wrapping
@@ -102,6 +104,11 @@ class _Layout:
 def global_batch_sizes(cfg: LoaderConfig, layout: _Layout, world_size: int) -> List[int]:
     """G_b for every used bucket (same order as ``layout.bucket_ids``); each is a multiple of world_size."""
     if cfg.batch_policy == "fixed":
+        if cfg.global_batch_size > 0:
+            if cfg.global_batch_size % world_size:
+                raise ValueError(f"LoaderConfig.global_batch_size={cfg.global_batch_size} is not divisible by "
+                                 f"world_size={world_size}")
+            return [cfg.global_batch_size] * len(layout.bucket_ids)
         if cfg.batch_size < 1:
             raise ValueError(f"LoaderConfig.batch_size={cfg.batch_size} must be >= 1")
         return [cfg.batch_size * world_size] * len(layout.bucket_ids)
@@ -110,14 +117,15 @@ def global_batch_sizes(cfg: LoaderConfig, layout: _Layout, world_size: int) -> L
     q = cfg.batch_quantum or world_size
     if q % world_size:
         raise ValueError(f"LoaderConfig.batch_quantum={q} is not a multiple of world_size={world_size}")
+    total = cfg.global_tokens if cfg.global_tokens > 0 else cfg.tokens_per_batch * world_size
     out = []
     for b in layout.bucket_ids:
         _, _, h, w = layout.shapes[b]
         t = (h // cfg.patch_size) * (w // cfg.patch_size)
-        g = (cfg.tokens_per_batch * world_size // t) // q * q
+        g = (total // t) // q * q
         if g < q:
-            raise ValueError(f"bucket {b} ({h}x{w} latent, {t} tokens): tokens_per_batch={cfg.tokens_per_batch} "
-                             f"x {world_size} ranks holds fewer than batch_quantum={q} samples")
+            raise ValueError(f"bucket {b} ({h}x{w} latent, {t} tokens): {total} tokens per global step hold fewer "
+                             f"than batch_quantum={q} samples (raise tokens_per_batch/global_tokens)")
         out.append(g)
     return out
 

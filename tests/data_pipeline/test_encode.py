@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import encode_args, write_image_folder
+from dp_helpers import encode_args, write_image_folder
 from data_pipeline.buckets import nearest_bucket
 from data_pipeline.encode import main
 from data_pipeline.preprocess import Preprocessor, PreprocessConfig, to_tensor
@@ -119,7 +119,7 @@ def test_bad_image_reported_and_counted(tmp_path, tiny_vae_dir, capsys):
 
 
 def test_tar_source_with_cls(tmp_path, tiny_vae_dir):
-    from conftest import skimage_photos
+    from dp_helpers import skimage_photos
 
     tpath = str(tmp_path / "images-000.tar")
     with tarfile.open(tpath, "w") as tf:

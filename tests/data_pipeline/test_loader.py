@@ -121,6 +121,10 @@ def test_state_refused_when_global_batch_changes(latent_data):
         other.load_state_dict(loader.state_dict())
     same = build_loader(LoaderConfig(manifest=latent_data["wds"], batch_size=1, num_workers=0), 1, 2)
     same.load_state_dict(loader.state_dict())  # 2 ranks x 1 == 1 rank x 2: allowed
+    glob = build_loader(LoaderConfig(manifest=latent_data["wds"], global_batch_size=2, num_workers=0), 0, 2)
+    glob.load_state_dict(loader.state_dict())  # the same, with the global batch in the config
+    with pytest.raises(ValueError, match="not divisible"):
+        build_loader(LoaderConfig(manifest=latent_data["wds"], global_batch_size=3, num_workers=0), 0, 2)
 
 
 def test_token_budget_batches(latent_data):
