@@ -153,3 +153,18 @@ def test_truncated_shard_named_by_loader(tmp_path, latent_data):
         _take(loader, 48)
     with pytest.raises(FileNotFoundError, match="nope"):
         build_loader(LoaderConfig(manifest=str(tmp_path / "nope")), 0, 1)
+
+
+def test_data_configs_are_loader_configs(latent_data):
+    from omegaconf import OmegaConf
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "data")
+    names = [f for f in sorted(os.listdir(root)) if f.endswith(".yaml")]
+    latents = [f for f in names if OmegaConf.load(os.path.join(root, f)).get("kind") == "latents"]
+    assert {"imagenet256.yaml", "imagenet512.yaml", "multiscale.yaml", "tiny_latents.yaml"} <= set(latents)
+    for f in latents:
+        fields = OmegaConf.to_container(OmegaConf.load(os.path.join(root, f)).latents)
+        cfg = LoaderConfig(**{**fields, "manifest": latent_data["wds"], "num_workers": 0})  # unknown keys raise
+        if cfg.batch_policy == "tokens":
+            cfg.tokens_per_batch = 64
+        assert _take(build_loader(cfg, 0, 2), 1)[0]["x"].ndim == 4
