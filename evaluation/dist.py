@@ -11,13 +11,19 @@ import torch.distributed as dist
 def init(device: str = "auto") -> torch.device:
     """Join the torchrun process group if launched by torchrun; return this rank's device."""
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if want_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if want_cuda else torch.device("cpu")
     if want_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+        torch.cuda.set_device(dev)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        kw = {"device_id": dev} if want_cuda else {}   # binds NCCL to this GPU (barriers need no guessing)
+        dist.init_process_group("nccl" if want_cuda else "gloo", timeout=datetime.timedelta(minutes=60), **kw)
+    return dev
+
+
+def shutdown() -> None:
+    """Leave the process group (if any) cleanly."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def get_rank() -> int:

@@ -172,7 +172,10 @@ def to_config(cfg: DictConfig) -> EvalConfig:
 @hydra.main(version_base="1.3", config_path="../configs/eval", config_name="fid50k")
 def main(cfg: DictConfig) -> None:
     """Hydra entry (configs/eval/fid50k.yaml)."""
-    evaluate(to_config(cfg))
+    try:
+        evaluate(to_config(cfg))
+    finally:
+        dist.shutdown()
 
 
 if __name__ == "__main__":
