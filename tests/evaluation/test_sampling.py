@@ -175,3 +175,33 @@ def test_checkpoint_forms_and_errors(tiny_ckpt, tmp_path):
         load_eval_model(ModelLoadConfig(ckpt=bare, name="FlowDCN-debug"), "cpu")
     ok = load_eval_model(ModelLoadConfig(ckpt=bare, name="FlowDCN-debug", overrides={"num_classes": 10}), "cpu")
     assert ok.name == "FlowDCN-debug"
+
+
+def test_official_pth_goes_through_the_converter(tmp_path):
+    """An official Lightning file (positional EMA tuple) loads via modeling.convert with the model name given."""
+    from modeling import build_model
+    from modeling.convert import official_param_names
+    from modeling.msdcn import prior_grid
+
+    ours = build_model("FlowDCN-debug").state_dict()
+    g = torch.Generator().manual_seed(3)
+    ema = []
+    for n in official_param_names(2):
+        if n.endswith("deformables_prior"):
+            ema.append(prior_grid(9).view(1, 1, 1, 1, 9, 2).clone())
+        elif n.endswith("deformables_scale"):
+            ema.append(torch.randn(1, 1, 1, 4, 1, 1, generator=g))
+        else:
+            ema.append(torch.randn(ours[n].shape, generator=g))
+    path = str(tmp_path / "flowdcn_official.pth")
+    torch.save({"optimizer_states": [{"ema": tuple(ema)}], "state_dict": {}}, path)
+    with pytest.raises(ValueError, match="model.name"):
+        load_eval_model(ModelLoadConfig(ckpt=path), "cpu")
+    loaded = load_eval_model(ModelLoadConfig(ckpt=path, name="FlowDCN-debug"), "cpu")
+    assert loaded.format == "official" and loaded.overrides["rounding"] == "trunc"
+    assert loaded.sha256 == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    sd = loaded.model.state_dict()
+    for n, v in zip(official_param_names(2), ema):
+        if n.endswith("deformables_prior"):
+            continue
+        torch.testing.assert_close(sd[n], v.reshape(sd[n].shape), rtol=0, atol=0, msg=n)
