@@ -56,7 +56,7 @@ class LoaderConfig:
     prefetch_factor: int = 2  # batches prefetched per worker
     pin_memory: bool = False  # pin batches (for async host-to-GPU copies)
     verify_checksums: bool = False  # sha256 each shard against the manifest when first opened (per process)
-    max_open_shards: int = 64  # open shard handles kept per worker
+    max_open_shards: int = 64  # open file descriptors kept per worker (shard indexes are always kept)
 
 
 def load_manifest(path: str) -> tuple[dict, str]:
@@ -154,7 +154,8 @@ class LatentStream(IterableDataset):
         self.epoch_samples = int(sum(n * g for n, g in zip(
             _steps(layout, global_batches, cfg.remainder), global_batches)))
         self._plans: "OrderedDict[int, EpochPlan]" = OrderedDict()
-        self._shards: "OrderedDict[int, object]" = OrderedDict()
+        self._index: Dict[int, object] = {}
+        self._open: "OrderedDict[int, object]" = OrderedDict()
 
     def plan(self, epoch: int) -> EpochPlan:
         """The epoch's plan (cached: two epochs at most)."""
@@ -166,16 +167,16 @@ class LatentStream(IterableDataset):
         return self._plans[epoch]
 
     def _shard(self, k: int):
-        sh = self._shards.get(k)
+        """Shard k: its index is kept for good (16 bytes/record); at most max_open_shards descriptors stay open."""
+        sh = self._index.get(k)
         if sh is None:
             entry = self.layout.shards[k]
-            sh = open_shard(self.root, entry, self.fmt, self.layout.shapes[int(entry["bucket"])],
-                            verify=self.cfg.verify_checksums)
-            self._shards[k] = sh
-            while len(self._shards) > self.cfg.max_open_shards:
-                self._shards.popitem(last=False)[1].close()
-        else:
-            self._shards.move_to_end(k)
+            sh = self._index[k] = open_shard(self.root, entry, self.fmt, self.layout.shapes[int(entry["bucket"])],
+                                             verify=self.cfg.verify_checksums)
+        self._open[k] = sh
+        self._open.move_to_end(k)
+        while len(self._open) > self.cfg.max_open_shards:
+            self._open.popitem(last=False)[1].close()
         return sh
 
     def make_batch(self, epoch: int, step: int) -> dict:
@@ -194,7 +195,7 @@ class LatentStream(IterableDataset):
         for j, rid in enumerate(rids[lo: lo + per_rank]):
             k, i = self.layout.locate(int(rid))
             sh = self._shard(k)
-            label, m = sh.read(i)  # (K, C, h, w) fp16
+            key, label, m = sh.read(i)  # m: (K, C, h, w) fp16
             flip = False
             if draw:
                 # One generator per (seed, epoch, position): the draw does not depend on ranks or workers.
@@ -203,11 +204,11 @@ class LatentStream(IterableDataset):
                 if self.cfg.sample:
                     torch.randn(shape, generator=gen, out=eps[j])
             if flip and m.shape[0] < 4:
-                raise ShardError(f"shard {sh.path}, key {sh.key(i)}: flip_prob > 0 but no flipped moments "
+                raise ShardError(f"shard {sh.path}, key {key}: flip_prob > 0 but no flipped moments "
                                  "(encoded with --no-flip); set flip_prob: 0")
             picked.append(m[2:4] if flip else m[0:2])
             labels.append(label)
-            keys.append(sh.key(i))
+            keys.append(key)
         mom = torch.from_numpy(np.stack(picked)).float()  # (B, 2, C, h, w)
         mean = mom[:, 0]
         if self.cfg.sample:

@@ -137,40 +137,61 @@ def _write_mds(tmp_dir: str, records: List[dict]) -> None:
 
 
 class _ShardBase:
-    """Random access to one shard: ``len``, ``key(i)``, ``read(i) -> (label, moments fp16 [K,C,h,w])``."""
+    """Random access to one shard: ``len``, ``read(i) -> (key, label, moments fp16 [K,C,h,w])``.
 
-    def __init__(self, path: str, entry: Dict, moments_shape: Tuple[int, ...]):
-        self.path, self.entry, self.moments_shape = path, entry, tuple(moments_shape)
+    Opening builds a small index (byte range of every record, 16 bytes/record) that is kept for the life of the
+    process; the file descriptor is opened lazily and ``close()`` releases only it, so a loader can keep the index of
+    every shard while holding few open files. Each read is ONE pread of the record's bytes.
+    """
+
+    def __init__(self, path: str, data_file: str, entry: Dict, moments_shape: Tuple[int, ...], verify: bool):
+        self.path, self.data_file, self.entry, self.moments_shape = path, data_file, entry, tuple(moments_shape)
         self.fd = None
-
-    def _check_size(self, data_file: str) -> None:
         try:
             size = os.path.getsize(data_file)
         except OSError as e:
-            raise ShardError(f"shard {self.path}: cannot open ({e})") from e
-        if "bytes" in self.entry and size != self.entry["bytes"]:
-            raise ShardError(f"shard {self.path}: {size} bytes on disk, manifest says {self.entry['bytes']} "
+            raise ShardError(f"shard {path}: cannot open ({e})") from e
+        if "bytes" in entry and size != entry["bytes"]:
+            raise ShardError(f"shard {path}: {size} bytes on disk, manifest says {entry['bytes']} "
                              "(truncated or overwritten; re-run the encode job for it)")
-
-    def verify(self, data_file: str) -> None:
-        """Compare the sha256 with the manifest's."""
-        got = sha256_file(data_file)
-        if got != self.entry.get("sha256"):
-            raise ShardError(f"shard {self.path}: sha256 {got[:12]}... != manifest {str(self.entry.get('sha256'))[:12]}...")
-
-    def _check_moments(self, i: int, moments: np.ndarray) -> np.ndarray:
-        if moments.dtype != np.float16 or moments.shape != self.moments_shape:
-            raise ShardError(f"shard {self.path}, key {self.key(i)}: moments {moments.dtype} {moments.shape}, "
-                             f"expected float16 {self.moments_shape}")
-        return moments
+        if verify:
+            got = sha256_file(data_file)
+            if got != entry.get("sha256"):
+                raise ShardError(f"shard {path}: sha256 {got[:12]}... != manifest {str(entry.get('sha256'))[:12]}...")
+        self.starts, self.ends = self._build_index()  # (N,) int64 byte ranges
+        if "count" in entry and len(self.starts) != entry["count"]:
+            raise ShardError(f"shard {path}: {len(self.starts)} records, manifest says {entry['count']}")
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.starts)
 
-    def key(self, i: int) -> str:
-        return self.keys[i]
+    def _blob(self, i: int) -> bytes:
+        if self.fd is None:
+            self.fd = os.open(self.data_file, os.O_RDONLY)
+        start, end = int(self.starts[i]), int(self.ends[i])
+        blob = os.pread(self.fd, end - start, start)
+        if len(blob) != end - start:
+            raise ShardError(f"shard {self.path}: record {i} ends past the end of the file (truncated?)")
+        return blob
+
+    def read(self, i: int) -> Tuple[str, int, np.ndarray]:
+        """(key, label, moments) of record ``i``; a bad record raises ShardError naming the shard and key."""
+        blob = self._blob(i)
+        key = f"#{i}"
+        try:
+            key, label, raw = self._parse(blob)
+            moments = npy_load(raw)
+        except ShardError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise ShardError(f"shard {self.path}, key {key}: bad record ({type(e).__name__}: {e})") from e
+        if moments.dtype != np.float16 or moments.shape != self.moments_shape:
+            raise ShardError(f"shard {self.path}, key {key}: moments {moments.dtype} {moments.shape}, "
+                             f"expected float16 {self.moments_shape}")
+        return key, label, moments
 
     def close(self) -> None:
+        """Release the file descriptor (the index stays)."""
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -178,118 +199,115 @@ class _ShardBase:
     def __del__(self):
         self.close()
 
+    def __getstate__(self):  # descriptors do not cross process boundaries
+        return {**self.__dict__, "fd": None}
+
 
 class WdsShard(_ShardBase):
-    """A webdataset tar read by offsets: the headers are scanned once, then each record is one pread."""
+    """A webdataset tar; a record is its three consecutive members ``<key>.npy``, ``<key>.cls``, ``<key>.json``."""
 
-    def __init__(self, path: str, entry: Dict, moments_shape, verify: bool = False):
-        super().__init__(path, entry, moments_shape)
-        self._check_size(path)
-        if verify:
-            self.verify(path)
-        self.keys, self.labels, self.spans = [], [], []  # spans: (offset, size) of <key>.npy
+    def _build_index(self):
+        starts, ends, names, members = [], [], [], []
         try:
-            with tarfile.open(path, "r:") as tf:  # a truncated tar raises ReadError here
-                pending = {}
+            with tarfile.open(self.data_file, "r:") as tf:  # a truncated or garbled tar raises ReadError here
                 for m in tf:
                     base, _, ext = m.name.rpartition(".")
-                    rec = pending.setdefault(base, {})
-                    if ext == "cls":
-                        rec["cls"] = int(tf.extractfile(m).read())
-                    elif ext == "npy":
-                        rec["npy"] = (m.offset_data, m.size)
-                    elif ext == "json":
-                        rec["json"] = True
+                    if ext == "npy":
+                        starts.append(m.offset)
+                        names.append(base)
+                        members.append(1)
+                    elif names and base == names[-1] and ext in ("cls", "json"):
+                        members[-1] += 1
                     else:
-                        raise ShardError(f"shard {path}, key {base}: unexpected member {m.name}")
-                    if len(rec) == 3:
-                        self.keys.append(base)
-                        self.labels.append(rec["cls"])
-                        self.spans.append(rec["npy"])
-                        del pending[base]
+                        raise ShardError(f"shard {self.path}, key {base}: unexpected member {m.name}")
+                    ends.append(m.offset_data + -(-m.size // 512) * 512)
         except ShardError:
             raise
         except (tarfile.TarError, OSError, ValueError) as e:
-            raise ShardError(f"shard {path}: unreadable tar ({type(e).__name__}: {e})") from e
-        if pending:
-            raise ShardError(f"shard {path}, key {next(iter(pending))}: incomplete record (members {sorted(pending[next(iter(pending))])})")
-        if len(self.keys) != entry.get("count", len(self.keys)):
-            raise ShardError(f"shard {path}: {len(self.keys)} records, manifest says {entry['count']}")
-        self.fd = os.open(path, os.O_RDONLY)
+            raise ShardError(f"shard {self.path}: unreadable tar ({type(e).__name__}: {e})") from e
+        for name, n in zip(names, members):
+            if n != 3:
+                raise ShardError(f"shard {self.path}, key {name}: incomplete record ({n} of 3 members)")
+        # ends holds one value per member; a record ends where its last member ends.
+        rec_ends = np.zeros(len(starts), np.int64)
+        rec_ends[:-1] = starts[1:] if starts else []
+        if starts:
+            rec_ends[-1] = ends[-1]
+        return np.asarray(starts, np.int64), rec_ends
 
-    def read(self, i: int) -> Tuple[int, np.ndarray]:
-        off, size = self.spans[i]
-        data = os.pread(self.fd, size, off)
-        try:
-            moments = npy_load(data)
-        except Exception as e:  # noqa: BLE001
-            raise ShardError(f"shard {self.path}, key {self.keys[i]}: bad moments record ({e})") from e
-        return self.labels[i], self._check_moments(i, moments)
+    def _parse(self, blob: bytes):
+        key, label, raw, pos, seen = None, None, None, 0, 0
+        while pos + 512 <= len(blob):
+            hdr = blob[pos: pos + 512]
+            if not hdr.strip(b"\0"):
+                break  # end-of-archive padding
+            chk = int(hdr[148:156].rstrip(b"\0 ") or b"0", 8)
+            if chk != sum(hdr[:148]) + 256 + sum(hdr[156:]):  # the checksum field counts as 8 spaces
+                raise ValueError("tar header checksum mismatch")
+            name = hdr[:100].rstrip(b"\0").decode()
+            size = int(hdr[124:136].rstrip(b"\0 ") or b"0", 8)
+            data = blob[pos + 512: pos + 512 + size]
+            base, _, ext = name.rpartition(".")
+            key = key or base
+            if base != key:
+                raise ValueError(f"member {name} inside record {key}")
+            if ext == "npy":
+                raw = data
+            elif ext == "cls":
+                label = int(data)
+            seen += 1
+            pos += 512 + -(-size // 512) * 512
+        if raw is None or label is None or seen != 3:
+            raise ValueError(f"incomplete record ({seen} members)")
+        return key, label, raw
 
 
 class MdsShard(_ShardBase):
-    """An MDS shard directory read by the offset table at the head of its .mds file."""
+    """An MDS shard directory (``index.json`` + ``shard.00000.mds``) read through the offset table at the file head;
+    needs no mosaicml-streaming at read time."""
 
     def __init__(self, path: str, entry: Dict, moments_shape, verify: bool = False):
-        super().__init__(path, entry, moments_shape)
-        data_file = os.path.join(path, MDS_SHARD_FILE)
-        self._check_size(data_file)
-        if verify:
-            self.verify(data_file)
         try:
-            from streaming.base.format import reader_from_json
-
             with open(os.path.join(path, "index.json")) as f:
-                self.reader = reader_from_json(path, None, json.load(f)["shards"][0])
-            self.fd = os.open(data_file, os.O_RDONLY)
-            (n,) = np.frombuffer(os.pread(self.fd, 4, 0), np.uint32)
-            self.offsets = np.frombuffer(os.pread(self.fd, 4 * (int(n) + 1), 4), np.uint32).astype(np.int64)
-            if len(self.offsets) != n + 1 or self.offsets[-1] != os.path.getsize(data_file):
-                raise ValueError("offset table does not match the file size")
-            records = [self._raw(i) for i in range(int(n))]
-        except ShardError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise ShardError(f"shard {path}: unreadable MDS shard ({type(e).__name__}: {e})") from e
-        self.keys = [r["key"] for r in records]
-        self.labels = [int(r["label"]) for r in records]
-        if len(self.keys) != entry.get("count", len(self.keys)):
-            raise ShardError(f"shard {path}: {len(self.keys)} records, manifest says {entry['count']}")
+                info = json.load(f)["shards"][0]
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            raise ShardError(f"shard {path}: unreadable index.json ({type(e).__name__}: {e})") from e
+        names, encs = info.get("column_names"), info.get("column_encodings")
+        if names != sorted(MDS_COLUMNS) or encs != [MDS_COLUMNS[n] for n in names]:
+            raise ShardError(f"shard {path}: columns {names} {encs} are not the latent record schema {MDS_COLUMNS}")
+        self.column_sizes = info["column_sizes"]
+        super().__init__(path, os.path.join(path, MDS_SHARD_FILE), entry, moments_shape, verify)
 
-    def _raw(self, i: int) -> dict:
-        begin, end = int(self.offsets[i]), int(self.offsets[i + 1])
-        return self.reader.decode_sample(os.pread(self.fd, end - begin, begin))
-
-    def _moments_bytes(self, i: int) -> bytes:
-        """Only the moments column of record i (skips decoding key/meta: this is the hot path)."""
-        begin, end = int(self.offsets[i]), int(self.offsets[i + 1])
-        data = os.pread(self.fd, end - begin, begin)
-        names, sizes = self.reader.column_names, self.reader.column_sizes
-        nvar = sum(1 for s in sizes if not s)
-        var = iter(np.frombuffer(data, np.uint32, count=nvar).tolist())
-        pos = 4 * nvar
-        for name, size in zip(names, sizes):
-            size = size or next(var)
-            if name == "moments":
-                if pos + size > len(data):
-                    raise ValueError("record shorter than its column sizes")
-                return data[pos: pos + size]
-            pos += size
-        raise ValueError("no 'moments' column")
-
-    def read(self, i: int) -> Tuple[int, np.ndarray]:
+    def _build_index(self):
         try:
-            moments = npy_load(self._moments_bytes(i))
-        except Exception as e:  # noqa: BLE001
-            raise ShardError(f"shard {self.path}, key {self.keys[i]}: bad moments record ({e})") from e
-        return self.labels[i], self._check_moments(i, moments)
+            with open(self.data_file, "rb") as f:
+                (n,) = np.frombuffer(f.read(4), np.uint32)
+                offsets = np.frombuffer(f.read(4 * (int(n) + 1)), np.uint32).astype(np.int64)
+            if len(offsets) != n + 1 or offsets[-1] != os.path.getsize(self.data_file) or (np.diff(offsets) < 0).any():
+                raise ValueError("offset table does not match the file")
+        except (OSError, ValueError) as e:
+            raise ShardError(f"shard {self.path}: unreadable MDS shard ({type(e).__name__}: {e})") from e
+        return offsets[:-1], offsets[1:]
+
+    def _parse(self, blob: bytes):
+        nvar = sum(1 for s in self.column_sizes if not s)
+        var = iter(np.frombuffer(blob, np.uint32, count=nvar).tolist())
+        pos, cols = 4 * nvar, {}
+        for name, size in zip(sorted(MDS_COLUMNS), self.column_sizes):  # key, label, meta, moments
+            size = size or next(var)
+            if pos + size > len(blob):
+                raise ValueError("record shorter than its column sizes")
+            if name != "meta":
+                cols[name] = blob[pos: pos + size]
+            pos += size
+        return cols["key"].decode(), int(np.frombuffer(cols["label"], np.int64)[0]), cols["moments"]
 
 
 def open_shard(root: str, entry: Dict, fmt: str, moments_shape, verify: bool = False) -> _ShardBase:
     """Open the shard a manifest entry describes (``root`` = the manifest's directory)."""
     path = os.path.join(root, entry["path"])
     if fmt == "wds":
-        return WdsShard(path, entry, moments_shape, verify)
+        return WdsShard(path, path, entry, moments_shape, verify)
     if fmt == "mds":
         return MdsShard(path, entry, moments_shape, verify)
     raise ValueError(f"shard format {fmt!r}: expected one of {FORMATS}")

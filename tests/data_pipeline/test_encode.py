@@ -13,7 +13,7 @@ from dp_helpers import encode_args, write_image_folder
 from data_pipeline.buckets import nearest_bucket
 from data_pipeline.encode import main
 from data_pipeline.preprocess import Preprocessor, PreprocessConfig, to_tensor
-from data_pipeline.shards import ShardError, open_shard
+from data_pipeline.shards import ShardError, npy_bytes, open_shard
 from data_pipeline.vae import LatentVAE
 
 
@@ -30,8 +30,8 @@ def _records(d):
     for e in m["shards"]:
         sh = open_shard(d, e, m["format"], shapes[e["bucket"]], verify=True)
         for i in range(len(sh)):
-            label, mom = sh.read(i)
-            out[sh.key(i)] = (label, mom, e["bucket"])
+            key, label, mom = sh.read(i)
+            out[key] = (label, mom, e["bucket"])
     return out
 
 
@@ -76,8 +76,9 @@ def test_wds_shards_readable_by_webdataset(latent_data):
     mine = open_shard(latent_data["wds"], m["shards"][0], "wds", samples[0]["npy"].shape)
     assert len(samples) == len(mine)
     for i, s in enumerate(samples):
-        assert s["__key__"] == mine.key(i) and s["cls"] == mine.read(i)[0]
-        assert np.array_equal(s["npy"], mine.read(i)[1]) and s["json"]["bucket"] == m["shards"][0]["bucket"]
+        key, label, mom = mine.read(i)
+        assert s["__key__"] == key and s["cls"] == label
+        assert np.array_equal(s["npy"], mom) and s["json"]["bucket"] == m["shards"][0]["bucket"]
 
 
 def test_resume_skips_done_units_and_rank_split(tmp_path, latent_data, tiny_vae_dir):
@@ -153,18 +154,18 @@ def test_truncated_and_corrupt_shards_named(tmp_path, latent_data):
             f.write(data[: len(data) // 2])
         with pytest.raises(ShardError, match=e["path"]):
             open_shard(d, e, fmt, shape)
-        # Same size, flipped bytes inside one record's moments: the checksum or the record decode names it.
+        # Same size, garbage over record 1's moments: the checksum names the shard, the read names shard and key.
         corrupt = bytearray(data)
         sh = open_shard(latent_data[fmt], e, fmt, shape)
+        key1 = sh.read(1)[0]
         if fmt == "wds":
-            off, _ = sh.spans[1]
+            off = int(sh.starts[1]) + 512  # data of the first member, <key>.npy
         else:
-            off = int(sh.offsets[1]) + 20
-        corrupt[off: off + 8] = b"\xff" * 8  # breaks the .npy magic / header of record 1
+            off = int(sh.ends[1]) - len(npy_bytes(np.zeros(shape, np.float16)))  # moments is the last column
+        corrupt[off: off + 8] = b"\xff" * 8  # breaks the .npy magic
         with open(data_file, "wb") as f:
             f.write(bytes(corrupt))
         with pytest.raises(ShardError, match=e["path"]):
             open_shard(d, e, fmt, shape, verify=True)
-        if fmt == "wds":
-            with pytest.raises(ShardError, match=f"key {sh.key(1)}"):
-                open_shard(d, e, fmt, shape).read(1)
+        with pytest.raises(ShardError, match=f"{e['path']}, key {key1}"):
+            open_shard(d, e, fmt, shape).read(1)

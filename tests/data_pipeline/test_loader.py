@@ -20,8 +20,8 @@ def _records(d):
         hw = m["buckets"][e["bucket"]]["latent_hw"]
         sh = open_shard(d, e, m["format"], (4, 4, *hw))
         for i in range(len(sh)):
-            label, mom = sh.read(i)
-            out[sh.key(i)] = (label, mom, e["bucket"])
+            key, label, mom = sh.read(i)
+            out[key] = (label, mom, e["bucket"])
     return out, m
 
 
