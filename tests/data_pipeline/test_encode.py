@@ -169,3 +169,18 @@ def test_truncated_and_corrupt_shards_named(tmp_path, latent_data):
             open_shard(d, e, fmt, shape, verify=True)
         with pytest.raises(ShardError, match=f"{e['path']}, key {key1}"):
             open_shard(d, e, fmt, shape).read(1)
+
+
+def test_torchrun_two_ranks_split_the_units(tmp_path, latent_data, tiny_vae_dir):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = str(tmp_path / "out")
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "data_pipeline.encode", *encode_args(latent_data["imgs"], out, tiny_vae_dir, "wds")]
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "worker 0/2" in proc.stdout and "worker 1/2" in proc.stdout
+    assert _manifest(out)["shards"] == _manifest(latent_data["wds"])["shards"]  # same bytes as one process
