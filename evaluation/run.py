@@ -29,12 +29,11 @@ from .sample import (ChunkSampler, ChunkStore, load_eval_model, pool_features, r
                      sampling_fingerprint, stored_images)
 
 
-def default_run_name(cfg: EvalConfig) -> str:
-    """<checkpoint>-<solver><steps>-cfg<scale>-n<N>-seed<seed>, filesystem-safe."""
-    ck = os.path.normpath(cfg.model.ckpt)
-    stem = os.path.basename(ck) if os.path.isdir(ck) else os.path.splitext(os.path.basename(ck))[0]
-    if stem in ("ema", "model"):
-        stem = os.path.basename(os.path.dirname(os.path.abspath(ck)))
+def default_run_name(cfg: EvalConfig, weights_path: str) -> str:
+    """<checkpoint>-<solver><steps>-cfg<scale>-n<N>-seed<seed>, filesystem-safe (from the resolved weights file)."""
+    stem = os.path.splitext(os.path.basename(weights_path))[0]
+    if stem in ("ema", "model"):  # trainer layout: name the run after the checkpoint directory (nimg_...)
+        stem = os.path.basename(os.path.dirname(os.path.abspath(weights_path)))
     s = cfg.sampling
     name = f"{stem}-{s.solver}{s.steps}-cfg{s.cfg_scale:g}-n{s.num_samples}-seed{s.seed}"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
@@ -65,7 +64,7 @@ def evaluate(cfg: EvalConfig, stop_after_chunks: int | None = None) -> dict:
                          f"{model.in_channels}")
     extractor = build_extractor(cfg.metrics.extractor, cfg.metrics.inception_weights, device)
     dims = dict(extractor.dims)
-    run_dir = os.path.join(cfg.out_dir, cfg.run_name or default_run_name(cfg))
+    run_dir = os.path.join(cfg.out_dir, cfg.run_name or default_run_name(cfg, loaded.path))
     cfg_dict = asdict(cfg)
     if rank == 0:
         write_json(os.path.join(run_dir, "config.json"), cfg_dict)

@@ -49,13 +49,36 @@ class LoadedModel:
     format: str                       # "safetensors" | "official"
 
 
+COMPLETE_MARKER = "COMPLETE"   # the trainer writes it last into a finished checkpoint directory
+
+
+def _latest_complete(ckpt_root: str) -> str | None:
+    """The newest ``nimg_*`` directory with the COMPLETE marker under a trainer run's checkpoints folder."""
+    names = sorted(n for n in os.listdir(ckpt_root) if n.startswith("nimg_")
+                   and os.path.isfile(os.path.join(ckpt_root, n, COMPLETE_MARKER)))
+    return os.path.join(ckpt_root, names[-1]) if names else None
+
+
 def resolve_checkpoint(ckpt: str) -> tuple[str, str]:
-    """(weights file, format) for a checkpoint directory, a .safetensors file or an official .pth/.pt/.ckpt."""
+    """(weights file, format) for a checkpoint directory, a .safetensors file or an official .pth/.pt/.ckpt.
+
+    A trainer run directory (or its ``checkpoints/`` folder) resolves to its newest complete checkpoint.
+    """
     if os.path.isdir(ckpt):
+        for root in (os.path.join(ckpt, "checkpoints"), ckpt):
+            if not os.path.isfile(os.path.join(ckpt, "ema.safetensors")) and os.path.isdir(root):
+                latest = _latest_complete(root)
+                if latest is not None:
+                    dist.print0(f"[eval] {ckpt}: using the newest complete checkpoint {latest}")
+                    ckpt = latest
+                    break
         path = os.path.join(ckpt, "ema.safetensors")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint directory {ckpt!r} has no ema.safetensors (expected the trainer's "
                                     "consolidated EMA weights; is the checkpoint complete?)")
+        if os.path.isfile(os.path.join(ckpt, "meta.json")) and not os.path.isfile(os.path.join(ckpt, COMPLETE_MARKER)):
+            raise ValueError(f"checkpoint directory {ckpt!r} has no {COMPLETE_MARKER} marker: the trainer did not "
+                             "finish writing it")
         return path, "safetensors"
     if not os.path.isfile(ckpt):
         raise FileNotFoundError(f"checkpoint not found: {ckpt!r}")

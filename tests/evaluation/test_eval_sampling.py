@@ -205,3 +205,23 @@ def test_official_pth_goes_through_the_converter(tmp_path):
         if n.endswith("deformables_prior"):
             continue
         torch.testing.assert_close(sd[n], v.reshape(sd[n].shape), rtol=0, atol=0, msg=n)
+
+
+def test_run_directory_resolves_to_newest_complete_checkpoint(tiny_ckpt, tmp_path):
+    import shutil
+
+    from evaluation.sample import resolve_checkpoint
+
+    ck = tmp_path / "run" / "checkpoints"
+    for n, complete in ((1000, True), (2000, True), (3000, False)):   # 3000: crashed before the marker
+        d = ck / f"nimg_{n:012d}"
+        d.mkdir(parents=True)
+        shutil.copy(os.path.join(tiny_ckpt, "ema.safetensors"), d / "ema.safetensors")
+        (d / "meta.json").write_text("{}")
+        if complete:
+            (d / "COMPLETE").write_text(f"{n}\n")
+    want = str(ck / "nimg_000000002000" / "ema.safetensors")
+    assert resolve_checkpoint(str(tmp_path / "run")) == (want, "safetensors")
+    assert resolve_checkpoint(str(ck)) == (want, "safetensors")
+    with pytest.raises(ValueError, match="COMPLETE"):
+        resolve_checkpoint(str(ck / "nimg_000000003000"))
