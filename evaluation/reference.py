@@ -80,6 +80,42 @@ def _read_image(container: str, member: str):
         raise ValueError(f"cannot read reference image {container}{'::' + member if member else ''}: {e}") from None
 
 
+class NpzRows:
+    """Row access to one array of an .npz without loading it whole (each rank reads only its own images).
+
+    np.savez stores members uncompressed, so a row is one seek + read; compressed members still work
+    (zipfile then decompresses up to the row), only slower.
+    """
+
+    def __init__(self, path: str, key: str):
+        import zipfile
+
+        self.path, self.member = path, key + ".npy"
+        with zipfile.ZipFile(path) as zf, zf.open(self.member) as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            self.offset = f.tell()
+        if fortran:
+            raise ValueError(f"{path}: {key} is Fortran-ordered; re-save it C-ordered")
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        self._zf = self._f = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        import zipfile
+
+        if self._f is None:
+            self._zf = zipfile.ZipFile(self.path)
+            self._f = self._zf.open(self.member)
+        self._f.seek(self.offset + int(i) * self.row_bytes)
+        buf = self._f.read(self.row_bytes)
+        return np.frombuffer(buf, dtype=self.dtype).reshape(self.shape[1:])
+
+
 # ----------------------------------------------------------------------------- features of real images
 def _features(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], extractor, dims: dict, device, pr_max: int,
               sfid: bool) -> dict:
@@ -178,8 +214,8 @@ def load_reference(r: ReferenceConfig, extractor, dims: dict, device, cache_dir:
         out = {"source": f"npz:{os.path.abspath(r.npz)}"}
         if n_img:
             key = {"npz_sha256": _sha256(r.npz), "extractor": ext_name, "pr_max": r.pr_max_images, "sfid": sfid}
-            arr = np.load(r.npz, mmap_mode="r")["arr_0"]
-            if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+            arr = NpzRows(r.npz, "arr_0")
+            if arr.dtype != np.uint8 or len(arr.shape) != 4 or arr.shape[-1] != 3:
                 raise ValueError(f"{r.npz}: arr_0 must be uint8 [N,H,W,3], got {arr.dtype} {arr.shape}")
             comp = _cached(_cache_path(cache_dir, key), key, lambda: _features(
                 _batched(n_img, batch_size, lambda i: arr[i]), extractor, dims, device, r.pr_max_images, sfid))

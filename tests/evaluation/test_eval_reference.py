@@ -92,3 +92,13 @@ def test_cover_crop_shapes():
     assert reference._cover_crop(img, 64, 64).shape == (64, 64, 3)
     assert reference._cover_crop(img, 56, 112).shape == (56, 112, 3)
     assert reference._cover_crop(img, 120, 40).shape == (120, 40, 3)
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_rows_read_single_images(save, images, tmp_path):
+    path = str(tmp_path / "a.npz")
+    save(path, arr_0=images, other=np.zeros(3))
+    rows = reference.NpzRows(path, "arr_0")
+    assert rows.shape == images.shape and rows.dtype == np.uint8 and len(rows) == len(images)
+    for i in (4, 0, 8, 4):
+        np.testing.assert_array_equal(rows[i], images[i])
