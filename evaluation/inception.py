@@ -55,7 +55,8 @@ class BasicConv2d(nn.Module):
 
 
 def _avg3(x):
-    # TF's average pool ignores the zero padding; PyTorch's default would count it.
+    """3x3/1 average pool that, like TF, ignores the zero padding."""
+    # PyTorch counts the padded zeros by default (count_include_pad=True); the TF graph does not.
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
 

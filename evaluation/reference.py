@@ -69,6 +69,7 @@ def list_images(spec: str) -> list[tuple[str, str]]:
 
 
 def _read_image(container: str, member: str):
+    """A PIL image from a file (member "") or a tar member; a corrupt one is an error naming it."""
     from PIL import Image
 
     try:
@@ -162,6 +163,7 @@ def _batched(n: int, batch: int, load) -> Iterator[tuple[torch.Tensor, torch.Ten
 
 # ----------------------------------------------------------------------------- cache
 def _cache_path(cache_dir: str, key: dict) -> str:
+    """Cache file named by a hash of everything the statistics depend on."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return os.path.join(cache_dir, f"ref_{digest}.safetensors")
 
@@ -243,6 +245,7 @@ def load_reference(r: ReferenceConfig, extractor, dims: dict, device, cache_dir:
 
 
 def _sha256(path: str) -> str:
+    """Hex sha256 of a file (shared with the checkpoint hash)."""
     from .sample import file_sha256
 
     return file_sha256(path)

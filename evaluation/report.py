@@ -12,6 +12,7 @@ import torch
 
 
 def _fsync_replace(tmp: str, path: str) -> None:
+    """fsync a finished temp file, then rename it over ``path`` (atomic on POSIX)."""
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -32,6 +33,7 @@ MD_HEADER = ("| checkpoint | sha256 | resolution | solver | steps | CFG | interv
 
 
 def _fmt(x, nd: int = 2) -> str:
+    """A number for the table, or an en dash when the metric was not computed."""
     return "–" if x is None else f"{x:.{nd}f}"
 
 

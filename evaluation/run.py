@@ -40,6 +40,7 @@ def default_run_name(cfg: EvalConfig, weights_path: str) -> str:
 
 
 def _check_resolution(res, downsample: int, patch: int) -> tuple[int, int]:
+    """(h, w) of a [height, width] entry, which must be a multiple of VAE downsampling x patch size."""
     if len(res) != 2:
         raise ValueError(f"resolutions: each entry must be [height, width], got {res}")
     h, w = int(res[0]), int(res[1])
@@ -149,6 +150,7 @@ def _write_resolution_outputs(cfg: EvalConfig, store: ChunkStore, res_dir: str, 
 
 
 def _log_wandb(cfg: EvalConfig, report: dict, run_dir: str) -> None:
+    """Metrics and grids of every resolution to wandb (offline unless configured)."""
     import wandb
 
     run = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name or os.path.basename(run_dir), mode=cfg.wandb.mode,

@@ -166,6 +166,7 @@ class ChunkStore:
         return torch.arange(c * self.chunk_size, min(self.num_samples, (c + 1) * self.chunk_size))
 
     def path(self, c: int) -> str:
+        """The final file name of chunk c."""
         return os.path.join(self.root, f"chunk_{c:06d}.safetensors")
 
     def done(self, c: int) -> bool:
@@ -266,6 +267,7 @@ class ChunkSampler:
 
 
 def _accumulate(t: dict, pool: FeatureStats, spatial: Optional[FeatureStats], isstats: ISStats) -> None:
+    """Add one chunk's features to the float64 accumulators."""
     pool.update(t["pool"])
     if spatial is not None:
         spatial.update(t["spatial"])
