@@ -19,7 +19,21 @@ PY
 if [ "$what" = all ] || [ "$what" = tests ]; then
   timeout 420 python3 -m pytest -q -m cuda -p no:cacheprovider tests/cuda_ext --durations=8 -rs 2>&1 | tee "$OUT/tests.log" | tail -n 45
 fi
+if [ "$what" = all ] || [ "$what" = ncu ]; then
+  cat > /tmp/ncu_drive.py <<'PY'
+import sys, torch
+sys.path.insert(0, "bench")
+from msdcn_op import make_inputs, with_grad, ours_fwdbwd
+a = with_grad(make_inputs(32, 32, 32, 16, 72, 9, 0))
+for _ in range(3):
+    ours_fwdbwd(*a)
+torch.cuda.synchronize()
+PY
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  timeout 240 $NCU -k regex:msdcn --launch-skip 2 --launch-count 2 --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats python3 /tmp/ncu_drive.py > "$OUT/ncu.txt" 2>&1
+  grep -E "msdcn_|Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Memory Throughput|L1/TEX Hit|L2 Hit|DRAM Throughput|Compute \(SM\)|Warp Cycles Per Issued|Block Limit|Stall|One or More" "$OUT/ncu.txt" | cut -c1-150 | head -n 60
+fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
-  timeout 400 python3 bench/msdcn_op.py --json "$OUT/bench_msdcn_op.json" --sweep --block 2>&1 | tee "$OUT/bench.log" | tail -n 40
+  timeout 400 python3 bench/msdcn_op.py --json "$OUT/bench_msdcn_op.json" --sweep --diagnose --block 2>&1 | tee "$OUT/bench.log" | tail -n 40
 fi
 echo "session wall $(( $(date +%s) - t0 )) s"

@@ -47,6 +47,20 @@ def cuda_time(fn, sets: list, warmup: int = 5, reps: int = 30) -> float:
     return statistics.median(times)
 
 
+def graph_time(fn, args, reps: int = 30) -> float:
+    """Median milliseconds of one replay of fn(*args) captured in a CUDA graph (no CPU launch overhead)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(*args)
+    return cuda_time(lambda: graph.replay(), [()], warmup=3, reps=reps)
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in GB/s (bytes read + written), 1 GiB buffer."""
     a = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
@@ -116,22 +130,55 @@ def byte_floor(B, H, W, G, C, K) -> tuple[int, int]:
     return fwd, fwd + bwd
 
 
-def sweep_threads(G, C, K, H) -> dict:
-    """Threads-per-block targets for forward and backward, best of a few, at one grid size."""
+def sweep_launch(G, C, K, H) -> dict:
+    """Threads-per-block target and rounds per block for forward and backward, best of a grid, at one size."""
     sets = [with_grad(make_inputs(BATCH, H, H, G, C, K, s)) for s in range(2)]
     best = {}
-    for phase in ("forward", "backward"):
+    grids = {"forward": [(t, r) for t in (128, 256, 512) for r in (1, 2, 4, 8, 16)],
+             "backward": [(t, r) for t in (128, 256, 384) for r in (1, 2, 4, 8)]}
+    for phase, grid in grids.items():
         res = {}
-        for t in (128, 256, 384, 512):
-            msdcn_cuda.set_launch_threads(**{phase: t})
-            if phase == "forward":
-                res[t] = cuda_time(lambda *a: ours_fwd(*a[:7]), sets)
-            else:
-                res[t] = cuda_time(ours_fwdbwd, sets)
+        for t, r in grid:
+            msdcn_cuda.set_launch(phase, threads=t, rounds=r)
+            res[(t, r)] = cuda_time(lambda *a: ours_fwd(*a[:7]), sets) if phase == "forward" else cuda_time(ours_fwdbwd, sets)
         best[phase] = min(res, key=res.get)
-        msdcn_cuda.set_launch_threads(**{phase: best[phase]})
-        print(f"  sweep {phase} G={G} C={C} {H}²: " + ", ".join(f"{t}: {ms:.3f}" for t, ms in res.items()) + f" -> {best[phase]}", flush=True)
-    return best
+        msdcn_cuda.set_launch(phase, *best[phase])
+        print(f"  sweep {phase} G={G} C={C} {H}²: " + ", ".join(f"{t}x{r}: {ms:.3f}" for (t, r), ms in res.items()) + f" -> {best[phase]}", flush=True)
+    return {k: list(v) for k, v in best.items()}
+
+
+def diagnose(G, C, K, H) -> dict:
+    """Kernel times from the profiler, and fwd+bwd with the grad_value atomics switched off (their share)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sets = [with_grad(make_inputs(BATCH, H, H, G, C, K, s)) for s in range(2)]
+    out = {"full_fwdbwd_ms": cuda_time(ours_fwdbwd, sets)}
+    split = msdcn_cuda._SPLIT_BWD
+    msdcn_cuda._SPLIT_BWD = not split
+    out[f"split_{not split}_fwdbwd_ms"] = cuda_time(ours_fwdbwd, sets)
+    msdcn_cuda._SPLIT_BWD = split
+    lean = msdcn_cuda._LEAN_BWD
+    msdcn_cuda._LEAN_BWD = not lean
+    out[f"lean_{not lean}_fwdbwd_ms"] = cuda_time(ours_fwdbwd, sets)
+    msdcn_cuda._LEAN_BWD = lean
+    l1 = msdcn_cuda._L1_PREF_BWD
+    msdcn_cuda._L1_PREF_BWD = not l1
+    out[f"l1_pref_{not l1}_fwdbwd_ms"] = cuda_time(ours_fwdbwd, sets)
+    msdcn_cuda._L1_PREF_BWD = l1
+    msdcn_cuda._DIAG_SKIP_VALUE_GRAD = True
+    out["no_value_atomics_fwdbwd_ms"] = cuda_time(ours_fwdbwd, sets)
+    msdcn_cuda._DIAG_SKIP_VALUE_GRAD = False
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(10):
+            ours_fwdbwd(*sets[i % 2])
+        torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0:
+            kernels[e.key[:60]] = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 10 / 1000
+    out["kernels_ms_per_call"] = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:8])
+    print(f"  diagnose G={G} C={C} {H}²: {json.dumps(out)}", flush=True)
+    return out
 
 
 def bench_op(bw: float, with_ref: bool) -> list[dict]:
@@ -143,6 +190,8 @@ def bench_op(bw: float, with_ref: bool) -> list[dict]:
             row = {"shape": name, "grid": H, "B": B, "G": G, "C": C, "K": K}
             row["ours_fwd_ms"] = cuda_time(lambda *a: ours_fwd(*a[:7]), sets)
             row["ours_fwdbwd_ms"] = cuda_time(ours_fwdbwd, sets)
+            row["ours_graph_fwd_ms"] = graph_time(lambda *a: ours_fwd(*a[:7]), sets[0])
+            row["ours_graph_fwdbwd_ms"] = graph_time(ours_fwdbwd, sets[0])
             plain = []
             for v, d, s, w, p, z, m, g in sets:
                 off = deform_offsets_ref(d.detach(), s.detach(), p, z.detach(), m).requires_grad_(True)
@@ -162,6 +211,8 @@ def bench_op(bw: float, with_ref: bool) -> list[dict]:
             qs = [sdpa_inputs(B, H * W, G, C, s) for s in range(2)]
             row["sdpa_fwd_ms"] = cuda_time(sdpa_fwd, qs)
             row["sdpa_fwdbwd_ms"] = cuda_time(sdpa_fwdbwd, qs)
+            row["sdpa_graph_fwd_ms"] = graph_time(sdpa_fwd, qs[0])
+            row["sdpa_graph_fwdbwd_ms"] = graph_time(sdpa_fwdbwd, qs[0])
             del qs
             fb, fbb = byte_floor(B, H, W, G, C, K)
             row["floor_fwd_ms"] = fb / bw / 1e6
@@ -213,7 +264,8 @@ def main() -> None:
     ap.add_argument("--json", default="bench_msdcn_op.json")
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference timings")
     ap.add_argument("--block", action="store_true", help="also time one FlowDCN-XL block vs one SiT-XL block")
-    ap.add_argument("--sweep", action="store_true", help="pick threads per block at the XL 32² shape first")
+    ap.add_argument("--sweep", action="store_true", help="pick threads per block and rounds at the XL 32² shape first")
+    ap.add_argument("--diagnose", action="store_true", help="kernel times and the share of the grad_value atomics")
     args = ap.parse_args()
 
     msdcn_cuda.require()
@@ -224,8 +276,10 @@ def main() -> None:
     result = {"device": dev, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "copy_GBps": bw, "command": " ".join(sys.argv)}
     if args.sweep:
-        result["threads"] = sweep_threads(16, 72, 9, 32)
-    result["threads_used"] = dict(msdcn_cuda._THREADS)
+        result["sweep_best"] = sweep_launch(16, 72, 9, 32)
+    result["launch_used"] = {k: list(v) for k, v in msdcn_cuda._LAUNCH.items()}
+    if args.diagnose:
+        result["diagnose"] = {f"XL_{h}": diagnose(16, 72, 9, h) for h in GRIDS}
     result["op"] = bench_op(bw, with_ref=not args.no_ref)
     if args.block:
         result["block"] = bench_blocks()
@@ -235,12 +289,12 @@ def main() -> None:
         return "-" if x is None else f"{x:.3f}"
 
     print(f"\nMSDCN op, {dev}, batch {BATCH}, bf16 value, fp32 fields; ms (median); fused = deform field in-kernel")
-    print("| shape | grid | ours fused fwd / fwd+bwd | ours plain fwd / fwd+bwd | reference fwd / fwd+bwd | SDPA fwd / fwd+bwd | byte floor fwd / fwd+bwd | ours GB/s fwd / fwd+bwd |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | grid | ours fused fwd / fwd+bwd | ours fused, CUDA graph | ours plain fwd / fwd+bwd | reference fwd / fwd+bwd | SDPA fwd / fwd+bwd | SDPA, CUDA graph | byte floor fwd / fwd+bwd | ours GB/s fwd / fwd+bwd |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in result["op"]:
         print(f"| {r['shape']} (G={r['G']},C={r['C']}) | {r['grid']}² | {f(r['ours_fwd_ms'])} / {f(r['ours_fwdbwd_ms'])} | "
               f"{f(r['plain_fwd_ms'])} / {f(r['plain_fwdbwd_ms'])} | {f(r.get('ref_fwd_ms'))} / {f(r.get('ref_fwdbwd_ms'))} | "
-              f"{f(r['sdpa_fwd_ms'])} / {f(r['sdpa_fwdbwd_ms'])} | {f(r['floor_fwd_ms'])} / {f(r['floor_fwdbwd_ms'])} | "
+              f"{f(r['sdpa_fwd_ms'])} / {f(r['sdpa_fwdbwd_ms'])} | {f(r['sdpa_graph_fwd_ms'])} / {f(r['sdpa_graph_fwdbwd_ms'])} | {f(r['floor_fwd_ms'])} / {f(r['floor_fwdbwd_ms'])} | "
               f"{r['ours_fwd_GBps']:.0f} / {r['ours_fwdbwd_GBps']:.0f} |")
     if args.block:
         print("\n| grid | FlowDCN-XL block fwd+bwd (ms) | SiT-XL block fwd+bwd (ms) |\n|---|---|---|")

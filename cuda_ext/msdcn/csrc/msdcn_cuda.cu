@@ -137,7 +137,8 @@ at::Tensor msdcn_forward(const at::Tensor& value, const at::Tensor& off, const a
 std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor& value, const at::Tensor& off,
                                        const at::Tensor& scale, const at::Tensor& weight, const at::Tensor& prior,
                                        const at::Tensor& s0, const at::Tensor& smax, bool fused, bool trunc,
-                                       int64_t threads, int64_t rounds, bool split, bool skip_value_grad) {
+                                       int64_t threads, int64_t rounds, bool split, bool lean, bool l1_pref,
+                                       bool skip_value_grad) {
   check_all(value, off, scale, weight, prior, s0, smax, fused);
   check_cuda(gout, "grad_out", value);
   TORCH_CHECK(gout.sizes() == value.sizes() && gout.scalar_type() == value.scalar_type(),
@@ -171,14 +172,26 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
       p.s0_part = reinterpret_cast<A*>(s0p.data_ptr());
     }
     const int S = (3 * geo.K) | 1;
-    const size_t smem = (static_cast<size_t>(geo.threads) * S + geo.G) * sizeof(A);
+    const size_t smem = (static_cast<size_t>(geo.threads) * S + static_cast<size_t>(geo.Q) * geo.G * geo.K) * sizeof(A);
     auto kernel = fused ? msdcn_backward_kernel<T, F, A, true> : msdcn_backward_kernel<T, F, A, false>;
+    if (lean && geo.threads <= 256)
+      kernel = fused ? msdcn_backward_kernel<T, F, A, true, 256, 3> : msdcn_backward_kernel<T, F, A, false, 256, 3>;
     if (smem > 48 * 1024) {
       int dev_max = 0;
       C10_CUDA_CHECK(cudaDeviceGetAttribute(&dev_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, value.get_device()));
       TORCH_CHECK(smem <= static_cast<size_t>(dev_max), "msdcn_cuda: backward needs ", smem, " bytes of shared memory (K=", geo.K,
                   ", G*C/8=", geo.G * geo.L, "), the device allows ", dev_max);
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    }
+    if (l1_pref) {
+      // Ask for only the shared memory the resident blocks need: the rest stays L1 for the corner gathers.
+      int per_sm = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, geo.threads, smem));
+      const size_t need = static_cast<size_t>(std::max(per_sm, 1)) * (smem + 1024);
+      int max_sm = 0;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, value.get_device()));
+      const int pct = static_cast<int>(std::min<size_t>(100, (100 * need + max_sm - 1) / std::max(max_sm, 1)));
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, pct));
     }
     kernel<<<geo.blocks, geo.threads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

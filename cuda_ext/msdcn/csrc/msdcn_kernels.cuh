@@ -218,8 +218,8 @@ __device__ __forceinline__ Corners<A> corners(A px, A py, int64_t b, int64_t H, 
 // ---------------------------------------------------------------- forward
 // Block b handles the queries [b*Q*R, (b+1)*Q*R) in R rounds of Q: consecutive queries sample
 // overlapping corners, so later rounds find them in this SM's L1 instead of L2.
-template <typename T, typename F, typename A, bool FUSED>
-__global__ void __launch_bounds__(kMaxThreads) msdcn_forward_kernel(const MsdcnParams<T, F, A> p) {
+template <typename T, typename F, typename A, bool FUSED, int MAXT = kMaxThreads, int MINB = 1>
+__global__ void __launch_bounds__(MAXT, MINB) msdcn_forward_kernel(const MsdcnParams<T, F, A> p) {
   const int tid = threadIdx.x;
   const int GL = p.G * p.L;
   const int q = tid / GL, r = tid - q * GL, g = r / p.L, lane = r - g * p.L;
@@ -269,13 +269,14 @@ __global__ void __launch_bounds__(kMaxThreads) msdcn_forward_kernel(const MsdcnP
 // over the thread's 8 channels in shared memory. Phase 2 (per (query, group, point)): sum the L
 // lanes' partials, apply the chain rule (weights, offsets or delta / scale_logit) and store; d/ds0 is
 // summed per block in shared memory and written as one partial per block.
-template <typename T, typename F, typename A, bool FUSED>
-__global__ void __launch_bounds__(kMaxThreads) msdcn_backward_kernel(const MsdcnParams<T, F, A> p) {
+// MAXT/MINB: launch bounds; blocks of <= 256 threads use a variant capped at 85 registers (3 blocks/SM).
+template <typename T, typename F, typename A, bool FUSED, int MAXT = kMaxThreads, int MINB = 1>
+__global__ void __launch_bounds__(MAXT, MINB) msdcn_backward_kernel(const MsdcnParams<T, F, A> p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int nthreads = blockDim.x;
   const int S = (3 * p.K) | 1;  // odd row stride: conflict-free shared-memory writes
   A* part = reinterpret_cast<A*>(smem_raw);  // [nthreads, S]: (gw, gx, gy) partials per point
-  A* s0_acc = part + static_cast<int64_t>(nthreads) * S;  // [G]
+  A* gl_buf = part + static_cast<int64_t>(nthreads) * S;  // FUSED: [Q, G, K] d/dlogit of the round
   const int tid = threadIdx.x;
   const int GL = p.G * p.L;
   const int q = tid / GL, r = tid - q * GL, g = r / p.L, lane = r - g * p.L;
@@ -285,8 +286,7 @@ __global__ void __launch_bounds__(kMaxThreads) msdcn_backward_kernel(const Msdcn
   const int64_t ch0 = g * p.C + (p.split ? lane * 4 : lane * kVec);
   const int64_t ch1 = p.split ? ch0 + p.C / 2 : ch0 + 4;
   A* my = part + static_cast<int64_t>(tid) * S;
-  if (FUSED)
-    for (int i = tid; i < p.G; i += nthreads) s0_acc[i] = A(0);
+  A s0_sum = A(0);  // threads tid < G: this block's d/ds0[tid]
 
   for (int round = 0; round < p.R; ++round) {
     const int64_t round0 = (static_cast<int64_t>(blockIdx.x) * p.R + round) * p.Q;  // first query of the round
@@ -365,16 +365,21 @@ __global__ void __launch_bounds__(kMaxThreads) msdcn_backward_kernel(const Msdcn
         from_acc(goy * s * sy_, &p.goff[2 * fk + 1]);
         const A gl = (gox * (dx + p.prior[2 * ik]) * sx_ + goy * (dy + p.prior[2 * ik + 1]) * sy_) * s * (A(1) - s);
         from_acc(gl, &p.gscale[fk]);
-        atomicAdd(&s0_acc[ig], gl);  // shared-memory atomics, Q*K contributions per group and round
+        gl_buf[it] = gl;
       } else {
         from_acc(gox, &p.goff[2 * fk]);
         from_acc(goy, &p.goff[2 * fk + 1]);
       }
     }
     __syncthreads();  // the partials are overwritten by the next round
+    if (FUSED && tid < p.G) {
+      const int64_t left = p.N - round0;
+      const int nq = left < p.Q ? static_cast<int>(left) : p.Q;  // queries present in this round
+      for (int iq = 0; iq < nq; ++iq)
+        for (int ik = 0; ik < p.K; ++ik) s0_sum += gl_buf[(iq * p.G + tid) * p.K + ik];
+    }
   }
-  if (FUSED)
-    for (int i = tid; i < p.G; i += nthreads) p.s0_part[static_cast<int64_t>(blockIdx.x) * p.G + i] = s0_acc[i];
+  if (FUSED && tid < p.G) p.s0_part[static_cast<int64_t>(blockIdx.x) * p.G + tid] = s0_sum;
 }
 
 }  // namespace flowdcn
