@@ -86,6 +86,7 @@ class LoggingConfig:
     wandb_project: str = "flowdcn"
     wandb_mode: str = "offline"                        # offline unless you configure online
     progress: bool = True                              # tqdm progress bar on rank 0
+    peak_tflops: float = 0.0                           # device peak for MFU; 0 = look up the GPU (none on CPU)
 
 
 @dataclass

@@ -8,15 +8,23 @@ import torch
 import torch.distributed as dist
 
 
-def init(backend: str | None = None, timeout_s: int = 1800) -> None:
-    """Initialise the default process group when launched by torchrun/srun (WORLD_SIZE > 1)."""
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+def init(backend: str | None = None, timeout_s: int = 1800, require: bool = False) -> None:
+    """Initialise the default process group once: when launched by torchrun/srun (WORLD_SIZE > 1), or for a
+    single process too when ``require`` (FSDP2 and DeepSpeed need a group). Safe to call repeatedly."""
+    if dist.is_initialized():
+        return
+    launched = "MASTER_ADDR" in os.environ and "RANK" in os.environ
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not require:
         return
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if launched:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:   # a plain `python` process: a private one-rank group
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
 def is_dist() -> bool:

@@ -8,14 +8,16 @@ does not shift when the world size or the per-GPU batch changes.
 from __future__ import annotations
 
 import math
+import resource
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from . import dist
+from .flops import peak_tflops, train_flops_per_image
 from .lr_schedule import learning_rate
+from .objective import draw_noise, flow_loss
 
 
 @dataclass
@@ -33,21 +35,19 @@ class NonFiniteError(RuntimeError):
     """Raised when the loss or gradient is not finite and the run is configured to stop."""
 
 
-def step_generator(seed: int, rank: int, nimg: int) -> torch.Generator:
-    """Noise/time/label-dropout RNG of one step: a pure function of (seed, rank, images seen).
-
-    Resuming needs no saved RNG state, and the draws never depend on the world size's history.
-    """
-    s = np.random.SeedSequence([seed, rank, nimg]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(s[0]) << 32 | int(s[1]))
-
-
 def crossed(before: int, after: int, every: int) -> bool:
     """True when [before, after) passed a multiple of ``every`` (cadence in images)."""
     return every > 0 and after // every > before // every
 
 
-def train(cfg, strategy, loader, loss_fn, ema, state: TrainState, save_checkpoint, logger, stop_flag,
+def peak_memory_gb() -> dict:
+    """Peak accelerator memory (GPU) or peak resident set size of this process (CPU), in GiB."""
+    if torch.cuda.is_available():
+        return {"peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+    return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def train(cfg, strategy, loader, ema, state: TrainState, save_checkpoint, logger, stop_flag,
           snapshot=None) -> str:
     """Train until ``cfg.train.total_nimg``; returns "done" or "stopped" (signal: checkpoint saved)."""
     sched, dev = cfg.train, dist.device()
@@ -61,21 +61,27 @@ def train(cfg, strategy, loader, loss_fn, ema, state: TrainState, save_checkpoin
         from tqdm import tqdm
 
         pbar = tqdm(total=sched.total_nimg, initial=state.nimg, unit="img", unit_scale=True, dynamic_ncols=True)
+    null_class = strategy.module.cfg.num_classes
+    peak = peak_tflops(cfg.logging.peak_tflops)
     it = iter(loader)
-    window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "nimg0": state.nimg}
+    window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "nimg0": state.nimg, "tokens": 0, "flops": 0.0}
 
     while True:
         # ---- step boundary: signals (all ranks agree), the end, then the next batch
         if dist.any_rank(stop_flag.set, dev):
             save_checkpoint(state)
-            return "stopped"
+            status = "stopped"
+            break
         if state.nimg >= sched.total_nimg:
             save_checkpoint(state)
+            status = "done"
             break
         batch = next(it)
         x, y = batch["x"].to(dev, non_blocking=True), batch["y"].to(dev, non_blocking=True)
         nimg_step = int(batch.get("nimg_global", x.shape[0] * world))
-        gen = step_generator(sched.seed, rank, state.nimg)
+        # Rank r holds global positions [nimg + r·B, nimg + (r+1)·B) of this step (loader contract).
+        first = state.nimg + rank * x.shape[0]
+        noise = draw_noise(cfg.objective, sched.seed, list(range(first, first + x.shape[0])), tuple(x.shape[1:]))
 
         # ---- forward/backward over micro-batches; the loss is the mean over this rank's batch
         loss_sum = torch.zeros((), device=dev)
@@ -83,7 +89,8 @@ def train(cfg, strategy, loader, loss_fn, ema, state: TrainState, save_checkpoin
         for i in range(n_micro):
             xs, ys = x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]
             with strategy.no_sync(i < n_micro - 1), strategy.autocast():
-                per_sample = loss_fn(strategy.model, xs, ys, gen)                 # (micro,)
+                per_sample = flow_loss(strategy.model, xs, ys, noise.slice(i * micro, (i + 1) * micro),
+                                       null_class)                                 # (micro,)
                 loss = per_sample.sum() / x.shape[0]
             strategy.backward(loss)
             loss_sum += loss.detach()
@@ -108,6 +115,10 @@ def train(cfg, strategy, loader, loss_fn, ema, state: TrainState, save_checkpoin
         state.last_loss = loss_val
         window["loss"] += loss_val
         window["n"] += 1
+        # Buckets may change shape from step to step: count tokens and FLOPs per step.
+        p = strategy.module.patch_size
+        window["tokens"] += nimg_step * (x.shape[-2] // p) * (x.shape[-1] // p)
+        window["flops"] += nimg_step * train_flops_per_image(cfg.model.name, cfg.model.overrides, x.shape[-2], x.shape[-1])
         if pbar is not None:
             pbar.update(nimg_step)
             pbar.set_postfix(loss=f"{loss_val:.4f}")
@@ -116,18 +127,18 @@ def train(cfg, strategy, loader, loss_fn, ema, state: TrainState, save_checkpoin
         if crossed(before, state.nimg, sched.log_every_nimg) or state.nimg >= sched.total_nimg:
             dt = time.perf_counter() - window["t0"]
             imgs = state.nimg - window["nimg0"]
-            tokens = imgs * (x.shape[-2] // strategy.module.patch_size) * (x.shape[-1] // strategy.module.patch_size)
             rec = {"nimg": state.nimg, "step": state.step, "loss": window["loss"] / window["n"], "lr": lr,
-                   "grad_norm": float(grad_norm), "img_per_s": imgs / dt, "tok_per_s": tokens / dt,
-                   "skipped": state.skipped_steps}
-            if torch.cuda.is_available():
-                rec["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                   "grad_norm": float(grad_norm), "img_per_s": imgs / dt, "tok_per_s": window["tokens"] / dt,
+                   "tflops_per_gpu": window["flops"] / dt / world / 1e12, "skipped": state.skipped_steps}
+            if peak > 0:
+                rec["mfu"] = rec["tflops_per_gpu"] / peak
+            rec.update(peak_memory_gb())
             logger.log(rec, echo=pbar is None)
-            window.update(loss=0.0, n=0, t0=time.perf_counter(), nimg0=state.nimg)
+            window.update(loss=0.0, n=0, t0=time.perf_counter(), nimg0=state.nimg, tokens=0, flops=0.0)
         if snapshot is not None and crossed(before, state.nimg, sched.snapshot_every_nimg):
             snapshot(state.nimg)
         if crossed(before, state.nimg, sched.checkpoint_every_nimg) and state.nimg < sched.total_nimg:
             save_checkpoint(state)
     if pbar is not None:
         pbar.close()
-    return "done"
+    return status

@@ -18,7 +18,6 @@ import torch
 from omegaconf import OmegaConf
 
 from modeling import build_model
-from modeling.objective import FlowMatchingLoss
 
 from . import dist
 from .checkpoint import CheckpointManager, atomic_write_text, load_weights, read_meta, save_safetensors
@@ -61,21 +60,60 @@ def build_data(cfg: TrainConfig, rank: int, world: int):
 
 
 def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(), "python": random.getstate()[1]}
+    """This rank's global RNG states as tensors and plain types (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    st = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+          "python": [version, list(py_state), gauss_next]}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state()
     return st
 
 
+def restore_rng(path: str) -> None:
+    """Restore this rank's global RNG states (training noise does not use them; previews and user code may)."""
+    if not os.path.exists(path):   # a checkpoint from a different world size: keep the seeded state
+        return
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"corrupt checkpoint file {path}: {e}") from None
+    torch.set_rng_state(st["torch"])
+    name, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, py_state, gauss_next = st["python"]
+    random.setstate((version, tuple(py_state), gauss_next))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def read_json(path: str) -> dict:
+    """A checkpoint's JSON file; missing or corrupt files are errors naming the file."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint file missing: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"corrupt checkpoint file {path}: {e}") from None
+
+
 def run(cfg: TrainConfig, config_dict: dict) -> int:
-    """Train one run described by ``cfg``; returns the process exit code."""
+    """Train one run described by ``cfg``; returns the process exit code (0 done, signals.exit_code stopped)."""
     dist.init(cfg.strategy.backend)
-    rank, world, dev = dist.get_rank(), dist.get_world_size(), dist.device()
+    with StopFlag(cfg.signals.signals) as stop_flag:
+        return _run(cfg, config_dict, stop_flag)
+
+
+def _run(cfg: TrainConfig, config_dict: dict, stop_flag: StopFlag) -> int:
+    rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.train.seed)   # model init is identical on every rank
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     os.makedirs(cfg.run_dir, exist_ok=True)
-    stop_flag = StopFlag(cfg.signals.signals)
+    stopped_marker = os.path.join(cfg.run_dir, "STOPPED.json")
+    if rank == 0 and os.path.exists(stopped_marker):
+        os.remove(stopped_marker)
 
     loader = build_data(cfg, rank, world)
     mcfg = cfg.model
@@ -88,7 +126,7 @@ def run(cfg: TrainConfig, config_dict: dict) -> int:
         return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                                  fused=o.fused or None)
 
-    strategy = build_strategy(cfg.strategy, cfg.train.precision)
+    strategy = build_strategy(cfg.strategy, cfg.train, cfg.optim)
     strategy.setup(make_model, make_optimizer)
     ema = EMA(strategy.ema_params(), cfg.ema.decay, cfg.ema.warmup_steps)
     ckpt = CheckpointManager(cfg.run_dir, cfg.train.keep_last, cfg.train.keep_every_nimg)
@@ -99,11 +137,13 @@ def run(cfg: TrainConfig, config_dict: dict) -> int:
     if latest is not None:
         meta = read_meta(latest)
         ema.load_state_dict(strategy.load(latest, ema.state_dict()))
-        with open(os.path.join(latest, "loader.json")) as f:
-            loader.load_state_dict(json.load(f))
+        loader.load_state_dict(read_json(os.path.join(latest, "loader.json")))
+        if meta.get("world_size") == world:
+            restore_rng(os.path.join(latest, f"rng_rank{rank}.pt"))
         state = TrainState(**meta["state"])
         wandb_id = meta.get("wandb_id")
-        dist.print0(f"[resume] {latest}: nimg={state.nimg} step={state.step}")
+        dist.print0(f"[resume] {latest}: nimg={state.nimg} step={state.step} (saved by {meta.get('world_size')} "
+                    f"process(es), now {world})")
         if rank == 0:   # drop log lines written after this checkpoint (a crash between checkpoints)
             recs = [r for r in read_metrics(cfg.run_dir) if r.get("nimg", 0) <= state.nimg]
             atomic_write_text(os.path.join(cfg.run_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in recs))
@@ -115,12 +155,15 @@ def run(cfg: TrainConfig, config_dict: dict) -> int:
         strategy.load_full_weights(model_sd)
         ema.load_state_dict({"shadow": strategy.shard_like_params(ema_sd), "num_updates": 0})
         dist.print0(f"[init] weights and EMA from {src}")
+    dist.barrier()
 
     logger = MetricLogger(cfg.run_dir, cfg.logging, config_dict, wandb_id)
     meta_model = {"model": mcfg.name, "model_overrides": json.dumps(mcfg.overrides)}
-    loss_fn = FlowMatchingLoss(cfg.objective, null_class=strategy.module.cfg.num_classes)
+    saved = {"nimg": state.nimg if latest is not None else -1}
 
     def save_checkpoint(st: TrainState) -> None:
+        if saved["nimg"] == st.nimg:   # e.g. a signal right after a checkpoint, or resuming at the end
+            return
         tmp = ckpt.begin(st.nimg)
         strategy.save(tmp, ema.state_dict())
         torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
@@ -131,37 +174,48 @@ def run(cfg: TrainConfig, config_dict: dict) -> int:
             save_safetensors(full_ema, os.path.join(tmp, "ema.safetensors"), md)
             save_safetensors(full_model, os.path.join(tmp, "model.safetensors"), md)
             atomic_write_text(os.path.join(tmp, "loader.json"), json.dumps(loader.state_dict()))
-            meta = {"state": st.__dict__, "world_size": world, "wandb_id": logger.wandb_id, "config": config_dict}
+            meta = {"state": st.__dict__, "world_size": world, "strategy": cfg.strategy.name,
+                    "wandb_id": logger.wandb_id, "config": config_dict}
             atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, default=str))
         path = ckpt.commit(tmp, st.nimg)
+        saved["nimg"] = st.nimg
         dist.print0(f"[checkpoint] {path}")
 
     def snapshot(nimg: int) -> None:
         write_samples(cfg, strategy, ema, os.path.join(cfg.run_dir, "samples", f"grid_{nimg:012d}.png"))
 
-    status = train(cfg, strategy, loader, loss_fn, ema, state, save_checkpoint, logger, stop_flag, snapshot)
-    if status == "stopped":
-        dist.print0(f"[signal] {stop_flag.received}: checkpoint saved at nimg={state.nimg}; exiting with {cfg.signals.exit_code}")
+    try:
+        status = train(cfg, strategy, loader, ema, state, save_checkpoint, logger, stop_flag, snapshot)
+        if status == "stopped":
+            dist.print0(f"[signal] {stop_flag.received}: checkpoint saved at nimg={state.nimg}; "
+                        f"exiting with {cfg.signals.exit_code}")
+            if rank == 0:
+                atomic_write_text(stopped_marker, json.dumps({
+                    "signal": stop_flag.received, "nimg": state.nimg, "checkpoint": ckpt.latest(),
+                    "exit_code": cfg.signals.exit_code}, indent=1))
+            dist.barrier()
+            return cfg.signals.exit_code
+
+        samples = write_samples(cfg, strategy, ema, os.path.join(cfg.run_dir, "samples.png"))
+        if rank == 0:
+            from .preview import save_loss_curve
+
+            save_loss_curve(read_metrics(cfg.run_dir), os.path.join(cfg.run_dir, "loss.png"))
+            result = {"nimg": state.nimg, "checkpoint": ckpt.latest(), "last_loss": state.last_loss,
+                      "step": state.step, "skipped_steps": state.skipped_steps}
+            if cfg.demo_eval and samples is not None:
+                from .demo import digits_classifier_accuracy
+
+                acc, real_acc = digits_classifier_accuracy(*samples)
+                result.update(sample_accuracy=acc, real_accuracy=real_acc)
+                print(f"[demo] classifier accuracy on generated digits: {acc:.1%} (on held-out real digits: {real_acc:.1%})")
+            atomic_write_text(os.path.join(cfg.run_dir, "DONE.json"), json.dumps(result, indent=1))
+            print(f"[done] {cfg.run_dir}: samples.png, loss.png, DONE.json")
+        dist.barrier()
+        return 0
+    finally:
         logger.finish()
-        return cfg.signals.exit_code
-
-    samples = write_samples(cfg, strategy, ema, os.path.join(cfg.run_dir, "samples.png"))
-    if rank == 0:
-        from .preview import save_loss_curve
-
-        save_loss_curve(read_metrics(cfg.run_dir), os.path.join(cfg.run_dir, "loss.png"))
-        result = {"nimg": state.nimg, "checkpoint": ckpt.latest(), "last_loss": state.last_loss}
-        if cfg.demo_eval and samples is not None:
-            from .demo import digits_classifier_accuracy
-
-            acc, real_acc = digits_classifier_accuracy(*samples)
-            result.update(sample_accuracy=acc, real_accuracy=real_acc)
-            print(f"[demo] classifier accuracy on generated digits: {acc:.1%} (on held-out real digits: {real_acc:.1%})")
-        atomic_write_text(os.path.join(cfg.run_dir, "DONE.json"), json.dumps(result, indent=1))
-        print(f"[done] {cfg.run_dir}: samples.png, loss.png, DONE.json")
-    logger.finish()
-    dist.barrier()
-    return 0
+        strategy.close()
 
 
 def write_samples(cfg: TrainConfig, strategy, ema, path: str):

@@ -34,9 +34,10 @@ class Strategy:
         loss.backward()
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Global grad norm (clipped to ``max_norm`` when > 0)."""
+        """Global grad norm over all ranks as a plain scalar tensor (clipped to ``max_norm`` when > 0)."""
         params = [p for p in self.module.parameters() if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm   # FSDP2: a replicated DTensor
 
     def step(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
@@ -74,19 +75,32 @@ class Strategy:
     def save(self, path: str, ema_state: dict) -> None:
         raise NotImplementedError
 
-    def load(self, path: str, ema_state: dict) -> None:
+    def load(self, path: str, ema_state: dict) -> dict:
+        """Restore model + optimizer from checkpoint ``path``; returns the EMA state (laid out like ``ema_state``)."""
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what setup() built (so a second run in the same process starts clean)."""
 
 
 class DDPStrategy(Strategy):
     """DistributedDataParallel over gloo/nccl, or the bare model in a single process."""
 
-    def __init__(self, cfg, precision: str):
+    def __init__(self, cfg, precision: str, activation_checkpointing: bool = False, compile: bool = False):
         self.cfg, self.precision = cfg, precision
+        self.ac, self.compile = activation_checkpointing, compile
 
     def setup(self, build_model, make_optimizer) -> None:
         dev = dist.device()
-        self.module = build_model(dev)
+        # Initialise on CPU from the seeded CPU generator (the same values as every other strategy), then move.
+        self.module = build_model("cpu").to(dev)
+        if self.ac or self.compile:
+            from .fsdp import apply_ac, apply_compile
+
+            if self.ac:
+                apply_ac(self.module)
+            if self.compile:
+                apply_compile(self.module)
         self.model = self.module
         if dist.get_world_size() > 1:
             self.model = nn.parallel.DistributedDataParallel(
@@ -112,8 +126,11 @@ class DDPStrategy(Strategy):
     def load(self, path: str, ema_state: dict) -> dict:
         f = os.path.join(path, "train_state.pt")
         if not os.path.exists(f):
-            raise FileNotFoundError(f"checkpoint {path} has no train_state.pt (written by another strategy?)")
-        state = torch.load(f, map_location="cpu", weights_only=True)
+            raise FileNotFoundError(f"checkpoint file missing: {f} (written by another strategy? ddp reads train_state.pt)")
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"corrupt checkpoint file {f}: {e}") from None
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         return state["ema"]

@@ -1,0 +1,136 @@
+"""FSDP2 strategy: ``fully_shard`` per block, then the final layer and the root; DCP checkpoints.
+
+Order of model transforms (torchtitan's): activation checkpointing → torch.compile per block →
+FSDP. All three keep parameter names unchanged (composable ``checkpoint``, in-place
+``Module.compile``), so checkpoints, EMA keys and safetensors exports are the same for every
+strategy. The model is built on ``meta``, sharded, then materialised (``to_empty``) and filled with
+the values of an unsharded initialisation from the same seed.
+
+Training state (model, optimizer, EMA shadow) is saved with torch.distributed.checkpoint (DCP):
+every rank writes its shards, and loading reshards, so a run saved by N processes resumes on M.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as tdist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from .. import dist
+from .base import Strategy
+
+
+def apply_ac(model: nn.Module) -> None:
+    """Recompute each block's activations in backward (composable API: parameter names unchanged)."""
+    from torch.distributed._composable import checkpoint
+
+    for block in model.blocks:
+        checkpoint(block)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each block in place (one graph reused by all blocks of the same shape)."""
+    for block in model.blocks:
+        block.compile()
+
+
+def apply_fsdp(model: nn.Module, mesh, mp_policy: MixedPrecisionPolicy | None, reshard_after_forward: bool = True) -> None:
+    """fully_shard each block, then the final layer (kept unsharded after forward: backward needs it first), then the root."""
+    kw = {"mesh": mesh, **({"mp_policy": mp_policy} if mp_policy is not None else {})}
+    for block in model.blocks:
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
+    fully_shard(model.final_layer, reshard_after_forward=False, **kw)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
+
+
+@torch.no_grad()
+def init_from_full(model: nn.Module, full: nn.Module) -> None:
+    """Fill a materialised sharded model with the values of an unsharded one (each rank keeps its shard).
+
+    The models' ``init_weights()`` cannot run on DTensor shards (it copies plain tensors into
+    parameters), and on CPU DTensor random init is not shard-consistent; copying from a full
+    initialisation gives exactly the unsharded values on any device and world size.
+    """
+    set_model_state_dict(model, full.state_dict(), options=StateDictOptions(full_state_dict=True, strict=True))
+    full_buffers = dict(full.named_buffers())
+    for name, buf in model.named_buffers():   # non-persistent buffers (e.g. the MSDCN prior grid)
+        buf.copy_(full_buffers[name].to(buf.device, buf.dtype))
+
+
+class FSDPStrategy(Strategy):
+    """FSDP2 over all ranks (a one-process group when run alone); bf16 params/compute, fp32 reduce when precision=bf16."""
+
+    def __init__(self, cfg, precision: str, activation_checkpointing: bool = False, compile: bool = False):
+        self.cfg, self.precision = cfg, precision
+        self.ac, self.compile = activation_checkpointing, compile
+
+    def setup(self, build_model, make_optimizer) -> None:
+        dist.init(self.cfg.backend, require=True)   # FSDP2 needs a process group even for one process
+        dev = dist.device()
+        full = build_model("cpu")                   # the unsharded init, from the seeded CPU generator
+        model = build_model("meta")
+        if self.ac:
+            apply_ac(model)
+        if self.compile:
+            apply_compile(model)
+        mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.precision == "bf16" else None
+        apply_fsdp(model, mesh, mp, self.cfg.reshard_after_forward)
+        model.to_empty(device=dev)
+        init_from_full(model, full)
+        del full
+        self.module = self.model = model
+        self.optimizer = make_optimizer(model.parameters())
+
+    def full_state_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        out = {}
+        for k, v in tensors.items():   # one all-gather per tensor: no full replica of everything at once on GPU
+            full = v.full_tensor() if isinstance(v, DTensor) else v
+            if dist.get_rank() == 0:
+                out[k] = full.detach().cpu()
+        return out if dist.get_rank() == 0 else None
+
+    def full_model_state_dict(self) -> dict[str, torch.Tensor] | None:
+        sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if dist.get_rank() == 0 else None
+
+    def load_full_weights(self, state: dict[str, torch.Tensor]) -> None:
+        set_model_state_dict(self.module, state, options=StateDictOptions(full_state_dict=True, strict=True))
+
+    def shard_like_params(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        own = self.ema_params()
+        missing = sorted(set(own) - set(full))
+        if missing:
+            raise KeyError(f"weights lack parameters {missing[:5]}")
+        return {k: distribute_tensor(full[k].to(p.device, torch.float32), p.device_mesh, p.placements)
+                if isinstance(p, DTensor) else full[k] for k, p in own.items()}
+
+    def _state(self, ema_state: dict) -> dict:
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd, "ema": dict(ema_state["shadow"]),
+                "ema_num_updates": torch.tensor(int(ema_state["num_updates"]))}
+
+    def save(self, path: str, ema_state: dict) -> None:
+        dcp.save(self._state(ema_state), checkpoint_id=os.path.join(path, "dcp"))
+
+    def load(self, path: str, ema_state: dict) -> dict:
+        ckpt = os.path.join(path, "dcp")
+        if not os.path.isdir(ckpt):
+            raise FileNotFoundError(f"checkpoint file missing: {ckpt} (written by another strategy? fsdp reads DCP)")
+        sd = self._state(ema_state)
+        try:
+            dcp.load(sd, checkpoint_id=ckpt)
+        except Exception as e:   # DCP wraps per-rank errors; name the directory
+            raise ValueError(f"corrupt or unreadable DCP checkpoint {ckpt}: {e}") from None
+        set_state_dict(self.module, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        return {"shadow": sd["ema"], "num_updates": int(sd["ema_num_updates"])}
+
+    def close(self) -> None:
+        self.module = self.model = self.optimizer = None
