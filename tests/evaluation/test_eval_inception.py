@@ -81,3 +81,18 @@ def test_tiny_extractor_is_deterministic():
     for k, d in TinyExtractor.dims.items():
         assert a[k].shape == (3, d)
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_matches_torch_fidelity_inception(random_inception_file, tmp_path):
+    """Same weights through torch-fidelity's extractor (claimed TF-exact): pool and bias-free logits agree."""
+    tf_ext = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    clean = str(tmp_path / "clean.pth")   # torch-fidelity loads strictly: without the aux-head key
+    torch.save({k: v for k, v in torch.load(random_inception_file).items() if not k.startswith("AuxLogits.")}, clean)
+    theirs = tf_ext.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                feature_extractor_weights_path=clean)
+    ours = load_inception(random_inception_file)
+    imgs = torch.randint(0, 256, (2, 3, 48, 80), dtype=torch.uint8)
+    pool, logits = theirs(imgs)
+    f = ours(imgs)
+    torch.testing.assert_close(f["pool"], pool, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(f["logits"], logits, rtol=1e-4, atol=1e-4)
