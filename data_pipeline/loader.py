@@ -154,6 +154,7 @@ class LatentStream(IterableDataset):
         self.epoch_samples = int(sum(n * g for n, g in zip(
             _steps(layout, global_batches, cfg.remainder), global_batches)))
         self._plans: "OrderedDict[int, EpochPlan]" = OrderedDict()
+        self._gen = torch.Generator()  # re-seeded per sample
         self._index: Dict[int, object] = {}
         self._open: "OrderedDict[int, object]" = OrderedDict()
 
@@ -199,7 +200,7 @@ class LatentStream(IterableDataset):
             flip = False
             if draw:
                 # One generator per (seed, epoch, position): the draw does not depend on ranks or workers.
-                gen = torch.Generator().manual_seed(_seed64(self.cfg.seed, epoch, first_slot + j))
+                gen = self._gen.manual_seed(_seed64(self.cfg.seed, epoch, first_slot + j))
                 flip = bool(torch.rand((), generator=gen) < self.cfg.flip_prob)
                 if self.cfg.sample:
                     torch.randn(shape, generator=gen, out=eps[j])
@@ -213,7 +214,8 @@ class LatentStream(IterableDataset):
         mean = mom[:, 0]
         if self.cfg.sample:
             mean = mean + torch.exp(0.5 * mom[:, 1].clamp_(-30.0, 20.0)) * eps  # posterior sample
-        return {"x": mean * self.scale, "y": torch.tensor(labels, dtype=torch.int64), "nimg_global": g,
+        x = mean.mul_(self.scale) if self.cfg.sample else mean * self.scale  # mean is a fresh tensor only if sampled
+        return {"x": x, "y": torch.tensor(labels, dtype=torch.int64), "nimg_global": g,
                 "bucket": bucket, "keys": keys, "epoch": epoch,
                 "_end": epoch * self.epoch_samples + int(plan.start[step + 1])}
 
@@ -283,11 +285,14 @@ class LatentLoader:
                                  persistent_workers=False))
         else:
             it = iter(stream)
-        for batch in it:
-            if gen != self._generation:
-                raise RuntimeError("load_state_dict() was called while iterating: call iter(loader) again")
-            self.samples_seen = int(batch.pop("_end"))  # this batch is now consumed
-            yield batch
+        try:
+            for batch in it:
+                if gen != self._generation:
+                    raise RuntimeError("load_state_dict() was called while iterating: call iter(loader) again")
+                self.samples_seen = int(batch.pop("_end"))  # this batch is now consumed
+                yield batch
+        finally:
+            del it  # shuts the workers down now (on break, error or state reload), not at garbage collection
 
     def state_dict(self) -> dict:
         """Position of the next batch plus what must match on load (JSON-serialisable, a few hundred bytes)."""
