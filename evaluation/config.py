@@ -33,6 +33,7 @@ class SamplingConfig:
     num_samples: int = 50_000             # class-balanced: label of sample i = i mod num_classes
     seed: int = 0
     batch_size: int = 64                  # images per forward (CFG doubles it internally)
+    decode_batch_size: int = 32           # images per VAE decode (the SD decoder needs ~1 GB per 512² image)
     chunk_size: int = 1000                # samples per resumable chunk file (fixed: independent of world size)
     dtype: str = "fp32"                   # fp32 | bf16 (autocast of the model forward; latents stay fp32)
 

@@ -252,7 +252,9 @@ class ChunkSampler:
         bs = self.s.batch_size
         for b in range(0, len(idx), bs):
             sub = idx[b:b + bs]
-            u8 = to_uint8(self.vae.decode(self.latents(sub)))                            # (n, 3, H, W)
+            z = self.latents(sub)                                                         # (n, C, h, w)
+            u8 = torch.cat([to_uint8(self.vae.decode(z[d:d + self.s.decode_batch_size]))
+                            for d in range(0, len(z), self.s.decode_batch_size)])         # (n, 3, H, W)
             for e in range(0, len(sub), self.m.batch_size):
                 feats = self.extractor(u8[e:e + self.m.batch_size].to(self.device))
                 for k in ("pool", "spatial", "logits"):

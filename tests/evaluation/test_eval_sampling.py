@@ -24,6 +24,7 @@ def overrides(ckpt, vae, ref, out_dir, **extra):
     o = {
         "model.ckpt": ckpt, "vae": vae, "resolutions": f"[[{RES[0]},{RES[1]}]]", "sampling": "euler50",
         "sampling.steps": 3, "sampling.num_samples": N, "sampling.chunk_size": 4, "sampling.batch_size": 3,
+        "sampling.decode_batch_size": 2,
         "sampling.cfg_scale": 1.5, "sampling.guidance_interval": "[0.0,0.7]", "sampling.smax_policy": "official",
         "sampling.smax_train_grid": "[2,2]", "sampling.seed": 7, "metrics.extractor": "tiny", "metrics.is_splits": 2,
         "reference.npz": ref, "out_dir": out_dir, "run_name": "r", "save_npz": "true", "grid_size": 6, "device": "cpu",
