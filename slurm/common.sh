@@ -70,9 +70,11 @@ flowdcn_train() {
   fi
   if [ "$_FLOWDCN_REQUEUE" = 1 ] || { [ "$rc" = 3 ] && [ "$_FLOWDCN_TERM" = 0 ]; }; then
     _flowdcn_log "checkpoint saved; requeueing job $SLURM_JOB_ID (it resumes from the newest complete checkpoint)"
-    scontrol requeue "$SLURM_JOB_ID"      # kills this job now; the rerun starts once the scheduler allows
-    rc=$?
-    _flowdcn_log "scontrol requeue failed (rc $rc; is the job --no-requeue?); resubmit it to resume"
+    if scontrol requeue "$SLURM_JOB_ID"; then
+      # Slurm now kills this run; never end it ourselves first (a job that exits 0 would satisfy afterok)
+      sleep 600 & wait $!
+    fi
+    _flowdcn_log "scontrol requeue failed (is the job --no-requeue?); re-submit the same command to resume"
     return 3
   fi
   return "$rc"

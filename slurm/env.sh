@@ -1,4 +1,5 @@
-# Shared environment of every job script in slurm/ (sourced, not run). Edit this file for your site, or put the
+# Shared environment of every job script in slurm/ (sourced inside a job, not run; not on the login node, where the
+# job settings below would be computed for the wrong machine and exported into the jobs by sbatch). Edit this file for your site, or put the
 # site part in slurm/site.sh (sourced at the end, not tracked by git), and keep the job scripts untouched.
 #
 # Variables (all overridable from the submitting shell: sbatch exports its environment by default):

@@ -32,6 +32,10 @@ STAGE_SLOT = "stage"                      # the Hydra group of configs/stage/
 COMPOSE_NAME = "_stage_train"              # train.yaml with a stage slot before `experiment` (see stage_primary)
 
 
+class StageError(Exception):
+    """A pipeline that cannot run as asked (missing predecessor, changed data, bad config); the message says why."""
+
+
 @dataclass
 class PipelineArgs:
     """Parsed command line of the runner."""
@@ -105,20 +109,20 @@ def load_pipeline(name: str) -> dict:
     path = os.path.join(config_dir(), "pipeline", f"{name}.yaml")
     if not os.path.exists(path):
         have = sorted(f[:-5] for f in os.listdir(os.path.dirname(path)) if f.endswith(".yaml"))
-        raise FileNotFoundError(f"pipeline {name!r}: no {path} (have: {', '.join(have)})")
+        raise StageError(f"pipeline {name!r}: no {path} (have: {', '.join(have)})")
     p = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     unknown = set(p) - {"root", "stages", "stage_overrides"}
     if unknown or not p.get("stages"):
-        raise ValueError(f"pipeline {path}: needs a non-empty `stages` list; unknown keys: {sorted(unknown)}")
+        raise StageError(f"pipeline {path}: needs a non-empty `stages` list; unknown keys: {sorted(unknown)}")
     known = stage_names()
     for s in p["stages"]:
         if s not in known:
-            raise ValueError(f"pipeline {path}: stage {s!r} has no configs/stage/{s}.yaml (have: {', '.join(known)})")
+            raise StageError(f"pipeline {path}: stage {s!r} has no configs/stage/{s}.yaml (have: {', '.join(known)})")
     if len(set(p["stages"])) != len(p["stages"]):
-        raise ValueError(f"pipeline {path}: a stage is listed twice: {p['stages']}")
+        raise StageError(f"pipeline {path}: a stage is listed twice: {p['stages']}")
     for s in p.get("stage_overrides") or {}:
         if s not in p["stages"]:
-            raise ValueError(f"pipeline {path}: stage_overrides for {s!r}, which is not in stages {p['stages']}")
+            raise StageError(f"pipeline {path}: stage_overrides for {s!r}, which is not in stages {p['stages']}")
     return p
 
 
@@ -180,7 +184,7 @@ def read_done(run_dir: str) -> dict | None:
         with open(path) as f:
             return json.load(f)
     except ValueError as e:
-        raise ValueError(f"corrupt {path}: {e}") from None
+        raise StageError(f"corrupt {path}: {e}") from None
 
 
 def is_done(stage: Stage) -> bool:
@@ -204,11 +208,11 @@ def final_checkpoint(stage: Stage) -> str:
     """The checkpoint a finished stage hands to the next one (DONE.json's, which must still exist)."""
     done = read_done(stage.run_dir)
     if done is None or not is_done(stage):
-        raise RuntimeError(f"stage {stage.name!r} is not done: {os.path.join(stage.run_dir, 'DONE.json')} missing "
+        raise StageError(f"stage {stage.name!r} is not done: {os.path.join(stage.run_dir, 'DONE.json')} missing "
                            f"or below train.total_nimg={stage.cfg.train.total_nimg}; run it first")
     ck = done.get("checkpoint")
     if not ck or not os.path.exists(os.path.join(ck, "ema.safetensors")):
-        raise FileNotFoundError(f"stage {stage.name!r}: DONE.json names checkpoint {ck!r}, which has no ema.safetensors")
+        raise StageError(f"stage {stage.name!r}: DONE.json names checkpoint {ck!r}, which has no ema.safetensors")
     return ck
 
 
@@ -228,7 +232,7 @@ def check_resumable(stage: Stage) -> None:
     old, new = data_signature(saved), data_signature(stage.config_dict)
     if old != new:
         diff = sorted(k for k in set(_flat(old)) | set(_flat(new)) if _flat(old).get(k) != _flat(new).get(k))
-        raise ValueError(f"stage {stage.name!r}: checkpoint {cks[-1]} was saved with different data settings "
+        raise StageError(f"stage {stage.name!r}: checkpoint {cks[-1]} was saved with different data settings "
                          f"({', '.join(diff)}); its loader position does not apply. Restore the settings, or start "
                          f"the stage afresh in a new root / after moving {stage.run_dir} away")
 
@@ -297,7 +301,14 @@ def stage_status(stage: Stage) -> dict:
     seen = max([ck_nimg] + [int(r.get("nimg", 0)) for r in recs])
     last_loss = losses[-1]["loss"] if losses else None
     done = is_done(stage)
-    state = "done" if done else ("running/stopped" if seen else ("not started"))
+    stopped = os.path.join(stage.run_dir, "STOPPED.json")
+    if done:
+        state = "done"
+    elif os.path.exists(stopped):
+        with open(stopped) as f:
+            state = f"stopped by {json.load(f).get('signal', 'a signal')}, resumable"
+    else:
+        state = "in progress or interrupted" if seen else "not started"
     return {"stage": stage.name, "nimg": seen, "planned": planned, "checkpoint": last_ck, "checkpoint_nimg": ck_nimg,
             "last_loss": last_loss, "done": done, "state": state, "run_dir": stage.run_dir}
 
@@ -325,7 +336,14 @@ def format_status(root: str, rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry: run | status | final (prints the last selected stage's final checkpoint) | list (stage names)."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(parse_args(sys.argv[1:] if argv is None else argv))
+    except StageError as e:
+        print(f"trainer.stages: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _main(args: PipelineArgs) -> int:
     if args.command == "run":
         from . import dist
 
