@@ -116,12 +116,17 @@ def encode_unit(unit: int, items, source, pre: Preprocessor, vae, args, pool) ->
             moments = torch.stack(parts, dim=1).cpu().numpy().astype(np.float16)  # (N, K, C, h, w)
             for (j, xi, op), m in zip(chunk, moments):
                 item = items[j]
+                if not np.isfinite(m).all():  # fp16 overflow or a NaN from the VAE: report, never store
+                    failures.append({"path": item.name, "error": "non-finite VAE moments in fp16"})
+                    print(f"[encode] bad image: {item.name}: non-finite VAE moments in fp16", file=sys.stderr)
+                    continue
                 recs.append({"key": f"{first + j:09d}", "label": item.label, "moments": m,
                              "meta": {"src": item.name, "src_hw": xi[1],
                                       "hw": list(m.shape[-2:]), "bucket": b, "op": op}})
                 per_class[item.label] += 1
-        entry = write_shard(args.out, f"u{unit:06d}-b{b:03d}", recs, args.format)
-        shards.append({**entry, "bucket": b, "unit": unit})
+        if recs:
+            entry = write_shard(args.out, f"u{unit:06d}-b{b:03d}", recs, args.format)
+            shards.append({**entry, "bucket": b, "unit": unit})
     return {"unit": unit, "first": first, "num_items": len(items), "shards": shards, "failures": failures,
             "per_class": {str(k): v for k, v in sorted(per_class.items())}}
 
@@ -147,7 +152,8 @@ def build_manifest(args, source, pre: Preprocessor, vae, records: List[Dict]) ->
         "buckets": [{"id": i, "width": w, "height": h, "latent_hw": [h // ds, w // ds]}
                     for i, (w, h) in enumerate(pre.table)],
         "source": {"kind": source.kind, "inputs": [os.path.abspath(p) for p in args.input],
-                   "num_images": len(source.items), "num_classes": source.num_classes, "ignored": source.ignored},
+                   "num_images": len(source.items), "num_classes": source.num_classes,
+                   "class_to_idx": source.class_to_idx, "ignored": source.ignored},
         "counts": {"images": sum(per_bucket.values()), "failed": len(failures),
                    "per_bucket": {str(k): v for k, v in sorted(per_bucket.items())},
                    "per_class": {str(k): v for k, v in sorted(per_class.items())}},

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tarfile
+import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -135,20 +136,25 @@ class TarImageSource:
             self.items.append(ImageItem(tpath, label, member))
         self.items.sort(key=lambda it: (it.path, it.member))
         self.num_classes = max([it.label for it in self.items], default=-1) + 1
-        self._open: Dict[str, tarfile.TarFile] = {}
+        self._local = threading.local()  # a TarFile has one file position: one handle per thread
 
     def load(self, item: ImageItem) -> Image.Image:
-        """Read one member and fully decode it."""
+        """Read one member and fully decode it (safe to call from several threads)."""
         try:
-            tf = self._open.get(item.path)
+            handles = self._local.__dict__.setdefault("tars", {})
+            tf = handles.get(item.path)
             if tf is None:
-                tf = self._open[item.path] = tarfile.open(item.path)
+                tf = handles[item.path] = tarfile.open(item.path)
             return _decode(tf.extractfile(item.member).read())
         except Exception as e:  # noqa: BLE001
             raise ImageError(item.name, f"{type(e).__name__}: {e}") from e
 
     def __getstate__(self):  # open tar handles do not cross process boundaries
-        return {**self.__dict__, "_open": {}}
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
 
 
 def _decode(data: bytes) -> Image.Image:

@@ -184,3 +184,23 @@ def test_torchrun_two_ranks_split_the_units(tmp_path, latent_data, tiny_vae_dir)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "worker 0/2" in proc.stdout and "worker 1/2" in proc.stdout
     assert _manifest(out)["shards"] == _manifest(latent_data["wds"])["shards"]  # same bytes as one process
+
+
+def test_identity_vae_center_crop_round_trip(tmp_path):
+    """Pixel-space encoding (the demo path): the loader's x is the ADM-cropped image in [-1, 1] (fp16 precision)."""
+    from data_pipeline.loader import LoaderConfig, build_loader
+    from data_pipeline.preprocess import center_crop_arr
+
+    imgs = str(tmp_path / "imgs")
+    rels = write_image_folder(imgs)
+    out = str(tmp_path / "out")
+    assert main(["--input", imgs, "--out", out, "--vae", "identity", "--preprocess", "center_crop", "--resolution",
+                 "32", "--no-flip", "--no-progress", "--torch-threads", "1"]) == 0
+    loader = build_loader(LoaderConfig(manifest=out, batch_size=len(rels), num_workers=0, flip_prob=0.0,
+                                       sample=False), 0, 1)
+    assert loader.manifest["vae"]["scale_factor"] == 1.0
+    batch = next(iter(loader))
+    for key, x in zip(batch["keys"], batch["x"]):
+        img = center_crop_arr(Image.open(os.path.join(imgs, rels[int(key)])).convert("RGB"), 32)
+        want = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+        torch.testing.assert_close(x, want, atol=1e-3, rtol=0)
