@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 
-def _fsync_replace(tmp: str, path: str) -> None:
+def fsync_replace(tmp: str, path: str) -> None:
     """fsync a finished temp file, then rename it over ``path`` (atomic on POSIX)."""
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -25,7 +25,7 @@ def write_json(path: str, obj) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
-    _fsync_replace(tmp, path)
+    fsync_replace(tmp, path)
 
 
 MD_HEADER = ("| checkpoint | sha256 | resolution | solver | steps | CFG | interval | S_max | N | FID | sFID | IS | "
@@ -52,7 +52,7 @@ def write_markdown(path: str, rows: list[str]) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(MD_HEADER + "\n" + "\n".join(rows) + "\n")
-    _fsync_replace(tmp, path)
+    fsync_replace(tmp, path)
 
 
 def make_grid(images: torch.Tensor, ncol: int | None = None) -> np.ndarray:
@@ -73,7 +73,7 @@ def save_png(path: str, arr: np.ndarray) -> None:
 
     tmp = f"{path}.tmp.{os.getpid()}.png"
     Image.fromarray(arr).save(tmp)
-    _fsync_replace(tmp, path)
+    fsync_replace(tmp, path)
 
 
 def write_adm_npz(path: str, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], total: int, h: int, w: int,
@@ -94,4 +94,4 @@ def write_adm_npz(path: str, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
     if written != total:
         os.remove(tmp)
         raise RuntimeError(f"{path}: wrote {written} images, expected {total}")
-    _fsync_replace(tmp, path)
+    fsync_replace(tmp, path)

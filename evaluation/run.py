@@ -24,7 +24,7 @@ from .config import EvalConfig
 from .inception import build_extractor
 from .metrics import frechet_distance, inception_score, precision_recall
 from .reference import load_reference
-from .report import make_grid, markdown_row, save_png, write_adm_npz, write_json, write_markdown
+from .report import fsync_replace, make_grid, markdown_row, save_png, write_adm_npz, write_json, write_markdown
 from .sample import (ChunkSampler, ChunkStore, load_eval_model, pool_features, run_sampling,
                      sampling_fingerprint, stored_images)
 
@@ -124,6 +124,7 @@ def evaluate(cfg: EvalConfig, stop_after_chunks: int | None = None) -> dict:
     if rank == 0:
         write_json(os.path.join(run_dir, "metrics.json"), report)
         write_markdown(os.path.join(run_dir, "results.md"), rows)
+        print(f"[eval] wrote {os.path.join(run_dir, 'metrics.json')} and results.md", flush=True)
         if cfg.wandb.enabled:
             _log_wandb(cfg, report, run_dir)
     dist.barrier()
@@ -135,7 +136,7 @@ def _write_resolution_outputs(cfg: EvalConfig, store: ChunkStore, res_dir: str, 
     """stats.safetensors, grid.png and (optionally) samples.npz for one resolution (rank 0)."""
     tmp = os.path.join(res_dir, f"stats.safetensors.tmp.{os.getpid()}")
     save_file({k: v.contiguous() for k, v in stats.items()}, tmp)
-    os.replace(tmp, os.path.join(res_dir, "stats.safetensors"))
+    fsync_replace(tmp, os.path.join(res_dir, "stats.safetensors"))
     n_grid = min(cfg.grid_size, cfg.sampling.num_samples)
     if n_grid > 0:
         imgs = torch.cat([im for _, im in stored_images(store, n_grid)])
