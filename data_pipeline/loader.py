@@ -17,6 +17,7 @@ continue anyway (new stage, new data, new batch) start the loader fresh, e.g. at
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -253,6 +254,10 @@ class LatentLoader:
         if fmt not in FORMATS or (cfg.format and cfg.format != fmt):
             raise ValueError(f"LoaderConfig.format={cfg.format!r} but manifest {cfg.manifest!r} holds {fmt!r} shards")
         self.layout = _Layout(cfg, self.manifest)
+        missing = [e["path"] for e in self.layout.shards if not os.path.exists(os.path.join(self.root, e["path"]))]
+        if missing:  # fail now, not hours into training when the plan first reaches the shard
+            raise FileNotFoundError(f"{len(missing)} shard(s) listed in {cfg.manifest!r} are missing under "
+                                    f"{self.root}: {missing[:5]}")
         self.global_batches = global_batch_sizes(cfg, self.layout, world_size)
         steps = _steps(self.layout, self.global_batches, cfg.remainder)
         self.epoch_samples = int(sum(n * g for n, g in zip(steps, self.global_batches)))
@@ -264,6 +269,10 @@ class LatentLoader:
         self.dropped_per_epoch = {b: len(m) - n * g for b, m, n, g in
                                   zip(self.layout.bucket_ids, self.layout.members, steps, self.global_batches)
                                   if cfg.remainder == "drop" and len(m) - n * g}
+        if self.dropped_per_epoch and rank == 0:
+            logging.getLogger(__name__).warning(
+                "remainder='drop': %d of %d records are left out of each epoch (a different subset every epoch); "
+                "per bucket: %s", sum(self.dropped_per_epoch.values()), self.layout.num_records, self.dropped_per_epoch)
         self.samples_seen = cfg.start_epoch * self.epoch_samples
         self._generation = 0
 

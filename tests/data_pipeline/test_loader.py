@@ -153,6 +153,9 @@ def test_truncated_shard_named_by_loader(tmp_path, latent_data):
         _take(loader, 48)
     with pytest.raises(FileNotFoundError, match="nope"):
         build_loader(LoaderConfig(manifest=str(tmp_path / "nope")), 0, 1)
+    os.remove(os.path.join(d, shard))
+    with pytest.raises(FileNotFoundError, match=shard):  # checked when the loader is built
+        build_loader(LoaderConfig(manifest=d, batch_size=1, num_workers=0), 0, 1)
 
 
 def test_data_configs_are_loader_configs(latent_data):
