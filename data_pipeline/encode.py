@@ -79,24 +79,31 @@ def preprocess_config(args) -> PreprocessConfig:
                             include_square=not args.no_square, seed=args.seed, flip=not args.no_flip)
 
 
-def encode_unit(unit: int, items, source, pre: Preprocessor, vae, args, pool) -> Dict:
-    """Encode one unit's images; write its shards; return its progress record (shards, counts, failures)."""
+def load_item(source, pre: Preprocessor, item, key: str):
+    """Decode + preprocess one image: (bucket, (PIL image, [src_h, src_w]), op, None) or (None, None, None, failure)."""
+    try:
+        src = source.load(item)
+        b, img, op = pre(src, key=key)
+        return b, (img, [src.size[1], src.size[0]]), op, None  # uint8 PIL until batched: 4x less memory than fp32
+    except ImageError as e:
+        return None, None, None, {"path": e.path, "error": e.reason}
+    except Exception as e:  # noqa: BLE001 - a preprocessing failure is also reported with its file
+        return None, None, None, {"path": item.name, "error": f"{type(e).__name__}: {e}"}
+
+
+def submit_unit(unit: int, items, source, pre: Preprocessor, args, pool) -> list:
+    """Start decoding one unit's images on the thread pool (overlaps with the VAE work of the previous unit)."""
     first = unit * args.unit_size
+    return [pool.submit(load_item, source, pre, it, f"{first + j:09d}") for j, it in enumerate(items)]
 
-    def load(j):
-        item = items[j]
-        try:
-            src = source.load(item)
-            b, img, op = pre(src, key=f"{first + j:09d}")
-            return j, b, (img, [src.size[1], src.size[0]]), op, None  # uint8 PIL until batched: 4x less memory
-        except ImageError as e:
-            return j, None, None, None, {"path": e.path, "error": e.reason}
-        except Exception as e:  # noqa: BLE001 - a preprocessing failure is also reported with its file
-            return j, None, None, None, {"path": item.name, "error": f"{type(e).__name__}: {e}"}
 
+def encode_unit(unit: int, items, loaded: list, vae, args) -> Dict:
+    """VAE-encode one unit's decoded images; write its shards; return its progress record."""
+    first = unit * args.unit_size
     by_bucket: Dict[int, list] = defaultdict(list)
     failures = []
-    for j, b, x, op, err in pool.map(load, range(len(items))):
+    for j, fut in enumerate(loaded):
+        b, x, op, err = fut.result()
         if err:
             failures.append(err)
             print(f"[encode] bad image: {err['path']}: {err['error']}", file=sys.stderr, flush=True)
@@ -109,10 +116,11 @@ def encode_unit(unit: int, items, source, pre: Preprocessor, vae, args, pool) ->
         for s in range(0, len(group), args.batch_size):
             chunk = group[s: s + args.batch_size]
             x = torch.stack([to_tensor(c[1][0]) for c in chunk])  # (N, 3, H, W) in [-1, 1]
-            mean, logvar = vae.encode_moments(x)  # (N, C, h, w) each
-            parts = [mean, logvar]
-            if not args.no_flip:
-                parts += list(vae.encode_moments(torch.flip(x, dims=[-1])))
+            if not args.no_flip:  # image and its horizontal flip in one VAE call
+                mean, logvar = vae.encode_moments(torch.cat([x, torch.flip(x, dims=[-1])]))  # (2N, C, h, w)
+                parts = [mean[: len(x)], logvar[: len(x)], mean[len(x):], logvar[len(x):]]
+            else:
+                parts = list(vae.encode_moments(x))  # (N, C, h, w) each
             moments = torch.stack(parts, dim=1).cpu().numpy().astype(np.float16)  # (N, K, C, h, w)
             for (j, xi, op), m in zip(chunk, moments):
                 item = items[j]
@@ -195,15 +203,19 @@ def main(argv=None) -> int:
     bad = []
     t0 = time.time()
     bar = tqdm(total=todo_images, unit="img", disable=args.no_progress or None, desc=f"encode[{worker}]")
+    unit_items = lambda u: items[u * args.unit_size: (u + 1) * args.unit_size]  # noqa: E731
     with ThreadPoolExecutor(max(1, args.workers)) as pool:
-        for u in mine:
-            unit_items = items[u * args.unit_size: (u + 1) * args.unit_size]
-            rec = encode_unit(u, unit_items, source, pre, vae, args, pool)
+        pending = submit_unit(mine[0], unit_items(mine[0]), source, pre, args, pool) if mine else []
+        for n, u in enumerate(mine):
+            loaded = pending
+            if n + 1 < len(mine):  # decode the next unit while this one is on the VAE
+                pending = submit_unit(mine[n + 1], unit_items(mine[n + 1]), source, pre, args, pool)
+            rec = encode_unit(u, unit_items(u), loaded, vae, args)
             if rec["failures"] and not args.allow_failures:
                 bad += rec["failures"]
             else:
                 write_json_atomic(prog(u), rec)
-            bar.update(len(unit_items))
+            bar.update(len(loaded))
     bar.close()
     dt = time.time() - t0
     print(f"[encode] worker {worker}: {todo_images} images in {dt:.1f}s ({todo_images / max(dt, 1e-9):.1f} img/s)",
