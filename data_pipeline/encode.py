@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from collections import Counter, defaultdict
@@ -193,6 +194,11 @@ def main(argv=None) -> int:
     if num_units == 0:
         raise ValueError(f"no images found in {args.input} (ignored: {source.ignored[:5]})")
     prog = lambda u: os.path.join(args.out, PROGRESS_DIR, f"unit-{u:06d}.json")  # noqa: E731
+    # Temp files of this worker's units left by a killed run (other workers' may be in flight: leave those).
+    for f in os.listdir(args.out):
+        if f.startswith(".tmp-u") and f[6:12].isdigit() and int(f[6:12]) % num_workers == worker:
+            p = os.path.join(args.out, f)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     mine = [u for u in range(worker, num_units, num_workers) if not os.path.exists(prog(u))]
     todo_images = sum(min(args.unit_size, len(items) - u * args.unit_size) for u in mine)
     print(f"[encode] worker {worker}/{num_workers}: {len(mine)} units ({todo_images} images) to do of {num_units}; "

@@ -269,6 +269,12 @@ class LatentLoader:
         self.dropped_per_epoch = {b: len(m) - n * g for b, m, n, g in
                                   zip(self.layout.bucket_ids, self.layout.members, steps, self.global_batches)
                                   if cfg.remainder == "drop" and len(m) - n * g}
+        small = {b: len(m) for b, m, g in zip(self.layout.bucket_ids, self.layout.members, self.global_batches)
+                 if cfg.remainder == "pad" and 0 < len(m) < g}
+        if small and rank == 0:
+            logging.getLogger(__name__).warning(
+                "remainder='pad': buckets %s hold fewer records than their global batch, so their steps repeat "
+                "records (also across ranks); pass buckets=[...] without them to avoid it", small)
         if self.dropped_per_epoch and rank == 0:
             logging.getLogger(__name__).warning(
                 "remainder='drop': %d of %d records are left out of each epoch (a different subset every epoch); "

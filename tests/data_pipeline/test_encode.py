@@ -204,3 +204,18 @@ def test_identity_vae_center_crop_round_trip(tmp_path):
         img = center_crop_arr(Image.open(os.path.join(imgs, rels[int(key)])).convert("RGB"), 32)
         want = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
         torch.testing.assert_close(x, want, atol=1e-3, rtol=0)
+
+
+def test_leftover_temp_files_of_own_units_removed(tmp_path, latent_data, tiny_vae_dir):
+    import shutil
+
+    out = str(tmp_path / "out")
+    shutil.copytree(latent_data["wds"], out)
+    os.remove(os.path.join(out, "_progress", "unit-000002.json"))
+    junk = [os.path.join(out, ".tmp-u000002-b001-999999"), os.path.join(out, ".tmp-u000001-b001-999999")]
+    for j in junk:
+        open(j, "wb").write(b"half a shard")
+    # As worker 0 of 2: unit 2 is ours (its junk goes), unit 1 belongs to worker 1 (may be in flight: kept).
+    assert main(encode_args(latent_data["imgs"], out, tiny_vae_dir, "wds", "--num-tasks", "2", "--task-id", "0")) == 0
+    assert not os.path.exists(junk[0]) and os.path.exists(junk[1])
+    assert _manifest(out)["shards"] == _manifest(latent_data["wds"])["shards"]
