@@ -47,7 +47,6 @@ flowdcn_train() {
     ntasks=$(( ${SLURM_NNODES:-1} * NPROC_PER_NODE ))
     per_task=$(( ${SLURM_CPUS_ON_NODE:-$NPROC_PER_NODE} / NPROC_PER_NODE )); [ "$per_task" -ge 1 ] || per_task=1
     srun --ntasks="$ntasks" --ntasks-per-node="$NPROC_PER_NODE" --cpus-per-task="$per_task" --kill-on-bad-exit=1 \
-      --output="$logdir/rank%t.log" --open-mode=append \
       bash slurm/task.sh "$@" &
   else
     _flowdcn_log "unknown FLOWDCN_LAUNCHER=$FLOWDCN_LAUNCHER (torchrun | srun)"; return 2
@@ -64,7 +63,8 @@ flowdcn_train() {
     fi
   done
   trap - USR1 TERM
-  _flowdcn_log "srun finished with exit code $rc"
+  _flowdcn_log "srun finished with exit code $rc$( [ "$_FLOWDCN_REQUEUE" = 1 ] && [ "$FLOWDCN_LAUNCHER" = torchrun ] &&
+    echo " (torchrun reports the SIGTERM it was sent as a failure, with a traceback: expected here)")"
   if [ "$rc" = 0 ]; then
     return 0
   fi

@@ -12,4 +12,10 @@ if [ "$FLOWDCN_LAUNCHER" = torchrun ]; then
     -m trainer.stages run "$@"
 fi
 export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS LOCAL_WORLD_SIZE=$NPROC_PER_NODE
-exec python -u -m trainer.stages run "$@"
+# each rank's output in $FLOWDCN_JOB_LOGDIR/rank<r>.log (appended across restarts); rank 0 also in the job log
+log="$FLOWDCN_JOB_LOGDIR/rank$SLURM_PROCID.log"
+if [ "$SLURM_PROCID" = 0 ]; then
+  # tee ignores SIGTERM: the step's SIGTERM must not close the pipe while rank 0 is still writing its checkpoint
+  exec python -u -m trainer.stages run "$@" > >(trap '' TERM INT; exec tee -a "$log") 2>&1
+fi
+exec python -u -m trainer.stages run "$@" >>"$log" 2>&1

@@ -111,6 +111,11 @@ def test_status_reports_each_stage(chained, capsys):
     assert "128 / 128" in line and "100.0" in line and "pretrain_256/checkpoints/nimg_000000000128" in line
     assert f"{pre['last_loss']:.4f}" in line and line.rstrip().endswith("done")
     assert next(t for t in table if t.startswith("multiscale")).rstrip().endswith("not started")
+    # `final` (what slurm/eval_stage.sh evaluates): the finished stage's DONE.json checkpoint
+    assert stages.main(["final", "only=pretrain_256", *status_args[1:]]) == 0
+    assert capsys.readouterr().out.strip() == pre["checkpoint"]
+    assert stages.main(["final", "only=multiscale", *status_args[1:]]) == 2
+    assert "multiscale" in capsys.readouterr().err
 
 
 def test_resume_mid_stage_is_bitwise_and_changed_data_is_refused(tmp_path):
