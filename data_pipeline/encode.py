@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from data_pipeline.preprocess import PreprocessConfig, Preprocessor, to_tensor
-from data_pipeline.shards import FORMATS, write_json_atomic, write_shard
+from data_pipeline.shards import FORMATS, write_json_atomic, write_mds_root_index, write_shard
 from data_pipeline.sources import ImageError, build_source
 from data_pipeline.vae import build_vae
 
@@ -233,6 +233,8 @@ def main(argv=None) -> int:
             with open(prog(u)) as f:
                 records.append(json.load(f))
         manifest = build_manifest(args, source, pre, vae, records)
+        if args.format == "mds":
+            write_mds_root_index(args.out, [s["path"] for s in manifest["shards"]])
         write_json_atomic(os.path.join(args.out, MANIFEST), manifest)
         print(f"[encode] manifest: {manifest['counts']['images']} images, {len(manifest['shards'])} shards, "
               f"{manifest['counts']['failed']} failed -> {os.path.join(args.out, MANIFEST)}", flush=True)

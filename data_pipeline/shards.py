@@ -313,6 +313,20 @@ def open_shard(root: str, entry: Dict, fmt: str, moments_shape, verify: bool = F
     raise ValueError(f"shard format {fmt!r}: expected one of {FORMATS}")
 
 
+def write_mds_root_index(out_dir: str, shard_paths: List[str]) -> str:
+    """Top-level MDS ``index.json`` over the per-shard directories, so ``streaming.StreamingDataset(local=out_dir)``
+    can read the whole set too (what streaming's ``merge_index`` does, without its remote/download machinery)."""
+    shards = []
+    for rel in shard_paths:
+        with open(os.path.join(out_dir, rel, "index.json")) as f:
+            info = json.load(f)["shards"][0]
+        info["raw_data"] = {**info["raw_data"], "basename": f"{rel}/{info['raw_data']['basename']}"}
+        shards.append(info)
+    path = os.path.join(out_dir, "index.json")
+    write_json_atomic(path, {"version": 2, "shards": shards})
+    return path
+
+
 def write_json_atomic(path: str, obj) -> None:
     """Write JSON to ``path`` via a temp file in the same directory, fsync and os.replace."""
     tmp = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"

@@ -219,3 +219,20 @@ def test_leftover_temp_files_of_own_units_removed(tmp_path, latent_data, tiny_va
     assert main(encode_args(latent_data["imgs"], out, tiny_vae_dir, "wds", "--num-tasks", "2", "--task-id", "0")) == 0
     assert not os.path.exists(junk[0]) and os.path.exists(junk[1])
     assert _manifest(out)["shards"] == _manifest(latent_data["wds"])["shards"]
+
+
+def test_mds_set_readable_by_streaming_dataset(tmp_path, latent_data):
+    """The MDS output is also a plain mosaicml-streaming dataset (top-level index.json over the shard dirs)."""
+    from streaming import StreamingDataset
+    from streaming.base.util import clean_stale_shared_memory
+
+    from data_pipeline.shards import npy_load
+
+    clean_stale_shared_memory()
+    ds = StreamingDataset(local=latent_data["mds"], shuffle=False, batch_size=1)
+    mine = _records(latent_data["mds"])
+    assert len(ds) == len(mine) == 48
+    for i in range(len(ds)):
+        s = ds[i]
+        label, mom, bucket = mine[s["key"]]
+        assert s["label"] == label and s["meta"]["bucket"] == bucket and np.array_equal(npy_load(s["moments"]), mom)
