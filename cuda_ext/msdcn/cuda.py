@@ -29,7 +29,7 @@ _state: dict[str, object] = {"error": None, "ok": False}
 # Launch shape: threads per block aimed at (a block holds whole (query, group) sets) and rounds of
 # queries per block (consecutive queries share corners, later rounds hit L1); tuned by bench/msdcn_op.py.
 _LAUNCH = {
-    "forward": [int(os.environ.get("FLOWDCN_MSDCN_THREADS_FWD", "128")), int(os.environ.get("FLOWDCN_MSDCN_ROUNDS_FWD", "4"))],
+    "forward": [int(os.environ.get("FLOWDCN_MSDCN_THREADS_FWD", "128")), int(os.environ.get("FLOWDCN_MSDCN_ROUNDS_FWD", "2"))],
     "backward": [int(os.environ.get("FLOWDCN_MSDCN_THREADS_BWD", "256")), int(os.environ.get("FLOWDCN_MSDCN_ROUNDS_BWD", "1"))],
 }
 # Backward channel layout: two 4-channel runs per thread, at lane*4 and C/2 + lane*4 (True), or 8 in a row.

@@ -20,7 +20,10 @@ struct Geometry {
   int64_t blocks;
 };
 
-Geometry geometry(const at::Tensor& value, const at::Tensor& weight, int64_t target_threads, int64_t rounds) {
+// Launch shape: Q queries per block (from the threads target, lowered until the shared memory of a
+// block, bytes_per_query * Q, fits in 48 KB), R rounds per block.
+Geometry geometry(const at::Tensor& value, const at::Tensor& weight, int64_t target_threads, int64_t rounds,
+                  size_t bytes_per_query) {
   Geometry g;
   g.N = value.size(0) * value.size(1) * value.size(2);
   g.H = value.size(1);
@@ -34,6 +37,7 @@ Geometry geometry(const at::Tensor& value, const at::Tensor& weight, int64_t tar
   TORCH_CHECK(gl <= kMaxThreads, "msdcn_cuda: G * C / 8 must be <= ", kMaxThreads, " (one block holds a whole query), got ", gl);
   TORCH_CHECK(target_threads > 0 && target_threads <= kMaxThreads, "msdcn_cuda: threads per block must be in [1, ", kMaxThreads, "], got ", target_threads);
   g.Q = std::max<int>(1, static_cast<int>(target_threads) / gl);  // several queries per block
+  while (g.Q > 1 && bytes_per_query * g.Q > 48 * 1024) --g.Q;
   g.threads = g.Q * gl;
   TORCH_CHECK(rounds >= 1, "msdcn_cuda: rounds per block must be >= 1, got ", rounds);
   g.R = static_cast<int>(rounds);
@@ -41,6 +45,17 @@ Geometry geometry(const at::Tensor& value, const at::Tensor& weight, int64_t tar
   g.blocks = (g.N + per_block - 1) / per_block;
   TORCH_CHECK(g.blocks < (int64_t(1) << 31), "msdcn_cuda: too many queries for one launch: ", g.N);
   return g;
+}
+
+// Raise a kernel's dynamic shared-memory limit when it needs more than the default 48 KB.
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t smem, int device, const Geometry& geo) {
+  if (smem <= 48 * 1024) return;
+  int dev_max = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&dev_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(smem <= static_cast<size_t>(dev_max), "msdcn_cuda: needs ", smem, " bytes of shared memory per block (K=", geo.K,
+              ", G=", geo.G, ", C=", geo.C, "), the device allows ", dev_max);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
 }
 
 template <typename T, typename F, typename A>
@@ -118,15 +133,16 @@ at::Tensor msdcn_forward(const at::Tensor& value, const at::Tensor& off, const a
   const c10::cuda::CUDAGuard guard(value.device());
   auto out = at::empty_like(value);
   if (value.numel() == 0) return out;
-  const Geometry geo = geometry(value, weight, threads, rounds);
   auto stream = c10::cuda::getCurrentCUDAStream();
   FLOWDCN_DISPATCH(value.scalar_type(), weight.scalar_type(), "msdcn_forward", [&] {
+    const size_t per_query = static_cast<size_t>(value.size(3)) * weight.size(4) * sizeof(PointGeo<A>);
+    const Geometry geo = geometry(value, weight, threads, rounds, per_query);
     auto p = make_params<T, F, A>(geo, value, off, scale, weight, prior, s0, smax, fused, trunc);
     p.out = reinterpret_cast<T*>(out.data_ptr());
-    if (fused)
-      msdcn_forward_kernel<T, F, A, true><<<geo.blocks, geo.threads, 0, stream>>>(p);
-    else
-      msdcn_forward_kernel<T, F, A, false><<<geo.blocks, geo.threads, 0, stream>>>(p);
+    const size_t smem = per_query * geo.Q;
+    auto kernel = fused ? msdcn_forward_kernel<T, F, A, true> : msdcn_forward_kernel<T, F, A, false>;
+    allow_smem(kernel, smem, value.get_device(), geo);
+    kernel<<<geo.blocks, geo.threads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -156,10 +172,14 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
     auto s0p = fused ? at::zeros({1, value.size(3)}, value.options().dtype(adt)) : at::empty({0}, value.options().dtype(adt));
     return {gvalue, goff, gscale, gweight, s0p};
   }
-  const Geometry geo = geometry(value, weight, threads, rounds);
-  auto s0p = fused ? at::empty({geo.blocks, geo.G}, value.options().dtype(adt)) : at::empty({0}, value.options().dtype(adt));
   auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor s0p;
   FLOWDCN_DISPATCH(value.scalar_type(), weight.scalar_type(), "msdcn_backward", [&] {
+    const int64_t G = value.size(3), K = weight.size(4), L = value.size(4) / kVec;
+    const int S = (4 * static_cast<int>(K)) | 1;
+    const size_t per_query = static_cast<size_t>(G * K) * (sizeof(PointGeo<A>) + sizeof(A)) + static_cast<size_t>(G * L) * S * sizeof(A);
+    const Geometry geo = geometry(value, weight, threads, rounds, per_query);
+    s0p = fused ? at::empty({geo.blocks, geo.G}, value.options().dtype(adt)) : at::empty({0}, value.options().dtype(adt));
     auto p = make_params<T, F, A>(geo, value, off, scale, weight, prior, s0, smax, fused, trunc);
     p.gout = reinterpret_cast<const T*>(gout.data_ptr());
     p.skip_value_grad = skip_value_grad;
@@ -171,18 +191,11 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
       p.gscale = reinterpret_cast<F*>(gscale.data_ptr());
       p.s0_part = reinterpret_cast<A*>(s0p.data_ptr());
     }
-    const int S = (3 * geo.K) | 1;
-    const size_t smem = (static_cast<size_t>(geo.threads) * S + static_cast<size_t>(geo.Q) * geo.G * geo.K) * sizeof(A);
+    const size_t smem = per_query * geo.Q;
     auto kernel = fused ? msdcn_backward_kernel<T, F, A, true> : msdcn_backward_kernel<T, F, A, false>;
     if (lean && geo.threads <= 256)
       kernel = fused ? msdcn_backward_kernel<T, F, A, true, 256, 3> : msdcn_backward_kernel<T, F, A, false, 256, 3>;
-    if (smem > 48 * 1024) {
-      int dev_max = 0;
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(&dev_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, value.get_device()));
-      TORCH_CHECK(smem <= static_cast<size_t>(dev_max), "msdcn_cuda: backward needs ", smem, " bytes of shared memory (K=", geo.K,
-                  ", G*C/8=", geo.G * geo.L, "), the device allows ", dev_max);
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    }
+    allow_smem(kernel, smem, value.get_device(), geo);
     if (l1_pref) {
       // Ask for only the shared memory the resident blocks need: the rest stays L1 for the corner gathers.
       int per_sm = 0;
