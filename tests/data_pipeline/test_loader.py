@@ -166,10 +166,13 @@ def test_data_configs_are_loader_configs(latent_data):
     latents = [f for f in names if OmegaConf.load(os.path.join(root, f)).get("kind") == "latents"]
     assert {"imagenet256.yaml", "imagenet512.yaml", "multiscale.yaml", "tiny_latents.yaml"} <= set(latents)
     for f in latents:
-        fields = OmegaConf.to_container(OmegaConf.load(os.path.join(root, f)).latents)
+        node = OmegaConf.load(os.path.join(root, f))
+        node.train = {"global_batch": 4}  # what the trainer's config supplies to ${train.global_batch}
+        fields = OmegaConf.to_container(node.latents, resolve=True)
         # Unknown keys raise here; the tiny test set needs small batches and padding.
         cfg = LoaderConfig(**{**fields, "manifest": latent_data["wds"], "num_workers": 0, "remainder": "pad"})
         cfg.batch_size = min(cfg.batch_size, 2)
+        assert cfg.global_batch_size in (0, 4)
         if cfg.batch_policy == "tokens":
             cfg.tokens_per_batch = 64
         assert _take(build_loader(cfg, 0, 2), 1)[0]["x"].ndim == 4
