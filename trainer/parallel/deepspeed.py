@@ -1,0 +1,255 @@
+"""DeepSpeed ZeRO-1/2/3 behind the Strategy interface; the DeepSpeed config is generated from ours.
+
+DeepSpeed's engine owns backward, the optimizer step and its checkpoints, so this strategy issues
+those calls and the loop stays the same. The optimizer is a client ``torch.optim.AdamW`` (no JIT
+build) unless ``strategy.deepspeed_optimizer`` asks for DeepSpeed's own (fused / CPU Adam).
+
+EMA: under ZeRO-3 each rank keeps the EMA of its own fp32 master partition (no full replica);
+under ZeRO-1/2 parameters are replicated and the EMA follows the module parameters (bf16 copies
+when precision=bf16: an approximation of the fp32 masters, exact in fp32).
+
+Limits (errors, not silent): a ZeRO checkpoint resumes only on the same number of processes
+(DeepSpeed's universal checkpoint conversion, ``ds_to_universal.py``, is not wired in; use
+``strategy=fsdp`` for elastic resume); ``train.on_nonfinite=skip`` is refused (a DeepSpeed step
+cannot be dropped once gradients are reduced); ``train.compile``/``activation_checkpointing`` are
+refused (use fsdp or ddp for those).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as tdist
+
+from .. import dist
+from .base import Strategy
+
+
+def build_ds_config(stage: int, sched, optim, strategy_cfg, world: int) -> dict:
+    """Our typed config -> a DeepSpeed config dict (batch sizes, ZeRO stage, bf16, buckets, offload, clipping)."""
+    per_rank = sched.global_batch // world
+    micro = sched.micro_batch or per_rank
+    if per_rank * world != sched.global_batch or per_rank % micro:
+        raise ValueError(f"global_batch {sched.global_batch} must split into world {world} × micro_batch {micro} × accumulation")
+    zero = {"stage": stage, "reduce_bucket_size": int(strategy_cfg.reduce_bucket_size),
+            "allgather_bucket_size": int(strategy_cfg.reduce_bucket_size), "overlap_comm": False}
+    if stage == 3:
+        zero.update(stage3_prefetch_bucket_size=int(strategy_cfg.reduce_bucket_size), stage3_param_persistence_threshold=0)
+    if strategy_cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    cfg = {
+        "train_batch_size": sched.global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": per_rank // micro,
+        "zero_optimization": zero,
+        "bf16": {"enabled": sched.precision == "bf16"},
+        "gradient_clipping": float(optim.grad_clip),
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if strategy_cfg.deepspeed_optimizer:
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+                                                         "weight_decay": optim.weight_decay}}
+    return cfg
+
+
+class DeepSpeedStrategy(Strategy):
+    """ZeRO stage 1, 2 or 3 via deepspeed.initialize."""
+
+    def __init__(self, cfg, sched, optim):
+        self.cfg, self.sched, self.optim_cfg = cfg, sched, optim
+        self.stage = int(cfg.name[-1])
+        self.precision = sched.precision
+        if sched.on_nonfinite != "stop":
+            raise ValueError(f"strategy {cfg.name}: train.on_nonfinite={sched.on_nonfinite!r} is not supported "
+                             "(a DeepSpeed step cannot be dropped); use 'stop', or strategy=fsdp/ddp")
+        if sched.compile or sched.activation_checkpointing:
+            raise ValueError(f"strategy {cfg.name}: train.compile / train.activation_checkpointing are not wired for "
+                             "DeepSpeed; use strategy=fsdp or ddp")
+
+    def setup(self, build_model, make_optimizer) -> None:
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        import deepspeed
+
+        if not torch.cuda.is_available():
+            # CPU: skip the shared-memory comm op's JIT build (~40 s, leaves /dev/shm files); plain gloo collectives.
+            import deepspeed.comm.torch  # noqa: F401
+
+            sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        dist.init(self.cfg.backend, require=True)
+        os.environ.setdefault("LOCAL_RANK", "0")   # a plain `python` process: DeepSpeed insists on the variable
+        deepspeed.init_distributed(dist_backend=tdist.get_backend(), auto_mpi_discovery=False)
+        self.world = dist.get_world_size()
+        module = build_model("cpu").to(dist.device())   # the same seeded CPU init as every strategy
+        ds_cfg = build_ds_config(self.stage, self.sched, self.optim_cfg, self.cfg, self.world)
+        self.gas = ds_cfg["gradient_accumulation_steps"]
+        client_opt = None if self.cfg.deepspeed_optimizer else make_optimizer(module.parameters())
+        engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=client_opt, config=ds_cfg,
+                                                       model_parameters=module.parameters())
+        self.engine, self.model, self.module, self.optimizer = engine, engine, engine.module, optimizer
+        self._micro = 0
+
+    # ---- loop interface
+    def autocast(self):
+        # bf16 engine parameters with fp32 inputs: autocast casts matmul inputs (DeepSpeed does not cast them).
+        if self.precision == "bf16":
+            return torch.autocast(dist.device().type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loop already scales the loss by the per-rank batch; DeepSpeed must not divide again by GAS.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self._micro += 1
+        if self._micro < self.gas:
+            self.engine.step()   # not a boundary: DeepSpeed only counts the micro-step
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Global grad norm before the step (DeepSpeed clips inside step() with ``gradient_clipping``)."""
+        if self._micro != self.gas:
+            raise RuntimeError(f"DeepSpeed: {self._micro} micro-batches this step, config says {self.gas} "
+                               "(variable per-step batch sizes are not supported with zero*)")
+        from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
+
+        sq = torch.zeros((), dtype=torch.float64, device=dist.device())
+        for p in self.module.parameters():
+            if not p.requires_grad:
+                continue
+            # ZeRO-3: this rank's fp32 gradient partition (summed over ranks below). ZeRO-1/2: the full
+            # gradient, assembled by DeepSpeed with one all-reduce per tensor (extra communication).
+            g = safe_get_local_grad(p) if self.stage == 3 else safe_get_full_grad(p)
+            if g is not None:
+                sq += g.double().pow(2).sum()
+        if self.stage == 3:
+            dist.all_reduce_sum(sq)
+        return sq.sqrt().float()
+
+    def step(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.engine.step()
+        self._micro = 0
+
+    def skip_step(self) -> None:
+        raise RuntimeError("DeepSpeed cannot skip a step")   # refused at construction; unreachable
+
+    # ---- EMA layout: local fp32 master partitions under ZeRO-3, the replicated parameters otherwise
+    def ema_params(self) -> dict[str, torch.Tensor]:
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            return {n: safe_get_local_fp32_param(p) for n, p in self.module.named_parameters() if p.requires_grad}
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def _gather_partition(self, local: torch.Tensor, p) -> torch.Tensor:
+        """Full tensor of parameter ``p`` from every rank's flat partition (collective)."""
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        tdist.all_gather(parts, local.contiguous())
+        return torch.cat(parts)[: p.ds_numel].view(p.ds_shape)
+
+    def full_state_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        params = dict(self.module.named_parameters())
+        out = {}
+        for k, v in tensors.items():
+            full = self._gather_partition(v, params[k]) if self.stage == 3 else v
+            if dist.get_rank() == 0:
+                out[k] = full.detach().float().cpu()
+        return out if dist.get_rank() == 0 else None
+
+    def full_model_state_dict(self) -> dict[str, torch.Tensor] | None:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        keys = list(self.module.state_dict().keys())
+        params, buffers = dict(self.module.named_parameters()), dict(self.module.named_buffers())
+        out = {}
+        for k in keys:   # fp32 masters (a collective per tensor), persistent buffers as they are
+            t = safe_get_full_fp32_param(params[k]) if k in params else buffers[k]
+            if dist.get_rank() == 0:
+                out[k] = t.detach().float().cpu() if k in params else t.detach().cpu()
+        return out if dist.get_rank() == 0 else None
+
+    def load_full_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Full weights into the fp32 masters and the module's (possibly partitioned, low-precision) parameters."""
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        params = dict(self.module.named_parameters())
+        missing = sorted(set(params) - set(state))
+        if missing:
+            raise KeyError(f"weights lack parameters {missing[:5]}")
+        for k, p in params.items():
+            value = state[k].to(dist.device(), torch.float32)
+            if self.stage == 3:
+                local = self.shard_like_params({k: value})[k]
+                from deepspeed.utils import safe_set_local_fp32_param
+
+                safe_set_local_fp32_param(p, local)
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if dist.get_rank() == 0:
+                        p.data.copy_(value.to(p.dtype))
+            else:
+                safe_set_full_fp32_param(p, value)
+                with torch.no_grad():
+                    p.data.copy_(value.to(p.dtype))
+
+    def shard_like_params(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.stage != 3:
+            return super().shard_like_params(full)
+        params = dict(self.module.named_parameters())
+        out = {}
+        for k, v in full.items():
+            p = params[k]
+            n = p.ds_tensor.ds_numel                           # partition size (equal on all ranks, zero-padded)
+            flat = torch.zeros(n * self.world, dtype=torch.float32, device=dist.device())
+            flat[: p.ds_numel] = v.flatten().to(flat)
+            out[k] = flat[dist.get_rank() * n:(dist.get_rank() + 1) * n].clone()
+        return out
+
+    # ---- checkpoints: DeepSpeed's own format for model + optimizer, EMA next to it
+    def save(self, path: str, ema_state: dict) -> None:
+        self.engine.save_checkpoint(os.path.join(path, "deepspeed"), tag="state", save_latest=False)
+        ema = {"shadow": {k: v.detach().cpu() for k, v in ema_state["shadow"].items()},
+               "num_updates": int(ema_state["num_updates"])}
+        if self.stage == 3:
+            torch.save(ema, os.path.join(path, f"ema_rank{dist.get_rank()}.pt"))
+        elif dist.get_rank() == 0:
+            torch.save(ema, os.path.join(path, "ema.pt"))
+        if dist.get_rank() == 0:
+            with open(os.path.join(path, "zero.json"), "w") as f:
+                json.dump({"stage": self.stage, "world_size": self.world}, f)
+        dist.barrier()
+
+    def load(self, path: str, ema_state: dict) -> dict:
+        meta_f = os.path.join(path, "zero.json")
+        if not os.path.exists(meta_f):
+            raise FileNotFoundError(f"checkpoint file missing: {meta_f} (written by another strategy? zero* reads "
+                                    "DeepSpeed checkpoints)")
+        with open(meta_f) as f:
+            meta = json.load(f)
+        if meta["world_size"] != self.world or meta["stage"] != self.stage:
+            raise ValueError(f"{path}: ZeRO-{meta['stage']} checkpoint of {meta['world_size']} processes cannot resume "
+                             f"as ZeRO-{self.stage} on {self.world} (DeepSpeed universal checkpoints are not wired in; "
+                             "use the same process count, or strategy=fsdp for elastic resume)")
+        try:
+            load_path, _ = self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="state",
+                                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+        except Exception as e:
+            raise ValueError(f"corrupt or unreadable DeepSpeed checkpoint {os.path.join(path, 'deepspeed')}: {e}") from None
+        if load_path is None:
+            raise FileNotFoundError(f"checkpoint file missing: DeepSpeed state under {os.path.join(path, 'deepspeed')}")
+        f = os.path.join(path, f"ema_rank{dist.get_rank()}.pt" if self.stage == 3 else "ema.pt")
+        try:
+            ema = torch.load(f, map_location=dist.device(), weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"checkpoint file missing: {f}") from None
+        except Exception as e:
+            raise ValueError(f"corrupt checkpoint file {f}: {e}") from None
+        return ema
+
+    def close(self) -> None:
+        if getattr(self, "engine", None) is not None:
+            self.engine.destroy()
+        self.engine = self.model = self.module = self.optimizer = None
