@@ -15,6 +15,7 @@
 #   EVAL_ARGS     if set, an evaluation job (slurm/eval_stage.sh -> slurm/eval_fid.sh) is submitted after each
 #                 stage in EVAL_STAGES (default: all), with these evaluation overrides, e.g.
 #                 EVAL_ARGS="vae=/models/sd-vae-ft-ema metrics.inception_weights=/models/pt_inception.pth reference.npz=/data/VIRTUAL_imagenet256_labeled.npz"
+#   EVAL_SBATCH_EXTRA  extra sbatch options for the evaluation jobs
 # Prints one line per job: "<stage> <job id>" (and "eval:<stage> <job id>").
 set -euo pipefail
 cd "${FLOWDCN_HOME:-$(dirname "$0")/..}"
@@ -38,8 +39,9 @@ for stage in $stages; do
   jid=${jid%%;*}
   echo "$stage $jid"
   if [ -n "${EVAL_ARGS:-}" ] && { [ -z "${EVAL_STAGES:-}" ] || [[ " $EVAL_STAGES " == *" $stage "* ]]; }; then
+    read -r -a eval_extra <<<"${EVAL_SBATCH_EXTRA:-}"
     eid=$(sbatch --parsable --output="$FLOWDCN_LOGS/%x-%j.out" --dependency="afterok:$jid" --kill-on-invalid-dep=yes \
-      --job-name="eval-$stage" slurm/eval_stage.sh "$stage" "$@")
+      --job-name="eval-$stage" ${eval_extra[@]+"${eval_extra[@]}"} slurm/eval_stage.sh "$stage" "$@")
     echo "eval:$stage ${eid%%;*}"
   fi
   dep=$jid

@@ -253,6 +253,37 @@ def select(stages: list[Stage], only: list[str]) -> list[Stage]:
     return [s for s in stages if not only or s.name in only]
 
 
+def plan_stage(stages: list[Stage], i: int) -> tuple[str, str | None]:
+    """What to do with stage i: (skip | resume | explicit | previous | scratch, init_from) or (error, message)."""
+    stage = stages[i]
+    try:
+        if is_done(stage):
+            return "skip", None
+        if complete_checkpoints(stage.run_dir):
+            check_resumable(stage)
+            return "resume", None
+        if stage.cfg.init_from:
+            return "explicit", stage.cfg.init_from
+        if i > 0:
+            return "previous", final_checkpoint(stages[i - 1])
+        return "scratch", None
+    except StageError as e:
+        return "error", str(e)
+
+
+def agree(decision):
+    """Rank 0's decision on every rank: a file another node wrote a moment ago may not be visible everywhere yet."""
+    from . import dist
+
+    if not dist.is_dist():
+        return decision
+    import torch.distributed as tdist
+
+    box = [decision]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def run_pipeline(args: PipelineArgs) -> int:
     """Run the selected stages in order; returns the exit code (non-zero stops the pipeline)."""
     from . import dist
@@ -260,22 +291,24 @@ def run_pipeline(args: PipelineArgs) -> int:
 
     root, stages = resolve_stages(args)
     chosen = select(stages, args.only)
+    dist.init(chosen[0].cfg.strategy.backend)      # once for all stages, so that every decision is rank 0's
     for i, stage in enumerate(stages):
         if stage not in chosen:
             continue
-        if is_done(stage):
+        action, arg = agree(plan_stage(stages, i))
+        if action == "error":
+            raise StageError(arg)
+        cfg = stage.cfg
+        if action == "skip":
             dist.print0(f"[stages] {stage.name}: done, skipped ({os.path.join(stage.run_dir, 'DONE.json')})")
             continue
-        cfg = stage.cfg
-        if complete_checkpoints(stage.run_dir):
-            check_resumable(stage)
+        if action == "resume":
             dist.print0(f"[stages] {stage.name}: resuming in {stage.run_dir}")
-        elif cfg.init_from:
-            dist.print0(f"[stages] {stage.name}: starting from {cfg.init_from} (set explicitly)")
-        elif i > 0:
-            cfg.init_from = final_checkpoint(stages[i - 1])
-            stage.config_dict["init_from"] = cfg.init_from
-            dist.print0(f"[stages] {stage.name}: starting from {stages[i - 1].name}'s final weights + EMA {cfg.init_from}")
+        elif action == "explicit":
+            dist.print0(f"[stages] {stage.name}: starting from {arg} (init_from set explicitly)")
+        elif action == "previous":
+            cfg.init_from = stage.config_dict["init_from"] = arg
+            dist.print0(f"[stages] {stage.name}: starting from {stages[i - 1].name}'s final weights + EMA {arg}")
         else:
             dist.print0(f"[stages] {stage.name}: starting from scratch in {stage.run_dir}")
         code = run(cfg, stage.config_dict)

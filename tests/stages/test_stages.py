@@ -178,3 +178,18 @@ def test_stage_configs_follow_the_official_recipe():
     for s in tiny:
         assert (s.cfg.model.name, s.cfg.data.kind, s.cfg.strategy.name) == ("FlowDCN-debug", "digits", "ddp"), s.name
     assert [s.cfg.train.total_nimg for s in tiny] == [512, 7, 512]
+
+
+def test_two_ranks_chain_stages_in_one_process_group(tmp_path):
+    """torchrun, 2 gloo ranks, both stages in one launch: the hand-over decision is rank 0's, broadcast."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "trainer.stages",
+           "run", f"root={tmp_path}", "only=pretrain_256,finetune_512", *TINY, "train.total_nimg=64",
+           "finetune_512.train.total_nimg=0"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = ok(p)
+    final = ckpt(tmp_path, "pretrain_256", 64)
+    assert f"finetune_512: starting from pretrain_256's final weights + EMA {final}" in out
+    assert json.load(open(os.path.join(final, "meta.json")))["world_size"] == 2
+    for f in ("model.safetensors", "ema.safetensors"):
+        assert_same_tensors(os.path.join(final, f), os.path.join(ckpt(tmp_path, "finetune_512", 0), f))
