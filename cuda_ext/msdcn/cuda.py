@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from . import build
 from .reference import ROUNDING_MODES, check_msdcn_inputs
 
-__all__ = ["available", "require", "msdcn", "msdcn_deform", "set_launch"]
+__all__ = ["available", "require", "supports", "msdcn", "msdcn_deform", "set_launch"]
 
 _VALUE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _state: dict[str, object] = {"error": None, "ok": False}
@@ -112,12 +112,19 @@ def _field_dtype(value: torch.Tensor, *fields: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
+def supports(shape) -> bool:
+    """True when the kernels take value of this [B,H,W,G,C] shape: G * ceil(C/8) <= 512 (a block holds whole queries)."""
+    return shape[-2] * ((shape[-1] + 7) // 8) <= 512
+
+
 def _prep_value(value: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Aligned value, zero-padded to a multiple of 8 channels; returns (value, original C)."""
     if value.dtype not in _VALUE_DTYPES:
         raise TypeError(f"msdcn cuda: value dtype must be one of {_VALUE_DTYPES}, got {value.dtype}")
     if not value.is_cuda:
         raise ValueError(f"msdcn cuda: value must be a CUDA tensor, got device {value.device}")
+    if not supports(value.shape):
+        raise ValueError(f"msdcn cuda: G * ceil(C/8) must be <= 512, got G={value.shape[-2]}, C={value.shape[-1]}; use impl='torch'")
     C = value.shape[-1]
     pad = (-C) % 8
     if pad:
@@ -126,6 +133,7 @@ def _prep_value(value: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def _prep_grad(grad_out: torch.Tensor, value: torch.Tensor, pad: int) -> torch.Tensor:
+    """grad_out in value's dtype, padded like value, aligned."""
     g = grad_out.to(value.dtype)
     if pad:
         g = F.pad(g, (0, pad))
@@ -133,6 +141,7 @@ def _prep_grad(grad_out: torch.Tensor, value: torch.Tensor, pad: int) -> torch.T
 
 
 def _fields(value: torch.Tensor, *fields: torch.Tensor) -> list[torch.Tensor]:
+    """Offsets/delta, scale_logit and weights in one field dtype (see _field_dtype), contiguous."""
     fdt = _field_dtype(value, *fields)
     return [(f if f.dtype == fdt else f.to(fdt)).contiguous() for f in fields]
 
@@ -145,11 +154,13 @@ def _consts(value: torch.Tensor, *consts: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _empty(value: torch.Tensor) -> torch.Tensor:
+    """Placeholder for the tensors the plain (unfused) kernels do not read."""
     return torch.empty(0, device=value.device, dtype=_acc_dtype(value))
 
 
 # ---------------------------------------------------------------- implementations (shared by both paths)
 def _plain_forward(value, offsets, weights, rounding):
+    """out = msdcn(value, offsets, weights) through the forward kernel."""
     v, C = _prep_value(value)
     off, w = _fields(v, offsets, weights)
     e = _empty(v)
@@ -158,10 +169,12 @@ def _plain_forward(value, offsets, weights, rounding):
 
 
 def _bwd_flags():
+    """Launch shape and variant switches of the backward kernel."""
     return (*_LAUNCH["backward"], _SPLIT_BWD, _LEAN_BWD, _L1_PREF_BWD, _DIAG_SKIP_VALUE_GRAD)
 
 
 def _plain_backward_impl(grad_out, value, offsets, weights, rounding):
+    """(grad_value, grad_offsets, grad_weights), each in its input's dtype."""
     v, C = _prep_value(value)
     g = _prep_grad(grad_out, v, v.shape[-1] - C)
     off, w = _fields(v, offsets, weights)
@@ -172,6 +185,7 @@ def _plain_backward_impl(grad_out, value, offsets, weights, rounding):
 
 
 def _deform_forward(value, delta, scale_logit, weights, prior, s0, s_max, rounding):
+    """out = msdcn(value, (delta + prior)·σ(scale_logit + s0)·S_max, weights), the field computed in the kernel."""
     v, C = _prep_value(value)
     d, s, w = _fields(v, delta, scale_logit, weights)
     p, z, m = _consts(v, prior, s0, s_max)
@@ -180,6 +194,7 @@ def _deform_forward(value, delta, scale_logit, weights, prior, s0, s_max, roundi
 
 
 def _deform_backward_impl(grad_out, value, delta, scale_logit, weights, prior, s0, s_max, rounding):
+    """(grad_value, grad_delta, grad_scale_logit, grad_weights, grad_s0), each in its input's dtype."""
     v, C = _prep_value(value)
     g = _prep_grad(grad_out, v, v.shape[-1] - C)
     d, s, w = _fields(v, delta, scale_logit, weights)
@@ -286,6 +301,8 @@ msdcn_deform_cuda_op.register_autograd(_deform_backward, setup_context=_deform_s
 # The same implementations through autograd.Function: custom_op dispatch costs ~100 µs of Python per
 # forward+backward, which shows at 16² (kernels ~0.6 ms). torch.compile traces the custom ops instead.
 class _PlainFn(torch.autograd.Function):
+    """Eager autograd wrapper of the plain op (same implementation as flowdcn::msdcn_cuda)."""
+
     @staticmethod
     def forward(ctx, value, offsets, weights, rounding):
         ctx.save_for_backward(value, offsets, weights)
@@ -299,6 +316,8 @@ class _PlainFn(torch.autograd.Function):
 
 
 class _DeformFn(torch.autograd.Function):
+    """Eager autograd wrapper of the fused op (same implementation as flowdcn::msdcn_deform_cuda)."""
+
     @staticmethod
     def forward(ctx, value, delta, scale_logit, weights, prior, s0, s_max, rounding):
         ctx.save_for_backward(value, delta, scale_logit, weights, prior, s0, s_max)

@@ -18,6 +18,7 @@ from cuda_ext.msdcn import build
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # ~40 s of nvcc on the 2-core CPU machine
 @pytest.mark.skipif(build.find_nvcc() is None, reason="nvcc not installed")
 def test_kernel_sources_compile_for_sm90(tmp_path):
     """nvcc compiles the kernel translation unit for sm_90 with torch's headers (the JIT build's flags)."""
