@@ -236,3 +236,19 @@ def test_mds_set_readable_by_streaming_dataset(tmp_path, latent_data):
         s = ds[i]
         label, mom, bucket = mine[s["key"]]
         assert s["label"] == label and s["meta"]["bucket"] == bucket and np.array_equal(npy_load(s["moments"]), mom)
+
+
+def test_image_folder_class_map_and_ignored_files(tmp_path):
+    from data_pipeline.sources import ImageFolderSource
+
+    root = tmp_path / "train"
+    for cls in ("n02", "n01", "extra"):
+        (root / cls).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / cls / "a.JPEG")
+    (root / "n01" / "notes.txt").write_text("not an image")
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n02 goldfish\nn01 tench, Tinca tinca\n")
+    src = ImageFolderSource(str(root), class_map=str(tmp_path / "LOC_synset_mapping.txt"))
+    assert {os.path.basename(os.path.dirname(it.path)): it.label for it in src.items} == {"n02": 0, "n01": 1}
+    assert any("notes.txt" in p for p in src.ignored) and any("extra" in p for p in src.ignored)
+    plain = ImageFolderSource(str(root))  # no map: sorted directory index
+    assert {os.path.basename(os.path.dirname(it.path)): it.label for it in plain.items} == {"extra": 0, "n01": 1, "n02": 2}

@@ -176,3 +176,17 @@ def test_data_configs_are_loader_configs(latent_data):
         if cfg.batch_policy == "tokens":
             cfg.tokens_per_batch = 64
         assert _take(build_loader(cfg, 0, 2), 1)[0]["x"].ndim == 4
+
+
+def test_bucket_subset_and_start_epoch(latent_data):
+    recs, m = _records(latent_data["wds"])
+    biggest = max(m["counts"]["per_bucket"], key=lambda b: m["counts"]["per_bucket"][b])
+    only = build_loader(LoaderConfig(manifest=latent_data["wds"], batch_size=2, num_workers=0,
+                                     buckets=[int(biggest)]), 0, 1)
+    assert all(b["bucket"] == int(biggest) for b in _take(only, 2 * only.steps_per_epoch))
+    cfg = dict(manifest=latent_data["wds"], batch_size=2, num_workers=0)
+    ref = _take(build_loader(LoaderConfig(**cfg), 0, 1), 60)
+    later = build_loader(LoaderConfig(**cfg, start_epoch=1), 0, 1)
+    n = later.steps_per_epoch
+    for a, b in zip(ref[n:], _take(later, 60 - n)):  # start_epoch=1 == an uninterrupted run after one epoch
+        assert a["keys"] == b["keys"] and torch.equal(a["x"], b["x"]) and b["epoch"] >= 1
