@@ -15,6 +15,7 @@ dtype. C need not be a multiple of 8: other C are zero-padded here (a copy; C % 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,9 @@ def require() -> None:
         _module()
     except Exception as exc:  # remember the reason: "auto" must not retry a failing build on every call
         _state["error"] = str(exc)
+        if torch.version.cuda is not None and torch.cuda.is_available():
+            # A GPU is there but the kernels are not: say so once, since impl="auto" falls back to the reference.
+            warnings.warn(f"MSDCN CUDA kernels unavailable, impl='auto' uses the PyTorch reference: {exc}", RuntimeWarning, stacklevel=2)
         raise RuntimeError(str(exc)) from exc
     _state["ok"] = True
 
