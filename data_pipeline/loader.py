@@ -254,6 +254,9 @@ class LatentLoader:
         if fmt not in FORMATS or (cfg.format and cfg.format != fmt):
             raise ValueError(f"LoaderConfig.format={cfg.format!r} but manifest {cfg.manifest!r} holds {fmt!r} shards")
         self.layout = _Layout(cfg, self.manifest)
+        if cfg.flip_prob > 0 and self.layout.num_moments < 4:
+            raise ValueError(f"LoaderConfig.flip_prob={cfg.flip_prob} but {cfg.manifest!r} holds no flipped moments "
+                             "(encoded with --no-flip): set flip_prob: 0 or re-encode with flips")
         missing = [e["path"] for e in self.layout.shards if not os.path.exists(os.path.join(self.root, e["path"]))]
         if missing:  # fail now, not hours into training when the plan first reaches the shard
             raise FileNotFoundError(f"{len(missing)} shard(s) listed in {cfg.manifest!r} are missing under "

@@ -136,6 +136,10 @@ def test_tar_source_with_cls(tmp_path, tiny_vae_dir):
     recs = _records(out)
     assert sorted(r[0] for r in recs.values()) == [7, 8, 9, 10]
     assert all(r[1].shape[0] == 2 for r in recs.values())  # no flips: (mean, logvar)
+    from data_pipeline.loader import LoaderConfig, build_loader
+
+    with pytest.raises(ValueError, match="no flipped moments"):
+        build_loader(LoaderConfig(manifest=out, batch_size=1, flip_prob=0.5), 0, 1)
 
 
 def test_truncated_and_corrupt_shards_named(tmp_path, latent_data):
