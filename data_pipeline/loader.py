@@ -11,8 +11,9 @@ ranks together, and only batches handed to the caller count (prefetched ones do 
 the exact next batch. Resuming on a different number of ranks is exact as long as every bucket's GLOBAL batch
 ``G_b`` is unchanged: with ``batch_policy="fixed"`` keep ``batch_size * world_size`` constant (e.g. 2 ranks x 32 ->
 1 rank x 64), or simply set ``global_batch_size``; with ``"tokens"`` keep ``tokens_per_batch * world_size`` constant
-(or set ``global_tokens``) and set ``batch_quantum`` to a multiple of every world size you will use. Anything else is refused with an error saying which bucket changed; to
-continue anyway (new stage, new data, new batch) start the loader fresh, e.g. at ``epoch`` = the old one + 1.
+(or set ``global_tokens``) and set ``batch_quantum`` to a multiple of every world size you will use. Anything else
+is refused with an error saying which bucket changed; to continue anyway (new stage, new data, new batch) start the
+loader fresh, e.g. with ``start_epoch`` = the saved epoch + 1.
 """
 from __future__ import annotations
 
