@@ -52,10 +52,17 @@ def _use_cuda(impl: str, device: torch.device) -> bool:
     return device.type == "cuda" and cuda_available()
 
 
+def _auto_cuda(impl: str, value: torch.Tensor) -> bool:
+    """_use_cuda, plus: "auto" falls back to the reference for shapes the kernels do not take."""
+    if not _use_cuda(impl, value.device):
+        return False
+    return impl == "cuda" or _cuda_backend().supports(value.shape)
+
+
 def msdcn(value: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, *, rounding: str = "floor", impl: str = "auto") -> torch.Tensor:
     """Groupwise deformable sampling: out[b,h,w,g] = sum_k weights[...,k] * bilinear(value[b,:,:,g], pos_k)."""
     check_msdcn_inputs(value, offsets, weights, rounding)
-    if _use_cuda(impl, value.device):
+    if _auto_cuda(impl, value):
         return _cuda_backend().msdcn(value, offsets, weights, rounding=rounding)
     return torch.ops.flowdcn.msdcn_ref(value, offsets, weights, rounding)
 
@@ -78,7 +85,7 @@ def msdcn_deform(
     The CUDA path computes the offsets in registers (the [B,H,W,G,K,2] field never touches memory);
     the torch path composes deform_offsets_ref and msdcn_ref, and is the spec.
     """
-    if _use_cuda(impl, value.device):
+    if _auto_cuda(impl, value):
         return _cuda_backend().msdcn_deform(value, delta, scale_logit, weights, prior, s0, s_max, rounding=rounding)
     offsets = deform_offsets_ref(delta, scale_logit, prior, s0, s_max)
     return msdcn(value, offsets, weights, rounding=rounding, impl="torch")
