@@ -94,11 +94,13 @@ def parse_args(argv: list[str]) -> PipelineArgs:
         head = prefix.split(".", 1)[0]
         if head in known:
             if "." not in prefix:
-                raise SystemExit(f"trainer.stages: {item!r}: a stage override needs a key, e.g. {head}.train.total_nimg=...")
+                raise SystemExit(f"trainer.stages: {item!r}: a stage override needs a key, "
+                                 f"e.g. {head}.train.total_nimg=...")
             sigil = key[: len(key) - len(prefix)]
             args.per_stage.setdefault(head, []).append(f"{sigil}{prefix.split('.', 1)[1]}={value}")
         elif prefix in ("run_dir", "init_from"):
-            raise SystemExit(f"trainer.stages: {key} is set per stage by the runner; use root=... (or <stage>.init_from=...)")
+            raise SystemExit(f"trainer.stages: {key} is set per stage by the runner; "
+                             "use root=... (or <stage>.init_from=...)")
         else:
             args.common.append(item)
     return args
@@ -164,7 +166,8 @@ def resolve_stages(args: PipelineArgs) -> tuple[str, list[Stage]]:
     root = os.path.abspath(args.root or p.get("root") or "runs/pipeline")
     for s in list(args.per_stage) + args.only:
         if s not in p["stages"]:
-            raise SystemExit(f"trainer.stages: stage {s!r} is not in pipeline {args.pipeline!r} ({', '.join(p['stages'])})")
+            raise SystemExit(f"trainer.stages: stage {s!r} is not in pipeline {args.pipeline!r} "
+                             f"({', '.join(p['stages'])})")
     stages = []
     for name in p["stages"]:
         ov = [*((p.get("stage_overrides") or {}).get(name, [])), *args.common, *args.per_stage.get(name, [])]
@@ -200,7 +203,8 @@ def complete_checkpoints(run_dir: str) -> list[str]:
     root = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(root):
         return []
-    names = sorted(n for n in os.listdir(root) if n.startswith("nimg_") and os.path.exists(os.path.join(root, n, MARKER)))
+    names = sorted(n for n in os.listdir(root)
+                   if n.startswith("nimg_") and os.path.exists(os.path.join(root, n, MARKER)))
     return [os.path.join(root, n) for n in names]
 
 

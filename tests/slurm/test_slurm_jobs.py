@@ -9,8 +9,10 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -27,7 +29,8 @@ def cluster_problem() -> str | None:
     """Why the Slurm tests cannot run here, or None."""
     for tool in ("sbatch", "sinfo", "squeue", "scontrol", "scancel"):
         if shutil.which(tool) is None:
-            return f"Slurm is not installed ({tool} not found); run `sudo bash .ci/slurm_setup.sh` to set up a local cluster"
+            return (f"Slurm is not installed ({tool} not found); "
+                    "run `sudo bash .ci/slurm_setup.sh` to set up a local cluster")
     try:
         p = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20)
     except subprocess.TimeoutExpired:
@@ -132,7 +135,8 @@ def test_pretrain_job_finishes_with_a_complete_checkpoint(pretrain_pair):
     assert meta["config"]["strategy"]["backend"] == "gloo"
     assert final_tensors(os.path.join(tmp, "ref"), "pretrain_256", 2048)["ema"]
     # per-rank logs: torchrun tees each rank into logs/<job>/restart0/node0/.../<rank>/stdout.log
-    ranks = {os.path.basename(os.path.dirname(p)) for p in _find(os.path.join(tmp, "logs", f"pretrain_256-{jid}"), "stdout.log")}
+    logs = _find(os.path.join(tmp, "logs", f"pretrain_256-{jid}"), "stdout.log")
+    ranks = {os.path.basename(os.path.dirname(p)) for p in logs}
     assert ranks == {"0", "1"}
 
 
@@ -154,25 +158,46 @@ def test_preempted_job_saves_requeues_resumes_and_matches(pretrain_pair):
                 final_tensors(os.path.join(tmp, "pre"), "pretrain_256", 2048))
 
 
-def test_pipeline_chains_stages_with_afterok(tmp_path):
-    """slurm/pipeline.sh, one Slurm task per rank (FLOWDCN_LAUNCHER=srun): finetune_512 waits for pretrain_256 and
-    starts from its final weights + EMA (0 images of its own, so its checkpoint is exactly what it started from)."""
-    env = job_env(tmp_path, FLOWDCN_LAUNCHER="srun", SBATCH_EXTRA=" ".join(CPU_JOB))
+def test_pipeline_chains_stages_with_afterok_and_evaluates(tmp_path):
+    """slurm/pipeline.sh on real latent shards (data_pipeline.tiny), one Slurm task per rank (FLOWDCN_LAUNCHER=srun):
+    finetune_512 waits for pretrain_256 and starts from its final weights + EMA (0 images of its own, so its
+    checkpoint is exactly what it started from); then slurm/eval_stage.sh -> slurm/eval_fid.sh evaluates it."""
+    data = tmp_path / "data"
+    build = subprocess.run([sys.executable, "-m", "data_pipeline.tiny", "--out", str(data)], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (24, 64, 64, 3)).astype(np.uint8))
+    eval_args = [f"vae={data}/vae", "metrics.extractor=tiny", "resolutions=[[64,64]]", "sampling=euler50",
+                 "sampling.steps=3", "sampling.num_samples=8", "sampling.chunk_size=4", "metrics.is_splits=2",
+                 f"reference.npz={tmp_path}/ref.npz", "device=cpu", f"out_dir={tmp_path}/eval", "run_name=r"]
+    env = job_env(tmp_path, FLOWDCN_LAUNCHER="srun", SBATCH_EXTRA=" ".join(CPU_JOB), EVAL_STAGES="finetune_512",
+                  EVAL_ARGS=" ".join(eval_args), EVAL_SBATCH_EXTRA=" ".join(CPU_JOB), GPUS_PER_NODE="1")
     root = tmp_path / "root"
-    p = subprocess.run(["bash", "slurm/pipeline.sh", "pipeline=two_stage", f"root={root}", "experiment=tiny",
-                        "train.total_nimg=256", "finetune_512.train.total_nimg=0", "finetune_512.data.digits.resolution=16"],
+    p = subprocess.run(["bash", "slurm/pipeline.sh", "pipeline=two_stage", f"root={root}", "experiment=tiny_latents",
+                        f"data.latents.manifest={data}/latents/manifest.json", "train.total_nimg=128",
+                        "finetune_512.train.total_nimg=0"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     ids = dict(line.split() for line in p.stdout.splitlines())
-    assert list(ids) == ["pretrain_256", "finetune_512"]
-    dep = subprocess.run(["squeue", "-h", "-j", ids["finetune_512"], "-o", "%E"], capture_output=True, text=True).stdout
-    assert f"afterok:{ids['pretrain_256']}" in dep
-    first, second = wait_job(ids["pretrain_256"]), wait_job(ids["finetune_512"])
+    assert list(ids) == ["pretrain_256", "finetune_512", "eval:finetune_512"]
+    for after, job in (("pretrain_256", "finetune_512"), ("finetune_512", "eval:finetune_512")):
+        dep = subprocess.run(["squeue", "-h", "-j", ids[job], "-o", "%E"], capture_output=True, text=True).stdout
+        assert f"afterok:{ids[after]}" in dep, (job, dep)
+    first, second, ev = (wait_job(ids[k]) for k in ("pretrain_256", "finetune_512", "eval:finetune_512"))
     logs = tmp_path / "logs"
-    for info, (name, jid) in zip((first, second), ids.items()):
+    for info, (name, jid) in zip((first, second), list(ids.items())[:2]):
         assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), job_log(logs, name, jid)[-3000:]
         assert sorted(os.listdir(logs / f"{name}-{jid}")) == ["rank0.log", "rank1.log"]
-    assert second["StartTime"] >= first["EndTime"]
+    assert second["StartTime"] >= first["EndTime"] and ev["StartTime"] >= second["EndTime"]
     final = json.load(open(root / "pretrain_256" / "DONE.json"))["checkpoint"]
     assert f"[init] weights and EMA from {final}" in job_log(logs, "finetune_512", ids["finetune_512"])
-    assert_same(final_tensors(root, "pretrain_256", 256), final_tensors(root, "finetune_512", 0))
+    assert_same(final_tensors(root, "pretrain_256", 128), final_tensors(root, "finetune_512", 0))
+    # the evaluation job ran on the finished stage's final checkpoint
+    eval_log = job_log(logs, "eval-finetune_512", ids["eval:finetune_512"])
+    assert (ev["JobState"], ev["ExitCode"]) == ("COMPLETED", "0:0"), eval_log[-3000:]
+    stage_final = json.load(open(root / "finetune_512" / "DONE.json"))["checkpoint"]
+    assert f"evaluating finetune_512: {stage_final}" in eval_log
+    metrics = json.load(open(tmp_path / "eval" / "r" / "metrics.json"))
+    assert metrics["config"]["model"]["ckpt"] == stage_final
+    assert "fid" in metrics["results"][0]["metrics"]
