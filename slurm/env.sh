@@ -10,12 +10,13 @@
 #   MASTER_PORT      c10d rendezvous port on the first node        (default: 20000 + job id mod 20000)
 #   FLOWDCN_LAUNCHER torchrun (one srun task per node, torchrun spawns the ranks, c10d rendezvous)
 #                    | srun (one srun task per rank; RANK/LOCAL_RANK/WORLD_SIZE from SLURM_*)   (default: torchrun)
-#   SHUTDOWN_TIMEOUT seconds torchrun lets ranks finish a checkpoint after SIGTERM before SIGKILL (default 900)
+#   SHUTDOWN_TIMEOUT seconds torchrun lets ranks finish a checkpoint after SIGTERM before SIGKILL (default 480:
+#                    below the stage scripts' 600 s --signal lead, so the requeue still happens before the limit)
 #   OMP_NUM_THREADS  CPU threads per rank                          (default: cpus per task / ranks per node)
 export FLOWDCN_HOME=${FLOWDCN_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
 export FLOWDCN_LOGS=${FLOWDCN_LOGS:-$FLOWDCN_HOME/logs}
 export FLOWDCN_LAUNCHER=${FLOWDCN_LAUNCHER:-torchrun}
-export SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-900}
+export SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-480}
 
 _gpus=${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
 _gpus=${_gpus##*:}                                   # "h100:8" -> "8"

@@ -32,7 +32,7 @@ def cluster_problem() -> str | None:
             return (f"Slurm is not installed ({tool} not found); "
                     "run `sudo bash .ci/slurm_setup.sh` to set up a local cluster")
     try:
-        p = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20)
+        p = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10)
     except subprocess.TimeoutExpired:
         return "sinfo timed out: no Slurm controller answers"
     if p.returncode != 0:
