@@ -8,5 +8,5 @@ from trainer_runs import train
 def ddp2_reference(tmp_path_factory) -> str:
     """An uninterrupted 2-process DDP run of TINY (6 steps); the baseline of several tests."""
     d = str(tmp_path_factory.mktemp("ddp2_ref"))
-    train(d, nproc=2)
+    train(d, ["train.snapshot_every_nimg=24"], nproc=2)
     return d

@@ -6,14 +6,11 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from trainer_runs import losses, train
+from trainer_runs import assert_close_logs, train
 
 
 def assert_agrees_with(ref: str, d: str, rtol: float = 2e-5) -> None:
-    a, b = losses(d), losses(ref)
-    assert sorted(a) == sorted(b)
-    for n in b:
-        assert abs(a[n] - b[n]) <= rtol * abs(b[n]), (n, a[n], b[n])
+    assert_close_logs(d, ref, rtol)
     ck = os.path.join("checkpoints", "nimg_000000000048")
     for name in ("ema.safetensors", "model.safetensors"):
         ea, eb = load_file(os.path.join(d, ck, name)), load_file(os.path.join(ref, ck, name))

@@ -99,3 +99,18 @@ def metrics(run_dir: str) -> list[dict]:
 def losses(run_dir: str) -> dict[int, float]:
     """nimg -> logged loss (every step is logged in TINY runs)."""
     return {r["nimg"]: r["loss"] for r in metrics(run_dir)}
+
+
+def grad_norms(run_dir: str) -> dict[int, float]:
+    """nimg -> logged grad norm: unlike the early losses (the zero-initialised final layer makes the first
+    outputs ~0), it depends on every parameter's gradient."""
+    return {r["nimg"]: r["grad_norm"] for r in metrics(run_dir)}
+
+
+def assert_close_logs(a_dir: str, b_dir: str, rtol: float) -> None:
+    """Same logged steps; losses and grad norms equal within ``rtol`` (0 = bitwise)."""
+    for get in (losses, grad_norms):
+        a, b = get(a_dir), get(b_dir)
+        assert sorted(a) == sorted(b), (sorted(a), sorted(b))
+        for n in b:
+            assert abs(a[n] - b[n]) <= rtol * abs(b[n]), (get.__name__, n, a[n], b[n])
