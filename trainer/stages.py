@@ -1,17 +1,20 @@
-"""Stage pipelines: ``python -m trainer.stages {run,status,final} [options] [train overrides]`` (``flowdcn-pipeline``).
+"""Stage pipelines: ``python -m trainer.stages {run,status,final,list} [options] [overrides]`` (``flowdcn-pipeline``).
 
 A pipeline (configs/pipeline/<name>.yaml) lists stages (configs/stage/<name>.yaml) in order. Stage ``s`` trains in
 ``{root}/{s}`` with the ordinary trainer (trainer.train.run), so everything the trainer does (resume from the newest
 complete checkpoint, signals, DONE.json) holds per stage. ``run`` walks the stages: a stage whose DONE.json reached
 its planned images is skipped, the current one resumes, and a new one starts from the previous stage's final
 checkpoint (weights + EMA via ``init_from``; fresh optimizer and data position). The same command is run on every
-rank (torchrun / srun); every rank takes the same decisions from the files in ``root``.
+rank (torchrun / srun); what to do with each stage is decided from the files in ``root`` by rank 0 and broadcast.
+``status`` prints a table (or JSON) of every stage; ``final`` prints a finished stage's last checkpoint; ``list`` the
+stage names (for slurm/pipeline.sh).
 
 Arguments (``key=value``):
   pipeline=default          configs/pipeline/<name>.yaml
   root=DIR                  run root (default: the pipeline's ``root``); stage s lives in DIR/s
   only=a,b                  run/show only these stages (their predecessors must be done)
   format=table|json         status output
+  check_data=false          resume a stage although its data settings changed (e.g. only the shard paths moved)
   <stage>.<override>        a train override for one stage, e.g. finetune_512.train.total_nimg=1000
   anything else             a train override for every stage, e.g. experiment=tiny model=flowdcn_l2
 Exit codes: 0 all selected stages done, the trainer's ``signals.exit_code`` (3) stopped by a signal after saving.
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field
 from omegaconf import OmegaConf
 
 COMMANDS = ("run", "status", "final", "list")
-RUNNER_KEYS = ("pipeline", "root", "only", "format")
+RUNNER_KEYS = ("pipeline", "root", "only", "format", "check_data")
 STAGE_SLOT = "stage"                      # the Hydra group of configs/stage/
 COMPOSE_NAME = "_stage_train"              # train.yaml with a stage slot before `experiment` (see stage_primary)
 
@@ -45,6 +48,7 @@ class PipelineArgs:
     root: str | None = None
     only: list[str] = field(default_factory=list)
     format: str = "table"                                           # status output: table | json
+    check_data: bool = True                                         # refuse resuming with other data settings
     common: list[str] = field(default_factory=list)                 # train overrides for every stage
     per_stage: dict[str, list[str]] = field(default_factory=dict)    # train overrides for one stage
 
@@ -87,6 +91,12 @@ def parse_args(argv: list[str]) -> PipelineArgs:
         if key in RUNNER_KEYS:
             if key == "only":
                 args.only = [s for s in value.strip("[]").split(",") if s]
+            elif key == "format" and value not in ("table", "json"):
+                raise SystemExit(f"trainer.stages: format={value!r}: expected table or json")
+            elif key == "check_data":
+                if value.lower() not in ("true", "false"):
+                    raise SystemExit(f"trainer.stages: check_data={value!r}: expected true or false")
+                args.check_data = value.lower() == "true"
             else:
                 setattr(args, key, value)
             continue
@@ -220,9 +230,16 @@ def final_checkpoint(stage: Stage) -> str:
     return ck
 
 
+# Loader knobs that change how batches are fetched, not which batches come next.
+IO_ONLY_KEYS = ("num_workers", "prefetch_factor", "pin_memory", "verify_checksums", "max_open_shards")
+
+
 def data_signature(config_dict: dict) -> dict:
-    """What fixes the meaning of a saved data position: data source + batch geometry."""
-    return {"data": config_dict.get("data"), "global_batch": config_dict.get("train", {}).get("global_batch")}
+    """What fixes the meaning of a saved data position: data source + batch geometry (not the I/O knobs)."""
+    data = json.loads(json.dumps(config_dict.get("data") or {}))
+    for k in IO_ONLY_KEYS:
+        (data.get("latents") or {}).pop(k, None)
+    return {"data": data, "global_batch": config_dict.get("train", {}).get("global_batch")}
 
 
 def check_resumable(stage: Stage) -> None:
@@ -237,8 +254,9 @@ def check_resumable(stage: Stage) -> None:
     if old != new:
         diff = sorted(k for k in set(_flat(old)) | set(_flat(new)) if _flat(old).get(k) != _flat(new).get(k))
         raise StageError(f"stage {stage.name!r}: checkpoint {cks[-1]} was saved with different data settings "
-                         f"({', '.join(diff)}); its loader position does not apply. Restore the settings, or start "
-                         f"the stage afresh in a new root / after moving {stage.run_dir} away")
+                         f"({', '.join(diff)}); its loader position does not apply. Restore the settings, start "
+                         f"the stage afresh (move {stage.run_dir} away), or pass check_data=false if only paths "
+                         "moved")
 
 
 def _flat(d, prefix: str = "") -> dict:
@@ -257,14 +275,15 @@ def select(stages: list[Stage], only: list[str]) -> list[Stage]:
     return [s for s in stages if not only or s.name in only]
 
 
-def plan_stage(stages: list[Stage], i: int) -> tuple[str, str | None]:
+def plan_stage(stages: list[Stage], i: int, check_data: bool = True) -> tuple[str, str | None]:
     """What to do with stage i: (skip | resume | explicit | previous | scratch, init_from) or (error, message)."""
     stage = stages[i]
     try:
         if is_done(stage):
             return "skip", None
         if complete_checkpoints(stage.run_dir):
-            check_resumable(stage)
+            if check_data:
+                check_resumable(stage)
             return "resume", None
         if stage.cfg.init_from:
             return "explicit", stage.cfg.init_from
@@ -299,7 +318,7 @@ def run_pipeline(args: PipelineArgs) -> int:
     for i, stage in enumerate(stages):
         if stage not in chosen:
             continue
-        action, arg = agree(plan_stage(stages, i))
+        action, arg = agree(plan_stage(stages, i, args.check_data))
         if action == "error":
             raise StageError(arg)
         cfg = stage.cfg

@@ -155,6 +155,26 @@ def test_argument_routing():
         stages.parse_args(["launch"])
     with pytest.raises(SystemExit, match="needs a key"):
         stages.parse_args(["run", "finetune_512=3"])
+    assert stages.parse_args(["run", "check_data=false"]).check_data is False
+    with pytest.raises(SystemExit, match="check_data"):
+        stages.parse_args(["run", "check_data=no"])
+
+
+def test_data_signature_ignores_io_knobs_only():
+    """Workers/prefetch/pinning do not move the loader position; the shards, buckets and batch do."""
+    base = {"data": {"kind": "latents", "latents": {"manifest": "/a/manifest.json", "buckets": [0, 1], "num_workers": 4,
+                                                    "pin_memory": True}}, "train": {"global_batch": 256}}
+    io = json.loads(json.dumps(base))
+    io["data"]["latents"].update(num_workers=8, pin_memory=False, prefetch_factor=4)
+    assert stages.data_signature(io) == stages.data_signature(base)
+    assert base["data"]["latents"]["num_workers"] == 4                  # the caller's dict is left alone
+    for key, value in (("buckets", [0]), ("manifest", "/b/manifest.json")):
+        other = json.loads(json.dumps(base))
+        other["data"]["latents"][key] = value
+        assert stages.data_signature(other) != stages.data_signature(base), key
+    other = json.loads(json.dumps(base))
+    other["train"]["global_batch"] = 512
+    assert stages.data_signature(other) != stages.data_signature(base)
 
 
 def test_stage_configs_follow_the_official_recipe():
