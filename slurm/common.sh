@@ -62,7 +62,8 @@ flowdcn_train() {
       break
     fi
   done
-  trap - USR1 TERM
+  trap '' USR1          # a late notice must not kill the shell before it requeues or exits
+  trap - TERM
   _flowdcn_log "srun finished with exit code $rc$( [ "$_FLOWDCN_REQUEUE" = 1 ] && [ "$FLOWDCN_LAUNCHER" = torchrun ] &&
     echo " (torchrun reports the SIGTERM it was sent as a failure, with a traceback: expected here)")"
   if [ "$rc" = 0 ]; then
