@@ -2,7 +2,8 @@
 
 DeepSpeed's engine owns backward, the optimizer step and its checkpoints, so this strategy issues
 those calls and the loop stays the same. The optimizer is a client ``torch.optim.AdamW`` (no JIT
-build) unless ``strategy.deepspeed_optimizer`` asks for DeepSpeed's own (fused / CPU Adam).
+build) unless ``strategy.deepspeed_optimizer`` asks for DeepSpeed's own (fused Adam), or
+``strategy.offload_optimizer`` needs its CPU Adam (both JIT-compile C++ on first use, ~40 s).
 
 EMA: under ZeRO-3 each rank keeps the EMA of its own fp32 master partition (no full replica);
 under ZeRO-1/2 parameters are replicated and the EMA follows the module parameters (bf16 copies
@@ -51,7 +52,8 @@ def build_ds_config(stage: int, sched, optim, strategy_cfg, world: int) -> dict:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
-    if strategy_cfg.deepspeed_optimizer:
+    if strategy_cfg.deepspeed_optimizer or strategy_cfg.offload_optimizer:
+        # ZeRO-Offload steps on the CPU with DeepSpeedCPUAdam (DeepSpeed refuses a client optimizer there).
         cfg["optimizer"] = {"type": "AdamW", "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
                                                          "weight_decay": optim.weight_decay}}
     return cfg
@@ -87,7 +89,7 @@ class DeepSpeedStrategy(Strategy):
         module = build_model("cpu").to(dist.device())   # the same seeded CPU init as every strategy
         ds_cfg = build_ds_config(self.stage, self.sched, self.optim_cfg, self.cfg, self.world)
         self.gas = ds_cfg["gradient_accumulation_steps"]
-        client_opt = None if self.cfg.deepspeed_optimizer else make_optimizer(module.parameters())
+        client_opt = None if "optimizer" in ds_cfg else make_optimizer(module.parameters())
         engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=client_opt, config=ds_cfg,
                                                        model_parameters=module.parameters())
         self.engine, self.model, self.module, self.optimizer = engine, engine, engine.module, optimizer
