@@ -102,6 +102,10 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     return row
 
 
+def world_size() -> int:
+    return dist.get_world_size()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["FlowDCN-XL/2", "SiT-XL/2"])
@@ -131,10 +135,15 @@ def main() -> None:
                 batch = args.batch or DEFAULT_BATCH.get(res, 8)
                 try:
                     row = bench_one(name, res, batch, c == "on", args)
-                except torch.cuda.OutOfMemoryError as e:
-                    row = {"model": name, "res": res, "batch_per_gpu": batch, "compile": c == "on", "error": f"OOM: {e}"[:300]}
+                except Exception as e:   # OOM, or a compile failure: record it and go on with the next config
+                    if world_size() > 1:
+                        raise                # ranks would disagree on what to run next
+                    kind = "OOM" if isinstance(e, torch.cuda.OutOfMemoryError) else type(e).__name__
+                    row = {"model": name, "res": res, "batch_per_gpu": batch, "compile": c == "on",
+                           "error": f"{kind}: {' | '.join(str(e).strip().splitlines()[:3])}"[:400]}
                     gc.collect()
-                    torch.cuda.empty_cache()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
                 rows.append(row)
                 if dist.get_rank() == 0:
                     print(json.dumps(row), flush=True)

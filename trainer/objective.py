@@ -40,6 +40,7 @@ class StepNoise:
     drop: torch.Tensor
 
     def slice(self, lo: int, hi: int) -> "StepNoise":
+        """The draws of samples [lo, hi) (a micro-batch)."""
         return StepNoise(self.t[lo:hi], self.eps[lo:hi], self.drop[lo:hi])
 
 

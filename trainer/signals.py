@@ -17,6 +17,7 @@ TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
 def parse_signal(name: str) -> signal.Signals:
+    """"SIGUSR1" or "USR1" -> signal.SIGUSR1; anything else is an error naming the config field."""
     sig = getattr(signal, name if name.startswith("SIG") else f"SIG{name}", None)
     if not isinstance(sig, signal.Signals):
         raise ValueError(f"unknown signal {name!r} in signals.signals")
@@ -46,6 +47,7 @@ class StopFlag:
         return self.received is not None
 
     def close(self) -> None:
+        """Put back the handlers that were installed before."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
