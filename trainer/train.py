@@ -3,7 +3,9 @@
 Composes configs/train.yaml, converts it once into the typed TrainConfig, builds data, model,
 strategy, EMA and checkpoints, resumes from the newest complete checkpoint in ``run_dir`` (or
 initialises from ``init_from``), runs the loop, and writes the final exports. Re-running the same
-command resumes. Exit codes: 0 done, ``signals.exit_code`` (3) stopped by a signal after saving.
+command resumes. Exit codes: 0 done, ``signals.exit_code`` (3) stopped by a signal after saving
+(``{run_dir}/STOPPED.json`` says so too: torchrun reports 1 whatever its workers return). A non-finite
+step raises ``trainer.loop.NonFiniteError`` before anything is saved.
 """
 from __future__ import annotations
 
