@@ -111,7 +111,8 @@ def _run(cfg: TrainConfig, config_dict: dict, stop_flag: StopFlag) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.train.seed)   # model init is identical on every rank
     if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS refuses deterministic mode without it
+    torch.use_deterministic_algorithms(cfg.train.deterministic)   # set both ways: run() may be called again
     os.makedirs(cfg.run_dir, exist_ok=True)
     stopped_marker = os.path.join(cfg.run_dir, "STOPPED.json")
     if rank == 0 and os.path.exists(stopped_marker):
