@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session for the MSDCN kernels: build, CUDA tests, op benchmark. Logs and JSON go to $OUT.
-#   bash bench/gpu_msdcn_session.sh [tests|bench|all]   (default all)
+#   bash bench/gpu_msdcn_session.sh [tests|bench|ncu|tiled|all]   (default all)
+# tiled: CUDA tests with the tiled backward off and on, then tiled vs untiled timings and a tile sweep.
 set -o pipefail
 what=${1:-all}
 OUT=${OUT:-/tmp/msdcn_out}; mkdir -p "$OUT"
@@ -18,6 +19,13 @@ PY
 [ $? -eq 0 ] || { echo "BUILD FAILED"; cat "$FLOWDCN_EXT_DIR"/*/build.log 2>/dev/null | tail -n 60; exit 1; }
 if [ "$what" = all ] || [ "$what" = tests ]; then
   timeout 420 python3 -m pytest -q -m cuda -p no:cacheprovider tests/cuda_ext --durations=8 -rs 2>&1 | tee "$OUT/tests.log" | tail -n 45
+fi
+if [ "$what" = tiled ]; then
+  for flag in 0 1; do
+    echo "== pytest -m cuda, FLOWDCN_MSDCN_TILED_BWD=$flag"
+    FLOWDCN_MSDCN_TILED_BWD=$flag timeout 180 python3 -m pytest -q -m cuda -p no:cacheprovider tests/cuda_ext -rs 2>&1 | tee "$OUT/tests_tiled$flag.log" | tail -n 25
+  done
+  timeout 200 python3 bench/msdcn_op.py --json "$OUT/bench_tiled.json" --no-op --no-ref --tile-sweep --tiled 2>&1 | tee "$OUT/bench_tiled.log" | tail -n 30
 fi
 if [ "$what" = all ] || [ "$what" = ncu ]; then
   cat > /tmp/ncu_drive.py <<'PY'

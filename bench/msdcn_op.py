@@ -181,6 +181,53 @@ def diagnose(G, C, K, H) -> dict:
     return out
 
 
+def tile_sweep(G, C, K, H) -> dict:
+    """fwd+bwd ms of the tiled backward per (tile, radius) at one size, and of the untiled one."""
+    sets = [with_grad(make_inputs(BATCH, H, H, G, C, K, s)) for s in range(2 if H < 64 else 1)]
+    saved = (msdcn_cuda._TILED_BWD, list(msdcn_cuda._TILE), msdcn_cuda._TILE_RADIUS, msdcn_cuda._TILED_MODE)
+    res = {}
+    msdcn_cuda.set_tiled(False)
+    res["untiled"] = cuda_time(ours_fwdbwd, sets)
+    for mode in ("sort", "atomic"):
+        for tile in ((8, 8), (4, 16), (16, 4), (8, 16), (4, 8)):
+            for radius in (0, 1, 2, 3, 4):
+                msdcn_cuda.set_tiled(True, tile=tile, radius=radius, mode=mode)
+                res[f"{mode}_{tile[0]}x{tile[1]}_r{radius}"] = cuda_time(ours_fwdbwd, sets)
+    msdcn_cuda.set_tiled(saved[0], tile=saved[1], radius=saved[2], mode=saved[3])
+    print(f"  tile sweep G={G} C={C} {H}²: " + ", ".join(f"{k}: {v:.3f}" for k, v in res.items()), flush=True)
+    return res
+
+
+def kernel_times(sets, reps: int = 10) -> dict:
+    """Per-call device time of each kernel of a fused fwd+bwd, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(reps):
+            ours_fwdbwd(*sets[i % len(sets)])
+        torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0:
+            kernels[e.key[:60]] = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / reps / 1000
+    return dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:8])
+
+
+def compare_tiled(G, C, K, H) -> dict:
+    """fwd+bwd ms and kernel times: untiled backward, tiled in both modes (current tile and radius)."""
+    sets = [with_grad(make_inputs(BATCH, H, H, G, C, K, s)) for s in range(2 if H < 64 else 1)]
+    saved = (msdcn_cuda._TILED_BWD, msdcn_cuda._TILED_MODE)
+    out = {}
+    for key, on, mode in (("untiled", False, None), ("sort", True, "sort"), ("atomic", True, "atomic")):
+        msdcn_cuda.set_tiled(on, mode=mode)
+        out[f"{key}_fwdbwd_ms"] = cuda_time(ours_fwdbwd, sets)
+        out[f"{key}_graph_fwdbwd_ms"] = graph_time(ours_fwdbwd, sets[0])
+        out[f"{key}_kernels_ms"] = kernel_times(sets)
+    msdcn_cuda.set_tiled(saved[0], mode=saved[1])
+    print(f"  tiled vs untiled G={G} C={C} {H}²: {json.dumps(out)}", flush=True)
+    return out
+
+
 def bench_op(bw: float, with_ref: bool) -> list[dict]:
     rows = []
     for name, (G, C, K) in SHAPES.items():
@@ -266,6 +313,9 @@ def main() -> None:
     ap.add_argument("--block", action="store_true", help="also time one FlowDCN-XL block vs one SiT-XL block")
     ap.add_argument("--sweep", action="store_true", help="pick threads per block and rounds at the XL 32² shape first")
     ap.add_argument("--diagnose", action="store_true", help="kernel times and the share of the grad_value atomics")
+    ap.add_argument("--tiled", action="store_true", help="compare the tiled and untiled backward (XL and B, all grids)")
+    ap.add_argument("--tile-sweep", action="store_true", help="time tile shapes and halo radii of the tiled backward at XL 32² and 64²")
+    ap.add_argument("--no-op", action="store_true", help="skip the main op table (with --tiled / --tile-sweep)")
     args = ap.parse_args()
 
     msdcn_cuda.require()
@@ -280,7 +330,11 @@ def main() -> None:
     result["launch_used"] = {k: list(v) for k, v in msdcn_cuda._LAUNCH.items()}
     if args.diagnose:
         result["diagnose"] = {f"XL_{h}": diagnose(16, 72, 9, h) for h in GRIDS}
-    result["op"] = bench_op(bw, with_ref=not args.no_ref)
+    if args.tile_sweep:
+        result["tile_sweep"] = {f"XL_{h}": tile_sweep(16, 72, 9, h) for h in (32, 64)}
+    if args.tiled:
+        result["tiled"] = {f"{name}_{h}": compare_tiled(*SHAPES[name], h) for name in SHAPES for h in GRIDS}
+    result["op"] = [] if args.no_op else bench_op(bw, with_ref=not args.no_ref)
     if args.block:
         result["block"] = bench_blocks()
     Path(args.json).write_text(json.dumps(result, indent=1))
@@ -296,6 +350,14 @@ def main() -> None:
               f"{f(r['ours_graph_fwd_ms'])} / {f(r['ours_graph_fwdbwd_ms'])} | {f(r['plain_fwd_ms'])} / {f(r['plain_fwdbwd_ms'])} | {f(r.get('ref_fwd_ms'))} / {f(r.get('ref_fwdbwd_ms'))} | "
               f"{f(r['sdpa_fwd_ms'])} / {f(r['sdpa_fwdbwd_ms'])} | {f(r['sdpa_graph_fwd_ms'])} / {f(r['sdpa_graph_fwdbwd_ms'])} | {f(r['floor_fwd_ms'])} / {f(r['floor_fwdbwd_ms'])} | "
               f"{r['ours_fwd_GBps']:.0f} / {r['ours_fwdbwd_GBps']:.0f} |")
+    if args.tiled:
+        print(f"\nTiled vs untiled backward: fused fwd+bwd ms, eager / CUDA graph / backward kernel; tile {msdcn_cuda._TILE}, radius {msdcn_cuda._TILE_RADIUS}")
+        print("| shape | grid | untiled | tiled, sort | tiled, atomic |\n|---|---|---|---|---|")
+        for key, r in result["tiled"].items():
+            name, h = key.split("_")
+            bk = lambda ks: next((v for k, v in ks.items() if "backward" in k), float("nan"))  # noqa: E731
+            cells = [f"{r[m + '_fwdbwd_ms']:.3f} / {r[m + '_graph_fwdbwd_ms']:.3f} / {bk(r[m + '_kernels_ms']):.3f}" for m in ("untiled", "sort", "atomic")]
+            print(f"| {name} | {h}² | " + " | ".join(cells) + " |")
     if args.block:
         print("\n| grid | FlowDCN-XL block fwd+bwd (ms) | SiT-XL block fwd+bwd (ms) |\n|---|---|---|")
         for r in result["block"]:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from . import build
 from .reference import ROUNDING_MODES, check_msdcn_inputs
 
-__all__ = ["available", "require", "supports", "msdcn", "msdcn_deform", "set_launch"]
+__all__ = ["available", "require", "supports", "msdcn", "msdcn_deform", "set_launch", "set_tiled"]
 
 _VALUE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _state: dict[str, object] = {"error": None, "ok": False}
@@ -39,6 +39,18 @@ _SPLIT_BWD = os.environ.get("FLOWDCN_MSDCN_SPLIT_BWD", "1") == "1"
 _LEAN_BWD = os.environ.get("FLOWDCN_MSDCN_LEAN_BWD", "1") == "1"
 # Backward: ask the driver for just the shared memory the resident blocks need (more L1 for the gathers).
 _L1_PREF_BWD = os.environ.get("FLOWDCN_MSDCN_L1_PREF_BWD", "1") == "1"
+# Tiled backward (csrc/msdcn_tiled.cuh): a block accumulates grad_value of a tile of queries of one group
+# in a shared-memory window (tile + halo radius) and flushes it once, instead of one global atomic per
+# (query, point, corner). Tile "HxW" queries; halo radius in pixels (lowered by the launcher only when the
+# block's shared memory would not fit; at XL, 8x8 tiles fit two blocks per SM up to radius 2). Mode "sort" buckets the window's contributions by pixel (no float shared atomics), "atomic" adds
+# them with shared-memory atomicAdd (a CAS loop on sm_90).
+_TILED_BWD = os.environ.get("FLOWDCN_MSDCN_TILED_BWD", "0") == "1"
+_TILED_MODES = {"atomic": 1, "sort": 2}
+_TILED_MODE = os.environ.get("FLOWDCN_MSDCN_TILED_MODE", "sort")
+if _TILED_MODE not in _TILED_MODES:
+    raise ValueError(f"FLOWDCN_MSDCN_TILED_MODE must be one of {sorted(_TILED_MODES)}, got {_TILED_MODE!r}")
+_TILE = [int(x) for x in os.environ.get("FLOWDCN_MSDCN_TILE", "8x8").lower().split("x")]
+_TILE_RADIUS = int(os.environ.get("FLOWDCN_MSDCN_TILE_RADIUS", "2"))
 # Benchmark diagnostic only: the backward leaves grad_value zero (to measure the atomics' share).
 _DIAG_SKIP_VALUE_GRAD = False
 
@@ -172,9 +184,29 @@ def _plain_forward(value, offsets, weights, rounding):
     return out[..., :C] if out.shape[-1] != C else out
 
 
+def set_tiled(enabled: bool, tile: tuple[int, int] | None = None, radius: int | None = None, mode: str | None = None) -> None:
+    """Switch the tiled backward on/off; tile = (height, width) in queries, radius = halo in pixels, mode 'sort'|'atomic'."""
+    global _TILED_BWD, _TILE_RADIUS, _TILED_MODE
+    if mode is not None:
+        if mode not in _TILED_MODES:
+            raise ValueError(f"msdcn cuda: tiled mode must be one of {sorted(_TILED_MODES)}, got {mode!r}")
+        _TILED_MODE = mode
+    if tile is not None:
+        th, tw = (int(x) for x in tile)
+        if th < 1 or tw < 1 or th * tw > 4096:
+            raise ValueError(f"msdcn cuda: tile must be >= 1x1 and at most 4096 queries, got {tile}")
+        _TILE[:] = [th, tw]
+    if radius is not None:
+        if not 0 <= int(radius) <= 64:
+            raise ValueError(f"msdcn cuda: tile radius must be in [0, 64], got {radius}")
+        _TILE_RADIUS = int(radius)
+    _TILED_BWD = bool(enabled)
+
+
 def _bwd_flags():
     """Launch shape and variant switches of the backward kernel."""
-    return (*_LAUNCH["backward"], _SPLIT_BWD, _LEAN_BWD, _L1_PREF_BWD, _DIAG_SKIP_VALUE_GRAD)
+    return (*_LAUNCH["backward"], _SPLIT_BWD, _LEAN_BWD, _L1_PREF_BWD, _DIAG_SKIP_VALUE_GRAD,
+            _TILED_MODES[_TILED_MODE] if _TILED_BWD else 0, *_TILE, _TILE_RADIUS)
 
 
 def _plain_backward_impl(grad_out, value, offsets, weights, rounding):

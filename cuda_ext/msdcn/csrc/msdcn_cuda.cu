@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "msdcn_kernels.cuh"
+#include "msdcn_tiled.cuh"
 
 namespace flowdcn {
 namespace {
@@ -47,6 +48,46 @@ Geometry geometry(const at::Tensor& value, const at::Tensor& weight, int64_t tar
   return g;
 }
 
+// Shared memory of a tiled-backward block: window, geometry, per-thread corner dots, reduction slots.
+// Sorted mode adds staged grad_out [P, C], entries [4PK] (2 accumulators each), counts and starts
+// [2 WP + 1] ints and ranks [4PK] ushorts (see msdcn_backward_tiled_kernel).
+size_t tiled_smem(const Geometry& geo, const TileShape& ts, int threads, size_t acc_bytes, size_t geo_bytes, bool sorted) {
+  const size_t wp = static_cast<size_t>(ts.TH + 2 * ts.R) * (ts.TW + 2 * ts.R);
+  const size_t S = (4 * geo.K) | 1;
+  const size_t items = static_cast<size_t>(ts.P) * geo.K;
+  size_t bytes = wp * geo.C * acc_bytes + items * geo_bytes + static_cast<size_t>(threads) * S * acc_bytes + 32 * acc_bytes;
+  if (sorted) bytes += static_cast<size_t>(ts.P) * geo.C * acc_bytes + 4 * items * 2 * acc_bytes + (2 * wp + 1) * 4 + 4 * items * 2;
+  return bytes;
+}
+
+// Tile shape of the tiled backward: P queries per round (as many as fit in 320 threads, balanced over
+// the rounds), the requested halo radius lowered only until a block's shared memory fits the device.
+// Returns false when the shape is not served (then the untiled kernel runs): more than 320 lanes per
+// query, sorted-mode ranks that could overflow, or not even a radius-0 window fits.
+bool tiled_shape(const Geometry& geo, int64_t tile_h, int64_t tile_w, int64_t radius, size_t acc_bytes, size_t geo_bytes,
+                 bool sorted, int device, TileShape& ts) {
+  TORCH_CHECK(tile_h >= 1 && tile_w >= 1 && tile_h * tile_w <= 4096, "msdcn_cuda: tile must be >= 1x1 and <= 4096 queries, got ",
+              tile_h, "x", tile_w);
+  TORCH_CHECK(radius >= 0 && radius <= 64, "msdcn_cuda: tile radius must be in [0, 64], got ", radius);
+  constexpr int kTiledThreads = 320;  // msdcn_backward_tiled_kernel's launch bound
+  if (geo.L > kTiledThreads) return false;
+  if (sorted && 4 * static_cast<int64_t>(std::max(1, kTiledThreads / geo.L)) * geo.K > 65535) return false;  // ranks are ushort
+  ts.TH = static_cast<int>(tile_h);
+  ts.TW = static_cast<int>(tile_w);
+  const int TQ = ts.TH * ts.TW;
+  const int pmax = std::max(1, kTiledThreads / geo.L);
+  const int rounds = (TQ + pmax - 1) / pmax;
+  ts.P = (TQ + rounds - 1) / rounds;
+  ts.tiles_y = (geo.H + ts.TH - 1) / ts.TH;
+  ts.tiles_x = (geo.W + ts.TW - 1) / ts.TW;
+  const int threads = (ts.P * geo.L + 31) / 32 * 32;
+  int block_max = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&block_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  ts.R = static_cast<int>(radius);
+  while (ts.R > 0 && tiled_smem(geo, ts, threads, acc_bytes, geo_bytes, sorted) > static_cast<size_t>(block_max)) --ts.R;
+  return tiled_smem(geo, ts, threads, acc_bytes, geo_bytes, sorted) <= static_cast<size_t>(block_max);
+}
+
 // Raise a kernel's dynamic shared-memory limit when it needs more than the default 48 KB.
 template <typename Kernel>
 void allow_smem(Kernel kernel, size_t smem, int device, const Geometry& geo) {
@@ -56,6 +97,18 @@ void allow_smem(Kernel kernel, size_t smem, int device, const Geometry& geo) {
   TORCH_CHECK(smem <= static_cast<size_t>(dev_max), "msdcn_cuda: needs ", smem, " bytes of shared memory per block (K=", geo.K,
               ", G=", geo.G, ", C=", geo.C, "), the device allows ", dev_max);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+}
+
+// Ask for only the shared memory the resident blocks need: the rest stays L1 for the corner gathers.
+template <typename Kernel>
+void prefer_l1(Kernel kernel, int threads, size_t smem, int device) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  const size_t need = static_cast<size_t>(std::max(per_sm, 1)) * (smem + 1024);
+  int max_sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  const int pct = static_cast<int>(std::min<size_t>(100, (100 * need + max_sm - 1) / std::max(max_sm, 1)));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, pct));
 }
 
 template <typename T, typename F, typename A>
@@ -154,7 +207,7 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
                                        const at::Tensor& scale, const at::Tensor& weight, const at::Tensor& prior,
                                        const at::Tensor& s0, const at::Tensor& smax, bool fused, bool trunc,
                                        int64_t threads, int64_t rounds, bool split, bool lean, bool l1_pref,
-                                       bool skip_value_grad) {
+                                       bool skip_value_grad, int64_t tiled, int64_t tile_h, int64_t tile_w, int64_t radius) {
   check_all(value, off, scale, weight, prior, s0, smax, fused);
   check_cuda(gout, "grad_out", value);
   TORCH_CHECK(gout.sizes() == value.sizes() && gout.scalar_type() == value.scalar_type(),
@@ -191,21 +244,32 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
       p.gscale = reinterpret_cast<F*>(gscale.data_ptr());
       p.s0_part = reinterpret_cast<A*>(s0p.data_ptr());
     }
+    TORCH_CHECK(tiled >= 0 && tiled <= 2, "msdcn_cuda: tiled must be 0 (off), 1 (atomic window) or 2 (sorted window), got ", tiled);
+    const bool sorted = tiled == 2;
+    TileShape ts{};
+    if (tiled && tiled_shape(geo, tile_h, tile_w, radius, sizeof(A), sizeof(PointGeo<A>), sorted, value.get_device(), ts)) {
+      {
+        const int th = static_cast<int>((static_cast<int64_t>(ts.P) * geo.L + 31) / 32 * 32);  // whole warps
+        const size_t smem = tiled_smem(geo, ts, th, sizeof(A), sizeof(PointGeo<A>), sorted);
+        const int64_t blocks = value.size(0) * ts.tiles_y * ts.tiles_x;
+        TORCH_CHECK(blocks < (int64_t(1) << 31), "msdcn_cuda: too many tiles for one launch: ", blocks);
+        s0p = fused ? at::empty({blocks, geo.G}, value.options().dtype(adt)) : at::empty({0}, value.options().dtype(adt));
+        if (fused) p.s0_part = reinterpret_cast<A*>(s0p.data_ptr());
+        auto kernel = fused ? (sorted ? msdcn_backward_tiled_kernel<T, F, A, true, true> : msdcn_backward_tiled_kernel<T, F, A, true, false>)
+                            : (sorted ? msdcn_backward_tiled_kernel<T, F, A, false, true> : msdcn_backward_tiled_kernel<T, F, A, false, false>);
+        allow_smem(kernel, smem, value.get_device(), geo);
+        if (l1_pref) prefer_l1(kernel, th, smem, value.get_device());
+        kernel<<<dim3(static_cast<unsigned>(blocks), geo.G), th, smem, stream>>>(p, ts);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;  // else (shape not served by the tiled kernel) the untiled kernel below runs
+      }
+    }
     const size_t smem = per_query * geo.Q;
     auto kernel = fused ? msdcn_backward_kernel<T, F, A, true> : msdcn_backward_kernel<T, F, A, false>;
     if (lean && geo.threads <= 256)
       kernel = fused ? msdcn_backward_kernel<T, F, A, true, 256, 3> : msdcn_backward_kernel<T, F, A, false, 256, 3>;
     allow_smem(kernel, smem, value.get_device(), geo);
-    if (l1_pref) {
-      // Ask for only the shared memory the resident blocks need: the rest stays L1 for the corner gathers.
-      int per_sm = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, geo.threads, smem));
-      const size_t need = static_cast<size_t>(std::max(per_sm, 1)) * (smem + 1024);
-      int max_sm = 0;
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, value.get_device()));
-      const int pct = static_cast<int>(std::min<size_t>(100, (100 * need + max_sm - 1) / std::max(max_sm, 1)));
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, pct));
-    }
+    if (l1_pref) prefer_l1(kernel, geo.threads, smem, value.get_device());
     kernel<<<geo.blocks, geo.threads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
