@@ -94,6 +94,9 @@ class DeepSpeedStrategy(Strategy):
                                                        model_parameters=module.parameters())
         self.engine, self.model, self.module, self.optimizer = engine, engine, engine.module, optimizer
         self._micro = 0
+        # ZeRO-1/2 parameters map to fragments of this rank's optimizer partition (used for a cheap grad norm).
+        self._fragments = self.stage < 3 and all(hasattr(p, "_hp_mapping") for p in self.module.parameters()
+                                                 if p.requires_grad)
 
     # ---- loop interface
     def autocast(self):
@@ -120,14 +123,28 @@ class DeepSpeedStrategy(Strategy):
         for p in self.module.parameters():
             if not p.requires_grad:
                 continue
-            # ZeRO-3: this rank's fp32 gradient partition (summed over ranks below). ZeRO-1/2: the full
-            # gradient, assembled by DeepSpeed with one all-reduce per tensor (extra communication).
-            g = safe_get_local_grad(p) if self.stage == 3 else safe_get_full_grad(p)
-            if g is not None:
-                sq += g.double().pow(2).sum()
-        if self.stage == 3:
-            dist.all_reduce_sum(sq)
+            sq += self._local_grad_sq(p, safe_get_local_grad, safe_get_full_grad)
+        if self.stage == 3 or self._fragments:
+            dist.all_reduce_sum(sq)   # every rank summed the squares of the gradient elements it owns
         return sq.sqrt().float()
+
+    def _local_grad_sq(self, p, safe_get_local_grad, safe_get_full_grad) -> torch.Tensor:
+        """Σ g² over the gradient elements of ``p`` that this rank owns (ZeRO-1/2 fallback: the full gradient)."""
+        if self.stage == 3:   # this rank's fp32 partition (zero padding)
+            g = safe_get_local_grad(p)
+        elif self._fragments:
+            # ZeRO-1/2: the fragment of p in this rank's optimizer partition, as deepspeed.utils.safe_get_full_grad
+            # locates it, without assembling the full gradient (one all-reduce per tensor).
+            if p._hp_mapping is None:
+                return torch.zeros((), dtype=torch.float64, device=dist.device())
+            g = p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group).flatten()
+            addr = p._hp_mapping.lp_fragment_address
+            if g.numel() == p.numel():   # bf16 keeps a full accumulation buffer: take only the owned fragment
+                g = g.narrow(0, addr.start, addr.numel)
+        else:
+            g = safe_get_full_grad(p)
+        return g.double().pow(2).sum().to(dist.device()) if g is not None else torch.zeros((), dtype=torch.float64,
+                                                                                          device=dist.device())
 
     def step(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
