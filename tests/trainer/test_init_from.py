@@ -17,7 +17,7 @@ def source(ddp2_reference) -> str:
     return os.path.join(ddp2_reference, "checkpoints", "nimg_000000000024")
 
 
-@pytest.mark.parametrize("strategy,nproc", [("fsdp", 2), ("zero3", 2)])   # ddp: tests/stages
+@pytest.mark.parametrize("strategy,nproc", [("fsdp", 2), ("zero2", 2), ("zero3", 2)])   # ddp: tests/stages
 def test_init_from_roundtrip(source, tmp_path, strategy, nproc):
     """total_nimg=0: the run only loads and saves; its exports must equal the source's (model and EMA differ)."""
     d = str(tmp_path / strategy)

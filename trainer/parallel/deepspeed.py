@@ -5,9 +5,9 @@ those calls and the loop stays the same. The optimizer is a client ``torch.optim
 build) unless ``strategy.deepspeed_optimizer`` asks for DeepSpeed's own (fused Adam), or
 ``strategy.offload_optimizer`` needs its CPU Adam (both JIT-compile C++ on first use, ~40 s).
 
-EMA: under ZeRO-3 each rank keeps the EMA of its own fp32 master partition (no full replica);
-under ZeRO-1/2 parameters are replicated and the EMA follows the module parameters (bf16 copies
-when precision=bf16: an approximation of the fp32 masters, exact in fp32).
+EMA: each rank keeps the EMA of the fp32 master elements its optimizer owns (ZeRO-3 partitions,
+ZeRO-1/2 fragments of the flat partition), so there is no full replica and no bf16 rounding; it
+is gathered only to export ``ema.safetensors``.
 
 Limits (errors, not silent): a ZeRO checkpoint resumes only on the same number of processes
 (DeepSpeed's universal checkpoint conversion, ``ds_to_universal.py``, is not wired in; use
@@ -97,6 +97,7 @@ class DeepSpeedStrategy(Strategy):
         # ZeRO-1/2 parameters map to fragments of this rank's optimizer partition (used for a cheap grad norm).
         self._fragments = self.stage < 3 and all(hasattr(p, "_hp_mapping") for p in self.module.parameters()
                                                  if p.requires_grad)
+        self._empty = torch.zeros(0, dtype=torch.float32, device=dist.device())
 
     # ---- loop interface
     def autocast(self):
@@ -155,25 +156,43 @@ class DeepSpeedStrategy(Strategy):
     def skip_step(self) -> None:
         raise RuntimeError("DeepSpeed cannot skip a step")   # refused at construction; unreachable
 
-    # ---- EMA layout: local fp32 master partitions under ZeRO-3, the replicated parameters otherwise
+    # ---- EMA layout: this rank's fp32 master elements (ZeRO-3 partitions, ZeRO-1/2 fragments); no full replica
+    @property
+    def _sharded_ema(self) -> bool:
+        return self.stage == 3 or self._fragments
+
     def ema_params(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for n, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if self.stage == 3:
+                from deepspeed.utils import safe_get_local_fp32_param
+
+                out[n] = safe_get_local_fp32_param(p)                  # (partition,), zero-padded
+            elif self._fragments:                                       # (fragment,), possibly empty on this rank
+                out[n] = p._hp_mapping.hp_fragment if p._hp_mapping is not None else self._empty
+            else:
+                out[n] = p
+        return out
+
+    def _full_from_local(self, local: torch.Tensor, p) -> torch.Tensor:
+        """The full tensor of parameter ``p`` from every rank's part (collective)."""
         if self.stage == 3:
-            from deepspeed.utils import safe_get_local_fp32_param
-
-            return {n: safe_get_local_fp32_param(p) for n, p in self.module.named_parameters() if p.requires_grad}
-        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
-
-    def _gather_partition(self, local: torch.Tensor, p) -> torch.Tensor:
-        """Full tensor of parameter ``p`` from every rank's flat partition (collective)."""
-        parts = [torch.empty_like(local) for _ in range(self.world)]
-        tdist.all_gather(parts, local.contiguous())
-        return torch.cat(parts)[: p.ds_numel].view(p.ds_shape)
+            parts = [torch.empty_like(local) for _ in range(self.world)]
+            tdist.all_gather(parts, local.contiguous())
+            return torch.cat(parts)[: p.ds_numel].view(p.ds_shape)
+        buf = torch.zeros(p.numel(), dtype=torch.float32, device=dist.device())
+        if p._hp_mapping is not None:
+            addr = p._hp_mapping.lp_fragment_address
+            buf.narrow(0, addr.start, addr.numel).copy_(local)
+        return dist.all_reduce_sum(buf).view(p.shape)
 
     def full_state_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         params = dict(self.module.named_parameters())
         out = {}
         for k, v in tensors.items():
-            full = self._gather_partition(v, params[k]) if self.stage == 3 else v
+            full = self._full_from_local(v, params[k]) if self._sharded_ema else v
             if dist.get_rank() == 0:
                 out[k] = full.detach().float().cpu()
         return out if dist.get_rank() == 0 else None
@@ -202,7 +221,7 @@ class DeepSpeedStrategy(Strategy):
         for k, p in params.items():
             value = state[k].to(dist.device(), torch.float32)
             if self.stage == 3:
-                local = self.shard_like_params({k: value})[k]
+                local = self._local_of(p, value)
                 from deepspeed.utils import safe_set_local_fp32_param
 
                 safe_set_local_fp32_param(p, local)
@@ -215,24 +234,33 @@ class DeepSpeedStrategy(Strategy):
                     p.data.copy_(value.to(p.dtype))
 
     def shard_like_params(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.stage != 3:
+        if not self._sharded_ema:
             return super().shard_like_params(full)
         params = dict(self.module.named_parameters())
-        out = {}
-        for k, v in full.items():
-            p = params[k]
-            n = p.ds_tensor.ds_numel                           # partition size (equal on all ranks, zero-padded)
-            flat = torch.zeros(n * self.world, dtype=torch.float32, device=dist.device())
-            flat[: p.ds_numel] = v.flatten().to(flat)
-            out[k] = flat[dist.get_rank() * n:(dist.get_rank() + 1) * n].clone()
-        return out
+        missing = sorted(set(k for k, p in params.items() if p.requires_grad) - set(full))
+        if missing:
+            raise KeyError(f"weights lack parameters {missing[:5]}")
+        return {k: self._local_of(params[k], v) for k, v in full.items()}
+
+    def _local_of(self, p, full: torch.Tensor) -> torch.Tensor:
+        """This rank's elements of the full tensor ``full`` of parameter ``p`` (layout of ``ema_params()``)."""
+        flat = full.flatten().to(dist.device(), torch.float32)
+        if self.stage == 3:
+            n = p.ds_tensor.ds_numel                               # partition size (equal on all ranks, zero-padded)
+            padded = torch.zeros(n * self.world, dtype=torch.float32, device=dist.device())
+            padded[: p.ds_numel] = flat
+            return padded[dist.get_rank() * n:(dist.get_rank() + 1) * n].clone()
+        if p._hp_mapping is None:
+            return self._empty.clone()
+        addr = p._hp_mapping.lp_fragment_address
+        return flat.narrow(0, addr.start, addr.numel).to(p._hp_mapping.hp_fragment.device).clone()
 
     # ---- checkpoints: DeepSpeed's own format for model + optimizer, EMA next to it
     def save(self, path: str, ema_state: dict) -> None:
         self.engine.save_checkpoint(os.path.join(path, "deepspeed"), tag="state", save_latest=False)
         ema = {"shadow": {k: v.detach().cpu() for k, v in ema_state["shadow"].items()},
                "num_updates": int(ema_state["num_updates"])}
-        if self.stage == 3:
+        if self._sharded_ema:   # each rank's own elements; the world size is checked on load (zero.json)
             torch.save(ema, os.path.join(path, f"ema_rank{dist.get_rank()}.pt"))
         elif dist.get_rank() == 0:
             torch.save(ema, os.path.join(path, "ema.pt"))
@@ -259,7 +287,7 @@ class DeepSpeedStrategy(Strategy):
             raise ValueError(f"corrupt or unreadable DeepSpeed checkpoint {os.path.join(path, 'deepspeed')}: {e}") from None
         if load_path is None:
             raise FileNotFoundError(f"checkpoint file missing: DeepSpeed state under {os.path.join(path, 'deepspeed')}")
-        f = os.path.join(path, f"ema_rank{dist.get_rank()}.pt" if self.stage == 3 else "ema.pt")
+        f = os.path.join(path, f"ema_rank{dist.get_rank()}.pt" if self._sharded_ema else "ema.pt")
         try:
             ema = torch.load(f, map_location=dist.device(), weights_only=True)
         except FileNotFoundError:
