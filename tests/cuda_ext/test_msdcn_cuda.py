@@ -1,4 +1,5 @@
-"""GPU tests of the CUDA MSDCN kernels against the pure-PyTorch reference (cuda_ext/msdcn/reference.py).
+"""GPU tests of the CUDA MSDCN kernels against the pure-PyTorch reference (cuda_ext/msdcn/reference.py),
+and CPU tests of the backward kernels' source run under a thread emulation of CUDA (csrc/emu/, g++).
 
 Tolerances: fp64 kernels vs the fp64 reference to 1e-12 relative (same formula, reordered sums);
 fp32 to 1e-5; bf16/fp16 values against the fp64 reference of the same rounded inputs to 1e-2
@@ -6,12 +7,17 @@ fp32 to 1e-5; bf16/fp16 values against the fp64 reference of the same rounded in
 """
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from cuda_ext.msdcn.reference import deform_offsets_ref, msdcn_ref, msdcn_ref_backward
 
-pytestmark = pytest.mark.cuda
+cuda = pytest.mark.cuda  # every test here except the emulated ones (test_emulated_*) needs a GPU
 
 ROUNDINGS = ("floor", "trunc")
 # (B, H, W, G, C, K): odd and non-square grids, B=1, C=72 (XL), single pixel rows/columns, K=1.
@@ -72,6 +78,7 @@ def poison_allocator(nbytes: int = 1 << 26) -> None:
 
 
 # ---------------------------------------------------------------- forward
+@cuda
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_fp64_matches_reference(cuda_mod, shape, rounding):
@@ -89,6 +96,7 @@ def test_forward_fp64_matches_reference(cuda_mod, shape, rounding):
     [(torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, 1e-2), (torch.bfloat16, torch.float32, 1e-2),
      (torch.float16, torch.float16, 2e-3), (torch.float16, torch.float32, 2e-3)],
 )
+@cuda
 def test_forward_low_precision(cuda_mod, dtype, field_dtype, tol, rounding):
     shape = (2, 9, 12, 4, 72, 9)
     value, offsets, weights = make_inputs(shape, dtype=dtype, field_dtype=field_dtype, seed=3)
@@ -100,6 +108,7 @@ def test_forward_low_precision(cuda_mod, dtype, field_dtype, tol, rounding):
     assert rel_err(out.cpu(), ref) < tol
 
 
+@cuda
 def test_floor_vs_trunc_differ_only_for_negative_coordinates(cuda_mod):
     """The official trunc rule extrapolates for x in (-2, 0): row [1, 10, 100] at x = -0.5 gives -3.5 (floor: 0.5)."""
     value = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64).view(1, 1, 3, 1, 1).expand(1, 1, 3, 1, 8).contiguous().cuda()
@@ -112,6 +121,7 @@ def test_floor_vs_trunc_differ_only_for_negative_coordinates(cuda_mod):
 
 
 # ---------------------------------------------------------------- backward
+@cuda
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_backward_fp64_matches_reference(cuda_mod, shape, rounding):
@@ -125,6 +135,7 @@ def test_backward_fp64_matches_reference(cuda_mod, shape, rounding):
         assert rel_err(g.cpu(), w) < 1e-11, name
 
 
+@cuda
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 def test_autograd_matches_reference_autograd(cuda_mod, rounding):
     shape = (2, 6, 5, 3, 16, 4)
@@ -138,6 +149,7 @@ def test_autograd_matches_reference_autograd(cuda_mod, rounding):
         assert rel_err(ta.grad.cpu(), tb.grad) < 1e-11
 
 
+@cuda
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 def test_gradcheck_fp64(cuda_mod, rounding):
     value, offsets, weights = make_inputs((1, 3, 4, 2, 8, 2), seed=5, spread=1.3)
@@ -145,6 +157,7 @@ def test_gradcheck_fp64(cuda_mod, rounding):
     assert torch.autograd.gradcheck(lambda v, o, w: cuda_mod.msdcn(v, o, w, rounding=rounding), args, eps=1e-6, atol=1e-5)
 
 
+@cuda
 def test_backward_bf16_uses_fp32_accumulation(cuda_mod):
     """bf16 grads against the fp64 reference grads of the same rounded inputs: no bf16 atomics (those drift ~1e-1)."""
     shape = (2, 8, 8, 4, 64, 9)
@@ -159,6 +172,7 @@ def test_backward_bf16_uses_fp32_accumulation(cuda_mod):
 
 
 # ---------------------------------------------------------------- fused deformable field
+@cuda
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("shape", [(2, 5, 7, 2, 8, 3), (1, 7, 9, 3, 72, 9)])
 def test_deform_fp64_forward_and_grads(cuda_mod, shape, rounding):
@@ -178,6 +192,7 @@ def test_deform_fp64_forward_and_grads(cuda_mod, shape, rounding):
         assert rel_err(a[i].grad.cpu(), b[i].grad) < 1e-10, name
 
 
+@cuda
 def test_deform_gradcheck_fp64(cuda_mod):
     inputs = make_deform((1, 3, 4, 2, 8, 2), seed=17)
     value, delta, scale, weights, prior, s0, s_max = inputs
@@ -186,6 +201,7 @@ def test_deform_gradcheck_fp64(cuda_mod):
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5)
 
 
+@cuda
 @pytest.mark.parametrize("field_dtype", [torch.bfloat16, torch.float32])
 def test_deform_bf16_autocast_dtypes(cuda_mod, field_dtype):
     """Autocast gives bf16 value and fields: outputs and grads come back in each input's dtype, close to fp64."""
@@ -207,6 +223,7 @@ def test_deform_bf16_autocast_dtypes(cuda_mod, field_dtype):
 
 
 # ---------------------------------------------------------------- layouts, streams, devices, sizes
+@cuda
 def test_noncontiguous_and_unaligned_inputs(cuda_mod):
     shape = (2, 5, 6, 3, 16, 4)
     value, offsets, weights = make_inputs(shape, seed=23)
@@ -219,6 +236,7 @@ def test_noncontiguous_and_unaligned_inputs(cuda_mod):
         assert rel_err(cuda_mod.msdcn(v, o_nc, weights).cpu(), ref) < 1e-12
 
 
+@cuda
 def test_channels_not_multiple_of_8_are_padded(cuda_mod):
     shape = (1, 4, 5, 2, 12, 3)
     inputs = make_inputs(shape, seed=29)
@@ -233,6 +251,7 @@ def test_channels_not_multiple_of_8_are_padded(cuda_mod):
         assert rel_err(ta.grad.cpu(), tb.grad) < 1e-11
 
 
+@cuda
 @pytest.mark.parametrize("threads,rounds,split,lean", [(128, 3, True, True), (512, 2, False, True), (64, 5, True, False), (256, 1, False, False)])
 def test_launch_shapes(cuda_mod, threads, rounds, split, lean):
     """Other block sizes and several rounds of queries per block (with a ragged tail) give the same results."""
@@ -261,6 +280,7 @@ def test_launch_shapes(cuda_mod, threads, rounds, split, lean):
         assert rel_err(a[i].grad.cpu(), b[i].grad) < 1e-10
 
 
+@cuda
 def test_side_stream(cuda_mod):
     """Work is queued on the current stream: results are right when a side stream is current."""
     value, offsets, weights = make_inputs((2, 16, 16, 4, 64, 9), dtype=torch.float32, seed=31)
@@ -275,6 +295,7 @@ def test_side_stream(cuda_mod):
     assert rel_err(ret.cpu(), ref) < 1e-5
 
 
+@cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_second_device(cuda_mod):
     value, offsets, weights = make_inputs((1, 6, 7, 2, 16, 3), seed=37, device="cuda:1")
@@ -283,6 +304,7 @@ def test_second_device(cuda_mod):
     assert rel_err(out.cpu(), msdcn_ref(value.cpu(), offsets.cpu(), weights.cpu())) < 1e-12
 
 
+@cuda
 def test_int64_indexing_beyond_2_31_elements(cuda_mod):
     """value with > 2^31 elements: the last batch element must equal the reference run on it alone."""
     H, W, G, C, K = 128, 128, 4, 256, 2
@@ -305,6 +327,7 @@ def test_int64_indexing_beyond_2_31_elements(cuda_mod):
     assert rel_err(last, ref) < 1e-2
 
 
+@cuda
 def test_torch_compile_fullgraph_no_graph_break(cuda_mod):
     """A block-like function around msdcn_deform compiles with fullgraph=True and matches eager (fwd and grads)."""
     shape = (2, 6, 6, 2, 16, 9)
@@ -327,6 +350,7 @@ def test_torch_compile_fullgraph_no_graph_break(cuda_mod):
         assert rel_err(ta.grad.cpu(), tb.grad.cpu()) < 1e-5
 
 
+@cuda
 def test_opcheck_custom_ops(cuda_mod):
     """torch.library.opcheck: schema, fake impls, autograd registration and AOT dispatch agree with the real ops."""
     value, delta, scale, weights, prior, s0, s_max = make_deform((1, 4, 5, 2, 16, 3), seed=59)
@@ -336,6 +360,7 @@ def test_opcheck_custom_ops(cuda_mod):
     torch.library.opcheck(torch.ops.flowdcn.msdcn_cuda.default, (v.requires_grad_(True), o.requires_grad_(True), w.requires_grad_(True), "trunc"))
 
 
+@cuda
 def test_eager_path_equals_custom_op_path(cuda_mod):
     """Eager calls (autograd.Function) and the torch.library ops run the same implementation: identical results."""
     inputs = make_deform((2, 5, 6, 3, 24, 4), dtype=torch.float32, seed=67)
@@ -351,6 +376,7 @@ def test_eager_path_equals_custom_op_path(cuda_mod):
         assert torch.allclose(a[i].grad, b[i].grad, rtol=1e-6, atol=1e-6)  # value grads: atomics order differs
 
 
+@cuda
 def test_public_dispatch_and_auto(cuda_mod):
     import cuda_ext
 
@@ -363,6 +389,7 @@ def test_public_dispatch_and_auto(cuda_mod):
 
 
 # ---------------------------------------------------------------- whole model
+@cuda
 def test_flowdcn_debug_model_cuda_equals_torch(cuda_mod):
     """The FlowDCN debug model gives the same loss and parameter gradients with impl='cuda' and impl='torch'."""
     modeling = pytest.importorskip("modeling")
@@ -412,6 +439,7 @@ TILED_MODES = ("sort", "atomic")
 TILINGS = [((8, 8), 3), ((4, 16), 1), ((3, 5), 0), ((8, 8), 6)]
 
 
+@cuda
 @pytest.mark.parametrize("mode", TILED_MODES)
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("tile,radius", TILINGS)
@@ -429,6 +457,7 @@ def test_tiled_backward_fp64_matches_reference(cuda_mod, tiled, tile, radius, ro
         assert rel_err(g.cpu(), w) < 1e-11, name
 
 
+@cuda
 @pytest.mark.parametrize("mode", TILED_MODES)
 @pytest.mark.parametrize("tile,radius", [((8, 8), 3), ((2, 3), 0)])
 def test_tiled_deform_fp64_grads(cuda_mod, tiled, tile, radius, mode):
@@ -448,6 +477,7 @@ def test_tiled_deform_fp64_grads(cuda_mod, tiled, tile, radius, mode):
         assert rel_err(a[i].grad.cpu(), b[i].grad) < 1e-10, name
 
 
+@cuda
 @pytest.mark.parametrize("mode", TILED_MODES)
 @pytest.mark.parametrize("field_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("C", [72, 64])
@@ -469,3 +499,71 @@ def test_tiled_bf16_equals_untiled(cuda_mod, tiled, field_dtype, C, mode):
         assert grads[True][j].dtype == inputs[i].dtype, name
         assert rel_err(grads[True][j], grads[False][j]) < 1e-2, name  # one bf16 rounding of grads summed in another order
         assert rel_err(grads[True][j].cpu(), b[i].grad) < 2e-2, name
+
+
+# ---------------------------------------------------------------- backward kernels under CPU emulation (no GPU)
+EMU_DIR = Path(__file__).resolve().parents[2] / "cuda_ext" / "msdcn" / "csrc" / "emu"
+
+
+@pytest.fixture(scope="module")
+def emu_harness(tmp_path_factory):
+    """csrc/emu/harness.cpp built with g++: the fp64 backward kernels, one std::thread per CUDA thread."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ not installed")
+    exe = tmp_path_factory.mktemp("emu") / "harness"
+    cmd = [gxx, "-std=c++20", "-O1", "-pthread", f"-I{EMU_DIR}", f"-I{EMU_DIR.parent}", str(EMU_DIR / "harness.cpp"), "-o", str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return exe
+
+
+def run_emulated(exe, tmp, tensors, mode, fused, rounding, shape, tile=(8, 8), radius=2, split=True, q=2, rounds=3):
+    """Write the fp64 inputs, run the harness, return (g_value, g_off, g_weight, g_scale, s0 partial sums)."""
+    B, H, W, G, C, K = shape
+    for name, t in tensors.items():
+        t.double().contiguous().numpy().tofile(tmp / f"{name}.bin")
+    args = [exe, tmp, mode, int(fused), int(rounding == "trunc"), int(split), B, H, W, G, C, K, *tile, radius, q, rounds]
+    res = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+    def read(name, shp):
+        return torch.from_numpy(np.fromfile(tmp / f"{name}.bin", dtype=np.float64)).view(*shp)
+
+    return (read("gvalue", (B, H, W, G, C)), read("goff", (B, H, W, G, K, 2)), read("gweight", (B, H, W, G, K)),
+            read("gscale", (B, H, W, G, K)), read("s0p", (-1, G)).sum(0))
+
+
+# (mode, tile, radius, split): mode 0 = untiled (checks the emulation itself), 1 = tiled atomic, 2 = tiled sorted.
+EMU_CASES = [(0, (8, 8), 0, True), (1, (8, 8), 2, True), (2, (8, 8), 2, True), (2, (3, 5), 0, False), (1, (4, 16), 1, False), (2, (2, 3), 6, True)]
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_emulated_tiled_backward_matches_reference(emu_harness, tmp_path, rounding):
+    """Tiles and halos of all kinds on a 19x23 grid with offsets up to ~10 px (in and out of window and grid)."""
+    shape = (2, 19, 23, 2, 24, 5)
+    value, offsets, weights = make_inputs(shape, seed=83, spread=4.0, device="cpu")
+    grad = torch.randn_like(value)
+    want = msdcn_ref_backward(grad, value, offsets, weights, rounding)
+    tensors = {"value": value, "off": offsets, "weight": weights, "gout": grad}
+    for mode, tile, radius, split in EMU_CASES:
+        got = run_emulated(emu_harness, tmp_path, tensors, mode, False, rounding, shape, tile, radius, split)
+        for name, g, w in zip(("value", "offsets", "weights"), got, want):
+            assert torch.isfinite(g).all(), (mode, tile, radius, name)
+            assert rel_err(g, w) < 1e-11, (mode, tile, radius, name)
+
+
+def test_emulated_tiled_deform_backward_matches_reference(emu_harness, tmp_path):
+    """Fused field at C=72, K=9 (two rounds of 32 queries per 8x8 tile): all grads, d/ds0 from the block partials."""
+    shape = (1, 11, 13, 2, 72, 9)
+    value, delta, scale, weights, prior, s0, s_max = make_deform(shape, seed=89, device="cpu")
+    grad = torch.randn_like(value)
+    leaves = [t.clone().requires_grad_(True) for t in (value, delta, scale, weights, s0)]
+    out = msdcn_ref(leaves[0], deform_offsets_ref(leaves[1], leaves[2], prior, leaves[4], s_max), leaves[3])
+    (out * grad).sum().backward()
+    tensors = {"value": value, "off": delta, "weight": weights, "gout": grad, "scale": scale, "prior": prior, "s0": s0, "smax": s_max}
+    for mode, tile, radius in ((0, (8, 8), 0), (2, (8, 8), 2), (1, (8, 8), 2), (2, (5, 4), 0)):
+        gv, gd, gw, gs, gs0 = run_emulated(emu_harness, tmp_path, tensors, mode, True, "floor", shape, tile, radius, q=1, rounds=2)
+        for name, g, leaf in (("value", gv, 0), ("delta", gd, 1), ("weights", gw, 3), ("scale_logit", gs, 2), ("s0", gs0, 4)):
+            assert torch.isfinite(g).all(), (mode, name)
+            assert rel_err(g, leaves[leaf].grad) < 1e-10, (mode, tile, radius, name)

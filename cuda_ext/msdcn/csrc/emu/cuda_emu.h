@@ -1,0 +1,55 @@
+// CPU emulation of the CUDA device API the MSDCN kernels use (for harness.cpp): one std::thread per
+// CUDA thread, std::barrier for __syncthreads and for warp shuffles, std::atomic_ref for atomics. Without
+// __CUDA_ARCH__ the kernels take their scalar-atomic paths. Needs C++20 (g++ >= 11).
+#pragma once
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <vector>
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+struct uint2 { unsigned x, y; };
+struct uint4 { unsigned x, y, z, w; };
+struct float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) double2 { double x, y; };
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+inline double2 make_double2(double a, double b) { return {a, b}; }
+template <class T> inline T __ldg(const T* p) { return *p; }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(a, b)
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__
+
+namespace emu {
+inline thread_local dim3 tIdx, bIdx;
+inline dim3 bDim;
+inline std::unique_ptr<std::barrier<>> block_bar;
+inline std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
+inline std::vector<double> shfl_buf;
+}
+#define threadIdx (emu::tIdx)
+#define blockIdx (emu::bIdx)
+#define blockDim (emu::bDim)
+inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
+template <class T> T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
+template <class T> T shfl_impl(T v, int src_lane_delta, bool up) {
+  const int tid = threadIdx.x, w = tid / 32, l = tid % 32;
+  auto& bar = *emu::warp_bar[w];
+  bar.arrive_and_wait();
+  emu::shfl_buf[tid] = static_cast<double>(v);
+  bar.arrive_and_wait();
+  T r = v;
+  if (up && l - src_lane_delta >= 0) r = static_cast<T>(emu::shfl_buf[tid - src_lane_delta]);
+  if (!up && l + src_lane_delta < 32) r = static_cast<T>(emu::shfl_buf[tid + src_lane_delta]);
+  bar.arrive_and_wait();
+  return r;
+}
+template <class T> T __shfl_up_sync(unsigned, T v, int o) { return shfl_impl(v, o, true); }
+template <class T> T __shfl_down_sync(unsigned, T v, int o) { return shfl_impl(v, o, false); }
