@@ -248,21 +248,19 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
     const bool sorted = tiled == 2;
     TileShape ts{};
     if (tiled && tiled_shape(geo, tile_h, tile_w, radius, sizeof(A), sizeof(PointGeo<A>), sorted, value.get_device(), ts)) {
-      {
-        const int th = static_cast<int>((static_cast<int64_t>(ts.P) * geo.L + 31) / 32 * 32);  // whole warps
-        const size_t smem = tiled_smem(geo, ts, th, sizeof(A), sizeof(PointGeo<A>), sorted);
-        const int64_t blocks = value.size(0) * ts.tiles_y * ts.tiles_x;
-        TORCH_CHECK(blocks < (int64_t(1) << 31), "msdcn_cuda: too many tiles for one launch: ", blocks);
-        s0p = fused ? at::empty({blocks, geo.G}, value.options().dtype(adt)) : at::empty({0}, value.options().dtype(adt));
-        if (fused) p.s0_part = reinterpret_cast<A*>(s0p.data_ptr());
-        auto kernel = fused ? (sorted ? msdcn_backward_tiled_kernel<T, F, A, true, true> : msdcn_backward_tiled_kernel<T, F, A, true, false>)
-                            : (sorted ? msdcn_backward_tiled_kernel<T, F, A, false, true> : msdcn_backward_tiled_kernel<T, F, A, false, false>);
-        allow_smem(kernel, smem, value.get_device(), geo);
-        if (l1_pref) prefer_l1(kernel, th, smem, value.get_device());
-        kernel<<<dim3(static_cast<unsigned>(blocks), geo.G), th, smem, stream>>>(p, ts);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        return;  // else (shape not served by the tiled kernel) the untiled kernel below runs
-      }
+      const int th = static_cast<int>((static_cast<int64_t>(ts.P) * geo.L + 31) / 32 * 32);  // whole warps
+      const size_t smem = tiled_smem(geo, ts, th, sizeof(A), sizeof(PointGeo<A>), sorted);
+      const int64_t blocks = value.size(0) * ts.tiles_y * ts.tiles_x;
+      TORCH_CHECK(blocks < (int64_t(1) << 31), "msdcn_cuda: too many tiles for one launch: ", blocks);
+      s0p = fused ? at::empty({blocks, geo.G}, value.options().dtype(adt)) : at::empty({0}, value.options().dtype(adt));
+      if (fused) p.s0_part = reinterpret_cast<A*>(s0p.data_ptr());
+      auto kernel = fused ? (sorted ? msdcn_backward_tiled_kernel<T, F, A, true, true> : msdcn_backward_tiled_kernel<T, F, A, true, false>)
+                          : (sorted ? msdcn_backward_tiled_kernel<T, F, A, false, true> : msdcn_backward_tiled_kernel<T, F, A, false, false>);
+      allow_smem(kernel, smem, value.get_device(), geo);
+      if (l1_pref) prefer_l1(kernel, th, smem, value.get_device());
+      kernel<<<dim3(static_cast<unsigned>(blocks), geo.G), th, smem, stream>>>(p, ts);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;  // else (shape not served by the tiled kernel) the untiled kernel below runs
     }
     const size_t smem = per_query * geo.Q;
     auto kernel = fused ? msdcn_backward_kernel<T, F, A, true> : msdcn_backward_kernel<T, F, A, false>;
