@@ -6,7 +6,8 @@ median of CUDA-event timings after warm-up, rotating between input sets so small
 L2. "floor" is the byte floor (each input read once, each output written once) over the measured
 device-to-device copy bandwidth. Optionally times one FlowDCN-XL block against one SiT-XL block.
 
-    python bench/msdcn_op.py --json bench_msdcn.json [--block] [--sweep]
+    python bench/msdcn_op.py --json bench_msdcn.json [--block] [--sweep] [--diagnose]
+    python bench/msdcn_op.py --no-op --no-ref --tile-sweep --tiled   # tiled backward: sweep, then vs untiled
 """
 from __future__ import annotations
 
@@ -342,9 +343,10 @@ def main() -> None:
     def f(x):
         return "-" if x is None else f"{x:.3f}"
 
-    print(f"\nMSDCN op, {dev}, batch {BATCH}, bf16 value, fp32 fields; ms (median); fused = deform field in-kernel")
-    print("| shape | grid | ours fused fwd / fwd+bwd | ours fused, CUDA graph | ours plain fwd / fwd+bwd | reference fwd / fwd+bwd | SDPA fwd / fwd+bwd | SDPA, CUDA graph | byte floor fwd / fwd+bwd | ours GB/s fwd / fwd+bwd |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    if result["op"]:
+        print(f"\nMSDCN op, {dev}, batch {BATCH}, bf16 value, fp32 fields; ms (median); fused = deform field in-kernel")
+        print("| shape | grid | ours fused fwd / fwd+bwd | ours fused, CUDA graph | ours plain fwd / fwd+bwd | reference fwd / fwd+bwd | SDPA fwd / fwd+bwd | SDPA, CUDA graph | byte floor fwd / fwd+bwd | ours GB/s fwd / fwd+bwd |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
     for r in result["op"]:
         print(f"| {r['shape']} (G={r['G']},C={r['C']}) | {r['grid']}² | {f(r['ours_fwd_ms'])} / {f(r['ours_fwdbwd_ms'])} | "
               f"{f(r['ours_graph_fwd_ms'])} / {f(r['ours_graph_fwdbwd_ms'])} | {f(r['plain_fwd_ms'])} / {f(r['plain_fwdbwd_ms'])} | {f(r.get('ref_fwd_ms'))} / {f(r.get('ref_fwdbwd_ms'))} | "
