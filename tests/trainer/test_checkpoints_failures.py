@@ -112,3 +112,16 @@ def test_nonfinite_skip_keeps_going(tmp_path):
 
     done = json.load(open(tmp_path / "r" / "DONE.json"))
     assert done["nimg"] == 32 and done["skipped_steps"] >= 1
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """micro_batch=2 (4 micro-batches per step) = the whole batch at once, up to float summation order."""
+    from trainer.logger import read_metrics
+
+    run(*tiny(tmp_path / "whole", total=24))
+    run(*tiny(tmp_path / "accum", total=24, micro_batch=2))
+    a, b = read_metrics(str(tmp_path / "accum")), read_metrics(str(tmp_path / "whole"))
+    assert [r["nimg"] for r in a] == [r["nimg"] for r in b] == [8, 16, 24]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "grad_norm"):
+            assert abs(ra[k] - rb[k]) <= 1e-5 * abs(rb[k]), (k, ra, rb)
