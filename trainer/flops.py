@@ -11,6 +11,7 @@ measures useful matmul work, the convention of PaLM/torchtitan.
 from __future__ import annotations
 
 import functools
+import json
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -20,11 +21,11 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 
 @functools.lru_cache(maxsize=64)
-def forward_flops_per_image(name: str, overrides_items: tuple, height: int, width: int) -> float:
+def forward_flops_per_image(name: str, overrides_json: str, height: int, width: int) -> float:
     """Matmul FLOPs of one forward of model ``name`` on one [C, height, width] input (meta device)."""
     from modeling import build_model
 
-    overrides = dict(overrides_items)
+    overrides = json.loads(overrides_json)
     model = build_model(name, device="meta", **overrides)
     x = torch.empty(1, model.in_channels, height, width, device="meta")
     t = torch.empty(1, device="meta")
@@ -36,10 +37,10 @@ def forward_flops_per_image(name: str, overrides_items: tuple, height: int, widt
 
 def train_flops_per_image(name: str, overrides: dict, height: int, width: int) -> float:
     """Forward + backward FLOPs of one image (3× forward)."""
-    items = tuple(sorted((k, v) for k, v in overrides.items() if k != "msdcn_impl")) + (("msdcn_impl", "torch"),)
-    if not name.startswith("FlowDCN"):
-        items = tuple(kv for kv in items if kv[0] != "msdcn_impl")
-    return 3.0 * forward_flops_per_image(name, items, height, width)
+    ovr = {k: v for k, v in overrides.items() if k != "msdcn_impl"}
+    if name.startswith("FlowDCN"):
+        ovr["msdcn_impl"] = "torch"   # the meta forward must not pick the CUDA kernels
+    return 3.0 * forward_flops_per_image(name, json.dumps(ovr, sort_keys=True), height, width)
 
 
 def peak_tflops(override: float = 0.0) -> float:
