@@ -518,12 +518,12 @@ def emu_harness(tmp_path_factory):
     return exe
 
 
-def run_emulated(exe, tmp, tensors, mode, fused, rounding, shape, tile=(8, 8), radius=2, split=True, q=2, rounds=3):
-    """Write the fp64 inputs, run the harness, return (g_value, g_off, g_weight, g_scale, s0 partial sums)."""
+def run_emulated(exe, tmp, tensors, mode, fused, rounding, shape, tile=(8, 8), radius=2, split=True, q=2, rounds=3, dtype="f64"):
+    """Write the inputs (as fp64), run the harness's kernels in dtype, return (g_value, g_off, g_weight, g_scale, s0 sums)."""
     B, H, W, G, C, K = shape
     for name, t in tensors.items():
         t.double().contiguous().numpy().tofile(tmp / f"{name}.bin")
-    args = [exe, tmp, mode, int(fused), int(rounding == "trunc"), int(split), B, H, W, G, C, K, *tile, radius, q, rounds]
+    args = [exe, tmp, mode, int(fused), int(rounding == "trunc"), int(split), B, H, W, G, C, K, *tile, radius, q, rounds, dtype]
     res = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
 
@@ -567,3 +567,25 @@ def test_emulated_tiled_deform_backward_matches_reference(emu_harness, tmp_path)
         for name, g, leaf in (("value", gv, 0), ("delta", gd, 1), ("weights", gw, 3), ("scale_logit", gs, 2), ("s0", gs0, 4)):
             assert torch.isfinite(g).all(), (mode, name)
             assert rel_err(g, leaves[leaf].grad) < 1e-10, (mode, tile, radius, name)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_emulated_tiled_deform_backward_low_precision(emu_harness, tmp_path, dtype):
+    """The fp32 and bf16-value/fp32-field kernels (the training case) against fp64 grads of the same rounded inputs."""
+    shape = (1, 10, 12, 2, 72, 9)
+    inputs = list(make_deform(shape, seed=97, device="cpu"))
+    if dtype == "bf16":
+        inputs[0] = inputs[0].to(torch.bfloat16).double()  # value is bf16 in the kernel: compare on the rounded value
+    value, delta, scale, weights, prior, s0, s_max = inputs
+    grad = torch.randn_like(value)
+    if dtype == "bf16":
+        grad = grad.to(torch.bfloat16).double()
+    leaves = [t.clone().requires_grad_(True) for t in (value, delta, scale, weights, s0)]
+    out = msdcn_ref(leaves[0], deform_offsets_ref(leaves[1], leaves[2], prior, leaves[4], s_max), leaves[3])
+    (out * grad).sum().backward()
+    tensors = {"value": value, "off": delta, "weight": weights, "gout": grad, "scale": scale, "prior": prior, "s0": s0, "smax": s_max}
+    for mode, tile, radius in ((0, (8, 8), 0), (2, (8, 8), 2), (1, (8, 8), 2)):
+        got = run_emulated(emu_harness, tmp_path, tensors, mode, True, "floor", shape, tile, radius, q=1, rounds=2, dtype=dtype)
+        for name, g, leaf in zip(("value", "delta", "weights", "scale_logit", "s0"), got, (0, 1, 3, 2, 4)):
+            assert torch.isfinite(g).all(), (mode, name)
+            assert rel_err(g, leaves[leaf].grad) < 1e-5, (mode, tile, radius, name)  # fp32 coordinates and sums (~5e-7 seen)

@@ -1,10 +1,10 @@
-// CPU emulation harness: runs the fp64 MSDCN backward kernels of ../ (untiled and both tiled modes) on the
+// CPU emulation harness: runs the MSDCN backward kernels of ../ (untiled and both tiled modes) on the
 // CPU, one std::thread per CUDA thread (cuda_emu.h), so their index and synchronisation logic is tested
 // without a GPU (tests/cuda_ext/test_msdcn_cuda.py builds it with g++). Not part of the extension build.
-//   harness DIR MODE FUSED TRUNC SPLIT B H W G C K TH TW R Q ROUNDS
+//   harness DIR MODE FUSED TRUNC SPLIT B H W G C K TH TW R Q ROUNDS DTYPE   (DTYPE: f64 | f32 | bf16)
 // MODE 0: untiled kernel (Q queries x ROUNDS per block); 1: tiled, atomic window; 2: tiled, sorted window
-// (tile TH x TW, radius R). Inputs DIR/{value,off,weight,gout[,scale,prior,s0,smax]}.bin (float64, the
-// op's layouts); outputs DIR/{gvalue,goff,gweight,gscale,s0p}.bin.
+// (tile TH x TW, radius R). Inputs DIR/{value,off,weight,gout[,scale,prior,s0,smax]}.bin (float64 in the
+// op's layouts, converted to the kernel's types); outputs DIR/{gvalue,goff,gweight,gscale,s0p}.bin (float64).
 #include "cuda_emu.h"
 #include <cstdio>
 #include <cstdlib>
@@ -14,18 +14,31 @@
 namespace flowdcn { alignas(16) unsigned char smem_raw[1 << 21]; }
 #include "msdcn_tiled.cuh"
 using namespace flowdcn;
-using A = double;
 
-static std::vector<A> rd(const std::string& dir, const char* name, size_t n) {
-  std::vector<A> v(n);
+inline double to_f64(double x) { return x; }
+inline double to_f64(float x) { return x; }
+inline double to_f64(__nv_bfloat16 x) { return __bfloat162float(x); }
+inline void from_f64(double x, double& o) { o = x; }
+inline void from_f64(double x, float& o) { o = static_cast<float>(x); }
+inline void from_f64(double x, __nv_bfloat16& o) { o = __float2bfloat16_rn(static_cast<float>(x)); }
+
+// Files hold float64; the kernels see them converted to their element type.
+template <class E>
+static std::vector<E> rd(const std::string& dir, const char* name, size_t n) {
+  std::vector<double> v(n);
   FILE* f = std::fopen((dir + "/" + name + ".bin").c_str(), "rb");
-  if (!f || std::fread(v.data(), sizeof(A), n, f) != n) { std::fprintf(stderr, "read %s failed\n", name); std::exit(2); }
+  if (!f || std::fread(v.data(), sizeof(double), n, f) != n) { std::fprintf(stderr, "read %s failed\n", name); std::exit(2); }
   std::fclose(f);
-  return v;
+  std::vector<E> out(n);
+  for (size_t i = 0; i < n; ++i) from_f64(v[i], out[i]);
+  return out;
 }
-static void wr(const std::string& dir, const char* name, const std::vector<A>& v) {
+template <class E>
+static void wr(const std::string& dir, const char* name, const std::vector<E>& v) {
+  std::vector<double> d(v.size());
+  for (size_t i = 0; i < v.size(); ++i) d[i] = to_f64(v[i]);
   FILE* f = std::fopen((dir + "/" + name + ".bin").c_str(), "wb");
-  std::fwrite(v.data(), sizeof(A), v.size(), f);
+  std::fwrite(d.data(), sizeof(double), d.size(), f);
   std::fclose(f);
 }
 
@@ -47,20 +60,23 @@ static void launch(dim3 grid, int threads, Fn fn) {
     }
 }
 
-int main(int argc, char** argv) {
-  if (argc != 17) { std::fprintf(stderr, "usage: harness DIR MODE FUSED TRUNC SPLIT B H W G C K TH TW R Q ROUNDS\n"); return 2; }
+template <class T, class F, class A>
+static int run(char** argv) {
   std::string dir = argv[1];
   int mode = std::atoi(argv[2]), fused = std::atoi(argv[3]), trunc_ = std::atoi(argv[4]), split = std::atoi(argv[5]);
   int64_t B = std::atoll(argv[6]), H = std::atoll(argv[7]), W = std::atoll(argv[8]);
   int G = std::atoi(argv[9]), C = std::atoi(argv[10]), K = std::atoi(argv[11]);
   int TH = std::atoi(argv[12]), TW = std::atoi(argv[13]), R = std::atoi(argv[14]), Q = std::atoi(argv[15]), RO = std::atoi(argv[16]);
   const int64_t N = B * H * W;
-  auto value = rd(dir, "value", N * G * C), off = rd(dir, "off", N * G * K * 2), weight = rd(dir, "weight", N * G * K);
-  auto gout = rd(dir, "gout", N * G * C);
-  std::vector<A> scale, prior, s0, smax;
-  if (fused) { scale = rd(dir, "scale", N * G * K); prior = rd(dir, "prior", K * 2); s0 = rd(dir, "s0", G); smax = rd(dir, "smax", 2); }
-  std::vector<A> gvalue(N * G * C, 0.0), goff(N * G * K * 2, NAN), gweight(N * G * K, NAN), gscale(N * G * K, NAN);
-  MsdcnParams<A, A, A> p{};
+  auto value = rd<T>(dir, "value", N * G * C), gout = rd<T>(dir, "gout", N * G * C);
+  auto off = rd<F>(dir, "off", N * G * K * 2), weight = rd<F>(dir, "weight", N * G * K);
+  std::vector<F> scale;
+  std::vector<A> prior, s0, smax;
+  if (fused) { scale = rd<F>(dir, "scale", N * G * K); prior = rd<A>(dir, "prior", K * 2); s0 = rd<A>(dir, "s0", G); smax = rd<A>(dir, "smax", 2); }
+  std::vector<A> gvalue(N * G * C, A(0));
+  std::vector<F> goff(N * G * K * 2), gweight(N * G * K), gscale(N * G * K);
+  for (auto* v : {&goff, &gweight, &gscale}) for (auto& x : *v) from_f64(NAN, x);  // unwritten elements show as NaN
+  MsdcnParams<T, F, A> p{};
   p.value = value.data(); p.off = off.data(); p.weight = weight.data(); p.gout = gout.data();
   if (fused) { p.scale = scale.data(); p.prior = prior.data(); p.s0 = s0.data(); p.smax = smax.data(); }
   p.gvalue = gvalue.data(); p.goff = goff.data(); p.gweight = gweight.data(); p.gscale = gscale.data();
@@ -72,7 +88,7 @@ int main(int argc, char** argv) {
     s0p.assign(blocks * G, NAN);
     p.s0_part = s0p.data();
     launch({unsigned(blocks), 1, 1}, Q * G * p.L, [&] {
-      if (fused) msdcn_backward_kernel<A, A, A, true>(p); else msdcn_backward_kernel<A, A, A, false>(p);
+      if (fused) msdcn_backward_kernel<T, F, A, true>(p); else msdcn_backward_kernel<T, F, A, false>(p);
     });
   } else {
     TileShape ts{};
@@ -87,11 +103,21 @@ int main(int argc, char** argv) {
     p.s0_part = s0p.data();
     const bool sorted = mode == 2;
     launch({unsigned(blocks), unsigned(G), 1}, threads, [&] {
-      if (fused) { if (sorted) msdcn_backward_tiled_kernel<A, A, A, true, true>(p, ts); else msdcn_backward_tiled_kernel<A, A, A, true, false>(p, ts); }
-      else { if (sorted) msdcn_backward_tiled_kernel<A, A, A, false, true>(p, ts); else msdcn_backward_tiled_kernel<A, A, A, false, false>(p, ts); }
+      if (fused) { if (sorted) msdcn_backward_tiled_kernel<T, F, A, true, true>(p, ts); else msdcn_backward_tiled_kernel<T, F, A, true, false>(p, ts); }
+      else { if (sorted) msdcn_backward_tiled_kernel<T, F, A, false, true>(p, ts); else msdcn_backward_tiled_kernel<T, F, A, false, false>(p, ts); }
     });
   }
   wr(dir, "gvalue", gvalue); wr(dir, "goff", goff); wr(dir, "gweight", gweight); wr(dir, "gscale", gscale); wr(dir, "s0p", s0p);
   std::printf("ok %zu s0 partials\n", s0p.size() / G);
   return 0;
+}
+
+int main(int argc, char** argv) {
+  if (argc != 18) { std::fprintf(stderr, "usage: harness DIR MODE FUSED TRUNC SPLIT B H W G C K TH TW R Q ROUNDS DTYPE\n"); return 2; }
+  const std::string dt = argv[17];
+  if (dt == "f64") return run<double, double, double>(argv);
+  if (dt == "f32") return run<float, float, float>(argv);
+  if (dt == "bf16") return run<__nv_bfloat16, float, float>(argv);  // bf16 value, fp32 fields (the benchmark's case)
+  std::fprintf(stderr, "DTYPE must be f64, f32 or bf16, got %s\n", dt.c_str());
+  return 2;
 }
