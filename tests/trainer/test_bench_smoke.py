@@ -1,6 +1,5 @@
 """bench/train_step.py runs end to end on CPU (tiny model) and writes its JSON."""
 import json
-import os
 import subprocess
 import sys
 

@@ -7,7 +7,6 @@ import os
 import signal
 
 import pytest
-import torch
 
 from data_pipeline.digits import DigitsConfig
 from trainer.checkpoint import MARKER, CheckpointManager, load_weights

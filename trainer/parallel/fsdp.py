@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as tdist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
