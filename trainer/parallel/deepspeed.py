@@ -212,7 +212,7 @@ class DeepSpeedStrategy(Strategy):
     def load_full_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Full weights into the fp32 masters and the module's (possibly partitioned, low-precision) parameters."""
         import deepspeed
-        from deepspeed.utils import safe_set_full_fp32_param
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
 
         params = dict(self.module.named_parameters())
         missing = sorted(set(params) - set(state))
@@ -221,10 +221,7 @@ class DeepSpeedStrategy(Strategy):
         for k, p in params.items():
             value = state[k].to(dist.device(), torch.float32)
             if self.stage == 3:
-                local = self._local_of(p, value)
-                from deepspeed.utils import safe_set_local_fp32_param
-
-                safe_set_local_fp32_param(p, local)
+                safe_set_local_fp32_param(p, self._local_of(p, value))
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                     if dist.get_rank() == 0:
                         p.data.copy_(value.to(p.dtype))
