@@ -25,8 +25,21 @@ def sample_t(n: int, cfg: FlowMatchingConfig, generator: torch.Generator | None 
     raise ValueError(f"unknown t_sampler {cfg.t_sampler!r} (uniform | logit_normal)")
 
 
+def flow_matching_loss(net, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, drop: torch.Tensor,
+                       null_class: int) -> torch.Tensor:
+    """Per-sample loss mean_{C,H,W} (net(x_t, t, y') − (x − ε))², x_t = t·x + (1−t)·ε, y' = null where ``drop``."""
+    N, dev = x.shape[0], x.device
+    t = t.to(dev)                                                                  # (N,)
+    eps = eps.to(dev, x.dtype)                                                     # (N, C, H, W)
+    y = torch.where(drop.to(dev), torch.full_like(y, null_class), y)               # (N,)
+    tb = t.view(N, *([1] * (x.dim() - 1))).to(x.dtype)
+    x_t = tb * x + (1 - tb) * eps                                                  # (N, C, H, W)
+    v = net(x_t, t, y)                                                             # (N, C, H, W)
+    return (v.float() - (x - eps).float()).pow(2).flatten(1).mean(1)               # (N,)
+
+
 class FlowMatchingLoss:
-    """Per-sample loss: mean over (C, H, W) of (net(x_t, t, y) − (x − ε))²."""
+    """Per-sample flow-matching loss with its own draws of t, ε and label dropout from ``generator``."""
 
     def __init__(self, cfg: FlowMatchingConfig, null_class: int):
         self.cfg = cfg
@@ -34,14 +47,9 @@ class FlowMatchingLoss:
 
     def __call__(self, net, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         N = x.shape[0]
-        dev = x.device
         # Draw on the generator's device (CPU by default) so the draws don't depend on where x lives.
-        gdev = generator.device if generator is not None else dev
-        t = sample_t(N, self.cfg, generator, gdev).to(dev)                          # (N,)
-        eps = torch.randn(x.shape, generator=generator, device=gdev).to(dev, x.dtype)
-        drop = torch.rand(N, generator=generator, device=gdev).to(dev) < self.cfg.label_dropout
-        y = torch.where(drop, torch.full_like(y, self.null_class), y)
-        tb = t.view(N, *([1] * (x.dim() - 1))).to(x.dtype)
-        x_t = tb * x + (1 - tb) * eps                                              # (N, C, H, W)
-        v = net(x_t, t, y)                                                         # (N, C, H, W)
-        return (v.float() - (x - eps).float()).pow(2).flatten(1).mean(1)           # (N,)
+        gdev = generator.device if generator is not None else x.device
+        t = sample_t(N, self.cfg, generator, gdev)                                 # (N,)
+        eps = torch.randn(x.shape, generator=generator, device=gdev)
+        drop = torch.rand(N, generator=generator, device=gdev) < self.cfg.label_dropout
+        return flow_matching_loss(net, x, y, t, eps, drop, self.null_class)

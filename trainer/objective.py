@@ -5,8 +5,7 @@ the run), never on the rank that holds it or on the micro-batch it sits in. So 1
 processes with the same global batch see identical draws, gradient accumulation does not change
 them, and a resumed run needs no saved RNG state.
 
-The loss is the same maths as ``modeling.objective.FlowMatchingLoss`` (tests compare the two with
-identical draws); only the source of the draws differs.
+The loss itself is ``modeling.objective.flow_matching_loss``; only the source of the draws differs.
 """
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modeling.objective import FlowMatchingConfig, sample_t
+from modeling.objective import FlowMatchingConfig, flow_matching_loss, sample_t
 
 _MASK = 0xFFFFFFFFFFFFFFFF
 
@@ -56,12 +55,5 @@ def draw_noise(cfg: FlowMatchingConfig, seed: int, positions: list[int], shape: 
 
 
 def flow_loss(net, x: torch.Tensor, y: torch.Tensor, noise: StepNoise, null_class: int) -> torch.Tensor:
-    """Per-sample loss mean_{C,H,W} (net(x_t, t, y') − (x − ε))², x_t = t·x + (1−t)·ε, y' = null where dropped."""
-    N, dev = x.shape[0], x.device
-    t = noise.t.to(dev)                                                            # (N,)
-    eps = noise.eps.to(dev, x.dtype)                                               # (N, C, H, W)
-    y = torch.where(noise.drop.to(dev), torch.full_like(y, null_class), y)         # (N,)
-    tb = t.view(N, *([1] * (x.dim() - 1))).to(x.dtype)
-    x_t = tb * x + (1 - tb) * eps                                                  # (N, C, H, W)
-    v = net(x_t, t, y)                                                             # (N, C, H, W)
-    return (v.float() - (x - eps).float()).pow(2).flatten(1).mean(1)               # (N,)
+    """Per-sample flow-matching loss (modeling.objective) with this batch's position-keyed draws."""
+    return flow_matching_loss(net, x, y, noise.t, noise.eps, noise.drop, null_class)

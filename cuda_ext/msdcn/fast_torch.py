@@ -44,7 +44,8 @@ def forward(value: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -
                       align_corners=True)                                               # (B·G, C, H, W·K)
     w = weights.to(cdt).permute(0, 3, 1, 2, 4).reshape(B * G, 1, H, W, K)
     out = (s.view(B * G, C, H, W, K) * w).sum(-1)                                       # (B·G, C, H, W)
-    return out.view(B, G, C, H, W).permute(0, 3, 4, 1, 2).to(value.dtype)
+    # contiguous: the fake (meta) kernel promises empty_like(value), and inductor checks strides
+    return out.view(B, G, C, H, W).permute(0, 3, 4, 1, 2).to(value.dtype).contiguous()
 
 
 def backward(grad_out: torch.Tensor, value: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor):
