@@ -9,7 +9,6 @@ file with its features; a rerun of the same command generates only the missing c
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -20,6 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from data_pipeline.shards import sha256_file
+
 from . import dist
 from .config import MetricsConfig, ModelLoadConfig, SamplingConfig
 from .stats import FeatureStats, ISStats
@@ -28,13 +29,7 @@ CHUNK_FORMAT = "flowdcn-eval-chunk-v1"
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def file_sha256(path: str, block: int = 1 << 24) -> str:
-    """Hex sha256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
+file_sha256 = sha256_file   # one streaming hash for shards and checkpoints
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .layers import FinalLayer, LabelEmbedder, PatchEmbed, RMSNorm, SwiGLU, TimestepEmbedder, modulate, unpatchify
+from .layers import FlowBackbone, RMSNorm, SwiGLU, modulate, unpatchify
 from .msdcn import TRAIN_SMAX, MultiScaleDCN
 
 
@@ -88,38 +88,11 @@ def resolve_smax(s_max, depth: int, device) -> torch.Tensor:
     raise ValueError(f"s_max must be a scalar, [2] or [depth={depth}, 2], got shape {tuple(s_max.shape)}")
 
 
-class FlowDCN(nn.Module):
+class FlowDCN(FlowBackbone):
     """FlowDCN velocity model: forward(x [N,C,H,W], t [N], y [N], s_max=None) -> v [N,C,H,W]."""
 
     def __init__(self, cfg: FlowDCNConfig):
-        super().__init__()
-        self.cfg = cfg
-        D = cfg.hidden_size
-        self.in_channels = cfg.in_channels
-        self.out_channels = cfg.in_channels * (2 if cfg.learn_sigma else 1)
-        self.patch_size = cfg.patch_size
-        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
-        self.t_embedder = TimestepEmbedder(D)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, D)
-        self.blocks = nn.ModuleList(FlowDCNBlock(cfg) for _ in range(cfg.depth))
-        self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels)
-        if not any(p.is_meta for p in self.parameters()):
-            self.init_weights()
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Official initialisation; call after ``to_empty()`` when the model was built on ``meta``."""
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        # Timestep MLP: weights N(0, 0.02), biases keep PyTorch's default (official _basic_init is disabled).
-        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-            lin.reset_parameters()
-            nn.init.normal_(lin.weight, std=0.02)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        for block in self.blocks:
-            block.init_weights()
-        self.final_layer.init_weights()
+        super().__init__(cfg, FlowDCNBlock)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, s_max=None) -> torch.Tensor:
         N, _, H, W = x.shape

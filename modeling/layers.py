@@ -143,3 +143,41 @@ def sincos_pos_embed_2d(dim: int, h: int, w: int, device=None, dtype=torch.float
     ey = gy[..., None] * omega
     emb = torch.cat([ex.sin(), ex.cos(), ey.sin(), ey.cos()], dim=-1)              # (h, w, dim)
     return emb.to(dtype)
+
+
+class FlowBackbone(nn.Module):
+    """Shared skeleton of FlowDCN and SiT: patch/timestep/label embedders, ``blocks``, ``final_layer``, init.
+
+    Subclasses pass a block factory and write ``forward``. Built on ``meta``, nothing is initialised
+    until ``init_weights()`` (after ``to_empty()``).
+    """
+
+    def __init__(self, cfg, make_block):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.hidden_size
+        self.in_channels = cfg.in_channels
+        self.out_channels = cfg.in_channels * (2 if cfg.learn_sigma else 1)
+        self.patch_size = cfg.patch_size
+        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D)
+        self.blocks = nn.ModuleList(make_block(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """DiT/FlowDCN embedder init, each block's own init, zero final layer."""
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        # Timestep MLP: weights N(0, 0.02), biases keep PyTorch's default (official _basic_init is disabled).
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            lin.reset_parameters()
+            nn.init.normal_(lin.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for block in self.blocks:
+            block.init_weights()
+        self.final_layer.init_weights()

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, modulate, sincos_pos_embed_2d, unpatchify
+from .layers import FlowBackbone, modulate, sincos_pos_embed_2d, unpatchify
 
 
 @dataclass
@@ -74,37 +74,11 @@ class SiTBlock(nn.Module):
         return x
 
 
-class SiT(nn.Module):
+class SiT(FlowBackbone):
     """SiT velocity model with the FlowDCN interface: forward(x, t, y, s_max=None) (s_max is ignored)."""
 
     def __init__(self, cfg: SiTConfig):
-        super().__init__()
-        self.cfg = cfg
-        D = cfg.hidden_size
-        self.in_channels = cfg.in_channels
-        self.out_channels = cfg.in_channels * (2 if cfg.learn_sigma else 1)
-        self.patch_size = cfg.patch_size
-        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
-        self.t_embedder = TimestepEmbedder(D)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, D)
-        self.blocks = nn.ModuleList(SiTBlock(cfg) for _ in range(cfg.depth))
-        self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels)
-        if not any(p.is_meta for p in self.parameters()):
-            self.init_weights()
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """DiT initialisation (xavier linears, adaLN-Zero, zero final layer)."""
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-            lin.reset_parameters()
-            nn.init.normal_(lin.weight, std=0.02)
-        for block in self.blocks:
-            block.init_weights()
-        self.final_layer.init_weights()
+        super().__init__(cfg, SiTBlock)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, s_max=None) -> torch.Tensor:
         N, _, H, W = x.shape

@@ -117,12 +117,17 @@ class CheckpointManager:
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
 
 
-def read_meta(path: str) -> dict:
-    f = os.path.join(path, "meta.json")
+def read_json(path: str) -> dict:
+    """A checkpoint's JSON file; missing or corrupt files are errors naming the file."""
     try:
-        with open(f) as fh:
-            return json.load(fh)
+        with open(path) as f:
+            return json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint file missing: {f}") from None
+        raise FileNotFoundError(f"checkpoint file missing: {path}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"corrupt checkpoint file {f}: {e}") from None
+        raise ValueError(f"corrupt checkpoint file {path}: {e}") from None
+
+
+def read_meta(path: str) -> dict:
+    """``meta.json`` of a checkpoint directory."""
+    return read_json(os.path.join(path, "meta.json"))

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from modeling import build_model
 
 from . import dist
-from .checkpoint import CheckpointManager, atomic_write_text, load_weights, read_meta, save_safetensors
+from .checkpoint import CheckpointManager, atomic_write_text, load_weights, read_json, read_meta, save_safetensors
 from .config import TrainConfig
 from .ema import EMA
 from .logger import MetricLogger, read_metrics
@@ -87,17 +87,6 @@ def restore_rng(path: str) -> None:
     random.setstate((version, tuple(py_state), gauss_next))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state(st["cuda"])
-
-
-def read_json(path: str) -> dict:
-    """A checkpoint's JSON file; missing or corrupt files are errors naming the file."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint file missing: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"corrupt checkpoint file {path}: {e}") from None
 
 
 def run(cfg: TrainConfig, config_dict: dict) -> int:
