@@ -23,6 +23,7 @@ def init(device: str = "auto") -> torch.device:
 def shutdown() -> None:
     """Leave the process group (if any) cleanly."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()   # leave together: tearing gloo down while a peer still works can abort the peer
         dist.destroy_process_group()
 
 

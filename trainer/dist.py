@@ -71,5 +71,7 @@ def any_rank(flag: bool, dev: torch.device) -> bool:
 
 
 def destroy() -> None:
+    """Leave together: a rank that tears gloo down while a peer is still working can abort the peer."""
     if is_dist():
+        dist.barrier()
         dist.destroy_process_group()
