@@ -39,10 +39,14 @@ def sample_class_grid(model, classes: list[int], per_class: int, shape, sampler_
 
 
 def save_grid(images: torch.Tensor, rows: int, path: str, scale: int = 4) -> None:
-    """images [N, C, H, W] in [-1, 1] -> a rows × (N/rows) PNG grid, nearest-upscaled ``scale``×."""
+    """images [N, C, H, W] in [-1, 1] -> a rows × (N/rows) PNG grid, nearest-upscaled ``scale``×.
+
+    Each cell gets a 1-pixel mid-grey frame so that small images (8×8 digits) do not run into each other.
+    """
+    images = torch.nn.functional.pad(images.clamp(-1, 1), (1, 1, 1, 1), value=0.0)
     N, C, H, W = images.shape
     cols = N // rows
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = ((images + 1) * 127.5).round().to(torch.uint8)
     x = x[: rows * cols].view(rows, cols, C, H, W).permute(0, 3, 1, 4, 2).reshape(rows * H, cols * W, C).numpy()
     img = Image.fromarray(x[..., 0] if C == 1 else x[..., :3])
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
