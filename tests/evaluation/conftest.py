@@ -6,19 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-
-def make_tiny_vae(path: str) -> str:
-    """A randomly initialised 4-block (x8) AutoencoderKL with small channels, saved to ``path``."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=4, sample_size=32,
-    )
-    vae.save_pretrained(path, safe_serialization=True)
-    return path
+from data_pipeline.tiny import make_tiny_vae   # the same tiny x8 VAE the data tests and smoke sets use
 
 
 def make_tiny_ckpt(path: str, name: str = "FlowDCN-debug", **overrides) -> str:
