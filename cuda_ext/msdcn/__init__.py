@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import ops as _ops  # registers flowdcn::msdcn_ref
-from .reference import ROUNDING_MODES, check_msdcn_inputs, deform_offsets_ref, msdcn_grid_sample_ref, msdcn_ref
+from .reference import ROUNDING_MODES, check_deform_inputs, check_msdcn_inputs, deform_offsets_ref, msdcn_grid_sample_ref, msdcn_ref
 
 IMPLS = ("auto", "torch", "cuda")
 
@@ -85,6 +85,7 @@ def msdcn_deform(
     The CUDA path computes the offsets in registers (the [B,H,W,G,K,2] field never touches memory);
     the torch path composes deform_offsets_ref and msdcn_ref, and is the spec.
     """
+    check_deform_inputs(value, delta, scale_logit, weights, prior, s0, s_max, rounding)   # both paths, before any work
     if _auto_cuda(impl, value):
         return _cuda_backend().msdcn_deform(value, delta, scale_logit, weights, prior, s0, s_max, rounding=rounding)
     offsets = deform_offsets_ref(delta, scale_logit, prior, s0, s_max)

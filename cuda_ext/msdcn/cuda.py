@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import build
-from .reference import ROUNDING_MODES, check_msdcn_inputs
+from .reference import check_deform_inputs, check_msdcn_inputs
 
 __all__ = ["available", "require", "supports", "msdcn", "msdcn_deform", "set_launch", "set_tiled"]
 
@@ -368,31 +368,6 @@ class _DeformFn(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- public entry points
-def check_deform_inputs(value, delta, scale_logit, weights, prior, s0, s_max, rounding) -> None:
-    """Raise a clear error naming the argument whose shape does not match the fused op's contract."""
-    if rounding not in ROUNDING_MODES:
-        raise ValueError(f"msdcn_deform: rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
-    if value.dim() != 5:
-        raise ValueError(f"msdcn_deform: value must be [B,H,W,G,C], got shape {tuple(value.shape)}")
-    B, H, W, G, _ = value.shape
-    if weights.dim() != 5 or tuple(weights.shape[:4]) != (B, H, W, G):
-        raise ValueError(f"msdcn_deform: weights must be [B,H,W,G,K]=[{B},{H},{W},{G},K], got {tuple(weights.shape)}")
-    K = weights.shape[4]
-    expect = {
-        "delta": (delta, (B, H, W, G, K, 2)),
-        "scale_logit": (scale_logit, (B, H, W, G, K)),
-        "prior": (prior, (K, 2)),
-        "s0": (s0, (G,)),
-        "s_max": (s_max, (2,)),
-    }
-    for name, (t, shape) in expect.items():
-        if tuple(t.shape) != shape:
-            raise ValueError(f"msdcn_deform: {name} must have shape {list(shape)}, got {tuple(t.shape)}")
-    for name, t in (("delta", delta), ("scale_logit", scale_logit), ("weights", weights)):
-        if t.device != value.device:
-            raise ValueError(f"msdcn_deform: {name} is on {t.device} but value is on {value.device}")
-
-
 def msdcn(value: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, *, rounding: str = "floor") -> torch.Tensor:
     """MSDCN through the CUDA kernels (same contract as cuda_ext.msdcn)."""
     check_msdcn_inputs(value, offsets, weights, rounding)

@@ -25,20 +25,44 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def check_msdcn_inputs(value: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, rounding: str) -> None:
-    """Raise a clear error naming the offending argument when shapes or modes do not match the contract."""
+def _check_value_weights(op: str, value: torch.Tensor, weights: torch.Tensor, rounding: str) -> tuple[int, ...]:
+    """The checks both ops share; returns (B, H, W, G, K)."""
     if rounding not in ROUNDING_MODES:
-        raise ValueError(f"msdcn: rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+        raise ValueError(f"{op}: rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
     if value.dim() != 5:
-        raise ValueError(f"msdcn: value must be [B,H,W,G,C], got shape {tuple(value.shape)}")
+        raise ValueError(f"{op}: value must be [B,H,W,G,C], got shape {tuple(value.shape)}")
     B, H, W, G, _ = value.shape
     if weights.dim() != 5 or tuple(weights.shape[:4]) != (B, H, W, G):
-        raise ValueError(f"msdcn: weights must be [B,H,W,G,K]=[{B},{H},{W},{G},K], got {tuple(weights.shape)}")
-    K = weights.shape[4]
-    if tuple(offsets.shape) != (B, H, W, G, K, 2):
-        raise ValueError(f"msdcn: offsets must be [B,H,W,G,K,2]=[{B},{H},{W},{G},{K},2], got {tuple(offsets.shape)}")
-    if not (value.device == offsets.device == weights.device):
-        raise ValueError(f"msdcn: inputs on different devices: value {value.device}, offsets {offsets.device}, weights {weights.device}")
+        raise ValueError(f"{op}: weights must be [B,H,W,G,K]=[{B},{H},{W},{G},K], got {tuple(weights.shape)}")
+    if weights.device != value.device:
+        raise ValueError(f"{op}: weights is on {weights.device} but value is on {value.device}")
+    return B, H, W, G, weights.shape[4]
+
+
+def _check_shapes(op: str, value: torch.Tensor, expect: dict) -> None:
+    for name, (t, shape) in expect.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {tuple(t.shape)}")
+
+
+def check_msdcn_inputs(value: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, rounding: str) -> None:
+    """Raise a clear error naming the offending argument when shapes or modes do not match the contract."""
+    B, H, W, G, K = _check_value_weights("msdcn", value, weights, rounding)
+    _check_shapes("msdcn", value, {"offsets": (offsets, (B, H, W, G, K, 2))})
+    if offsets.device != value.device:
+        raise ValueError(f"msdcn: offsets is on {offsets.device} but value is on {value.device}")
+
+
+def check_deform_inputs(value, delta, scale_logit, weights, prior, s0, s_max, rounding: str) -> None:
+    """The same for the fused op (msdcn_deform), naming the argument whose shape or device is wrong."""
+    B, H, W, G, K = _check_value_weights("msdcn_deform", value, weights, rounding)
+    _check_shapes("msdcn_deform", value, {
+        "delta": (delta, (B, H, W, G, K, 2)), "scale_logit": (scale_logit, (B, H, W, G, K)),
+        "prior": (prior, (K, 2)), "s0": (s0, (G,)), "s_max": (s_max, (2,)),
+    })
+    for name, t in (("delta", delta), ("scale_logit", scale_logit)):
+        if t.device != value.device:
+            raise ValueError(f"msdcn_deform: {name} is on {t.device} but value is on {value.device}")
 
 
 def _corners(value: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, rounding: str):

@@ -156,3 +156,12 @@ def test_grid_sample_fast_path_equals_gather_reference_fwd_and_bwd(shape):
     torch.testing.assert_close(fast_torch.forward(v, o, w), msdcn_ref(v, o, w), rtol=1e-11, atol=1e-11)
     for a, b in zip(fast_torch.backward(g, v, o, w), msdcn_ref_backward(g, v, o, w)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_op_checks_its_inputs_on_the_torch_path_too():
+    v, o, w = rand_inputs(1, 2, 3, 2, 4, 9)
+    sl, prior, s0, smax = torch.zeros(1, 2, 3, 2, 9), torch.zeros(9, 2), torch.zeros(2), torch.ones(2)
+    with pytest.raises(ValueError, match="msdcn_deform: delta must have shape"):
+        msdcn_deform(v, o[..., :1], sl, w, prior, s0, smax, impl="torch")
+    with pytest.raises(ValueError, match="msdcn_deform: s0 must have shape"):
+        msdcn_deform(v, o, sl, w, prior, torch.zeros(3), smax, impl="torch")
