@@ -1,7 +1,6 @@
 """The built-in demo's quality check: does a classifier fitted on real digits recognise the samples?"""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 

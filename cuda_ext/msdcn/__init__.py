@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import ops as _ops  # registers flowdcn::msdcn_ref
-from .reference import ROUNDING_MODES, check_deform_inputs, check_msdcn_inputs, deform_offsets_ref, msdcn_grid_sample_ref, msdcn_ref
+from .reference import check_deform_inputs, check_msdcn_inputs, deform_offsets_ref, msdcn_grid_sample_ref, msdcn_ref
 
 IMPLS = ("auto", "torch", "cuda")
 

@@ -121,11 +121,8 @@ def test_floor_vs_trunc_differ_only_for_negative_coordinates(cuda_mod):
 
 
 # ---------------------------------------------------------------- backward
-@cuda
-@pytest.mark.parametrize("rounding", ROUNDINGS)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_backward_fp64_matches_reference(cuda_mod, shape, rounding):
-    value, offsets, weights = make_inputs(shape, seed=7 + hash(shape) % 1000)
+def check_backward_fp64(value, offsets, weights, rounding):
+    """The CUDA backward op on poisoned memory against the explicit reference backward, fp64, 1e-11."""
     grad = torch.randn_like(value)
     poison_allocator()
     got = torch.ops.flowdcn.msdcn_cuda_backward(grad, value, offsets, weights, rounding)
@@ -133,6 +130,14 @@ def test_backward_fp64_matches_reference(cuda_mod, shape, rounding):
     for name, g, w in zip(("value", "offsets", "weights"), got, want):
         assert torch.isfinite(g).all(), f"grad {name} has unwritten elements"
         assert rel_err(g.cpu(), w) < 1e-11, name
+
+
+@cuda
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backward_fp64_matches_reference(cuda_mod, shape, rounding):
+    value, offsets, weights = make_inputs(shape, seed=7 + hash(shape) % 1000)
+    check_backward_fp64(value, offsets, weights, rounding)
 
 
 @cuda
@@ -448,13 +453,7 @@ def test_tiled_backward_fp64_matches_reference(cuda_mod, tiled, tile, radius, ro
     tiled(True, tile=tile, radius=radius, mode=mode)
     shape = (2, 19, 23, 3, 24, 5)  # C=24: 3 lanes per query, 64 queries per round (one round per 8x8 tile)
     value, offsets, weights = make_inputs(shape, seed=71, spread=4.0)
-    grad = torch.randn_like(value)
-    poison_allocator()
-    got = torch.ops.flowdcn.msdcn_cuda_backward(grad, value, offsets, weights, rounding)
-    want = msdcn_ref_backward(grad.cpu(), value.cpu(), offsets.cpu(), weights.cpu(), rounding)
-    for name, g, w in zip(("value", "offsets", "weights"), got, want):
-        assert torch.isfinite(g).all(), f"grad {name} has unwritten elements"
-        assert rel_err(g.cpu(), w) < 1e-11, name
+    check_backward_fp64(value, offsets, weights, rounding)
 
 
 @cuda
