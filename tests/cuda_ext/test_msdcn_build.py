@@ -160,3 +160,41 @@ def test_fake_impls_give_shapes_and_dtypes():
         offsets = torch.empty(B, H, W, G, K, 2)
         gv, go, gw = torch.ops.flowdcn.msdcn_cuda_backward(out, value, offsets, weights, "trunc")
         assert (gv.dtype, go.dtype, gw.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+
+
+def test_kernel_availability_checks_do_not_break_compiled_graphs(monkeypatch):
+    """The first compiled call may have to build the kernels (file IO, hashing): dynamo must not trace into that.
+
+    Traced, every call site of the op would be cut into several graphs for good (measured on an H200: 5 graphs
+    per FlowDCN block and a 2x slower compiled training step). The availability checks run once in Python instead.
+    """
+    import sys as _sys
+
+    msdcn_pkg = _sys.modules["cuda_ext.msdcn"]
+    builds = []
+
+    class FakeBackend:
+        """Stands in for cuda_ext.msdcn.cuda on a fresh process: the first check 'builds' (does file IO)."""
+
+        @staticmethod
+        def available():
+            builds.append(os.stat(build.__file__).st_size)   # an untraceable call, as in build.load()
+            return True
+
+        require = available
+
+    monkeypatch.setattr(msdcn_pkg, "_cuda_backend", lambda: FakeBackend)
+
+    def f(x):
+        a = 2.0 if msdcn_pkg.cuda_available() else 3.0
+        b = 5.0 if msdcn_pkg._require_cuda() else 7.0
+        return x * a + b
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(f)(torch.ones(3))
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    assert explained.graph_count == 1
+    assert builds, "the availability checks were not run at all"
+    # No GPU here: cuda_available() is False (2 -> 3), _require_cuda() "built" the kernels (5).
+    assert torch.equal(torch.compile(f, backend="eager", fullgraph=True)(torch.ones(3)), torch.full((3,), 8.0))
