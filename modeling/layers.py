@@ -63,8 +63,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # x·rsqrt(mean(x²) + eps) in fp32 as one fused op (CUDA) instead of five elementwise kernels.
+        out = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return out.type_as(x) * self.weight
 
 
