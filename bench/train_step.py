@@ -45,8 +45,9 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     latent = res // 8 if res >= 64 else res   # tiny smoke sizes are already latent sizes
     overrides = {"msdcn_impl": args.msdcn_impl} if name.startswith("FlowDCN") else {}
     sched = ScheduleConfig(global_batch=batch * world, precision=args.precision, compile=compile_,
-                           activation_checkpointing=args.ac)
-    strategy = build_strategy(StrategyConfig(name=args.strategy), sched, OptimConfig(lr=1e-4))
+                           compile_mode=args.compile_mode, activation_checkpointing=args.ac)
+    strategy = build_strategy(StrategyConfig(name=args.strategy, reshard_after_forward=not args.no_reshard), sched,
+                              OptimConfig(lr=1e-4))
     torch.manual_seed(0)
     strategy.setup(lambda device: build_model(name, device=device, **overrides),
                    lambda params: torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0,
@@ -88,7 +89,7 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     tflops = flops * imgs / dt / world / 1e12
     peak = peak_tflops()
     row = {"model": name, "res": res, "latent": latent, "batch_per_gpu": batch, "world": world,
-           "strategy": args.strategy, "compile": compile_, "precision": args.precision, "ac": args.ac,
+           "strategy": args.strategy, "reshard_after_forward": not args.no_reshard, "compile": compile_, "compile_mode": args.compile_mode if compile_ else None, "precision": args.precision, "ac": args.ac,
            "img_per_s": imgs / dt, "tok_per_s": imgs * (latent // strategy.module.patch_size) ** 2 / dt,
            "step_ms": dt / args.steps * 1e3, "warmup_s": t_compile, "tflops_per_gpu": tflops,
            "mfu": tflops / peak if peak else None, "gflops_per_img": flops / 1e9, "loss": float(loss)}
@@ -112,7 +113,9 @@ def main() -> None:
     ap.add_argument("--res", nargs="+", type=int, default=[256, 512, 1024], help="image px (latent = px/8)")
     ap.add_argument("--batch", type=int, default=0, help="per-GPU batch; 0 = 32/8/2 at 256/512/1024 px")
     ap.add_argument("--compile", default="off,on", help="comma list of off/on")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode for compile=on (reduce-overhead = CUDA graphs)")
     ap.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "zero2", "zero3"])
+    ap.add_argument("--no-reshard", action="store_true", help="fsdp: keep blocks unsharded between forward and backward")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--ac", action="store_true", help="activation checkpointing per block")
     ap.add_argument("--msdcn-impl", default="auto", choices=["auto", "torch", "cuda"])

@@ -66,6 +66,7 @@ class ScheduleConfig:
     seed: int = 0
     precision: str = "bf16"                            # bf16 (autocast / FSDP mixed precision) | fp32
     compile: bool = False                              # torch.compile each block
+    compile_mode: str = "default"                      # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
     activation_checkpointing: bool = False
     on_nonfinite: str = "stop"                         # stop | skip (drop the step, keep going)
     deterministic: bool = False                        # torch.use_deterministic_algorithms (bitwise CPU resume)

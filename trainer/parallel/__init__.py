@@ -5,11 +5,11 @@ from .base import DDPStrategy, Strategy
 def build_strategy(cfg, sched, optim) -> Strategy:
     """ddp | fsdp | zero1 | zero2 | zero3 -> a Strategy (cfg: StrategyConfig, sched: ScheduleConfig, optim: OptimConfig)."""
     if cfg.name == "ddp":
-        return DDPStrategy(cfg, sched.precision, sched.activation_checkpointing, sched.compile)
+        return DDPStrategy(cfg, sched.precision, sched.activation_checkpointing, sched.compile, sched.compile_mode)
     if cfg.name == "fsdp":
         from .fsdp import FSDPStrategy
 
-        return FSDPStrategy(cfg, sched.precision, sched.activation_checkpointing, sched.compile)
+        return FSDPStrategy(cfg, sched.precision, sched.activation_checkpointing, sched.compile, sched.compile_mode)
     if cfg.name in ("zero1", "zero2", "zero3"):
         from .deepspeed import DeepSpeedStrategy
 

@@ -86,9 +86,10 @@ class Strategy:
 class DDPStrategy(Strategy):
     """DistributedDataParallel over gloo/nccl, or the bare model in a single process."""
 
-    def __init__(self, cfg, precision: str, activation_checkpointing: bool = False, compile: bool = False):
+    def __init__(self, cfg, precision: str, activation_checkpointing: bool = False, compile: bool = False,
+                 compile_mode: str = "default"):
         self.cfg, self.precision = cfg, precision
-        self.ac, self.compile = activation_checkpointing, compile
+        self.ac, self.compile, self.compile_mode = activation_checkpointing, compile, compile_mode
 
     def setup(self, build_model, make_optimizer) -> None:
         dev = dist.device()
@@ -100,7 +101,7 @@ class DDPStrategy(Strategy):
             if self.ac:
                 apply_ac(self.module)
             if self.compile:
-                apply_compile(self.module)
+                apply_compile(self.module, self.compile_mode)
         self.model = self.module
         if dist.get_world_size() > 1:
             self.model = nn.parallel.DistributedDataParallel(

@@ -34,10 +34,15 @@ def apply_ac(model: nn.Module) -> None:
         checkpoint(block)
 
 
-def apply_compile(model: nn.Module) -> None:
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def apply_compile(model: nn.Module, mode: str = "default") -> None:
     """torch.compile each block in place (one graph reused by all blocks of the same shape)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"train.compile_mode must be one of {COMPILE_MODES}, got {mode!r}")
     for block in model.blocks:
-        block.compile()
+        block.compile(mode=mode)
 
 
 def apply_fsdp(model: nn.Module, mesh, mp_policy: MixedPrecisionPolicy | None, reshard_after_forward: bool = True) -> None:
@@ -66,9 +71,10 @@ def init_from_full(model: nn.Module, full: nn.Module) -> None:
 class FSDPStrategy(Strategy):
     """FSDP2 over all ranks (a one-process group when run alone); bf16 params/compute, fp32 reduce when precision=bf16."""
 
-    def __init__(self, cfg, precision: str, activation_checkpointing: bool = False, compile: bool = False):
+    def __init__(self, cfg, precision: str, activation_checkpointing: bool = False, compile: bool = False,
+                 compile_mode: str = "default"):
         self.cfg, self.precision = cfg, precision
-        self.ac, self.compile = activation_checkpointing, compile
+        self.ac, self.compile, self.compile_mode = activation_checkpointing, compile, compile_mode
 
     def setup(self, build_model, make_optimizer) -> None:
         dist.init(self.cfg.backend, require=True)   # FSDP2 needs a process group even for one process
@@ -78,7 +84,7 @@ class FSDPStrategy(Strategy):
         if self.ac:
             apply_ac(model)
         if self.compile:
-            apply_compile(model)
+            apply_compile(model, self.compile_mode)
         mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.precision == "bf16" else None
         apply_fsdp(model, mesh, mp, self.cfg.reshard_after_forward)
