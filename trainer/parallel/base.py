@@ -36,7 +36,10 @@ class Strategy:
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Global grad norm over all ranks as a plain scalar tensor (clipped to ``max_norm`` when > 0)."""
         params = [p for p in self.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        if max_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:   # only measure: clip_grad_norm_(inf) would still multiply every gradient by 1.0
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm   # FSDP2: a replicated DTensor
 
     def step(self, lr: float) -> None:
