@@ -124,3 +124,17 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     for ra, rb in zip(a, b):
         for k in ("loss", "grad_norm"):
             assert abs(ra[k] - rb[k]) <= 1e-5 * abs(rb[k]), (k, ra, rb)
+
+
+def test_bad_compile_mode_is_refused_before_any_work():
+    """An unknown torch.compile mode, or CUDA graphs under FSDP2, fail at strategy setup, naming the setting."""
+    from trainer.config import StrategyConfig
+    from trainer.parallel import build_strategy
+    from trainer.parallel.fsdp import apply_compile
+    from modeling import build_model
+
+    with pytest.raises(ValueError, match="train.compile_mode must be one of"):
+        apply_compile(build_model("FlowDCN-debug", **OVR), "fastest")
+    sched = ScheduleConfig(compile=True, compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="compile_mode=reduce-overhead uses CUDA graphs"):
+        build_strategy(StrategyConfig(name="fsdp"), sched, OptimConfig())

@@ -75,6 +75,10 @@ class FSDPStrategy(Strategy):
                  compile_mode: str = "default"):
         self.cfg, self.precision = cfg, precision
         self.ac, self.compile, self.compile_mode = activation_checkpointing, compile, compile_mode
+        if compile and compile_mode in ("reduce-overhead", "max-autotune"):
+            # CUDA graphs per block cannot hold FSDP2's all-gather/reduce-scatter hooks that run around each block.
+            raise ValueError(f"strategy fsdp: train.compile_mode={compile_mode} uses CUDA graphs, which FSDP2 does not "
+                             "support; use compile_mode=default or max-autotune-no-cudagraphs (or strategy=ddp)")
 
     def setup(self, build_model, make_optimizer) -> None:
         dist.init(self.cfg.backend, require=True)   # FSDP2 needs a process group even for one process
