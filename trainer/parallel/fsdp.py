@@ -55,17 +55,27 @@ def apply_fsdp(model: nn.Module, mesh, mp_policy: MixedPrecisionPolicy | None, r
 
 
 @torch.no_grad()
-def init_from_full(model: nn.Module, full: nn.Module) -> None:
-    """Fill a materialised sharded model with the values of an unsharded one (each rank keeps its shard).
+def init_from_full(model: nn.Module, full: nn.Module | None) -> None:
+    """Fill a materialised sharded model with the values of an unsharded one built on rank 0 only.
 
     The models' ``init_weights()`` cannot run on DTensor shards (it copies plain tensors into
     parameters), and on CPU DTensor random init is not shard-consistent; copying from a full
-    initialisation gives exactly the unsharded values on any device and world size.
+    initialisation gives exactly the unsharded values on any device and world size. Only rank 0 holds
+    the full model (``full`` is None elsewhere): each rank receives just its shards, so a node with 8
+    ranks builds one CPU copy of XL instead of 8 (torchtitan's broadcast-from-rank-0 seed checkpoint).
     """
-    set_model_state_dict(model, full.state_dict(), options=StateDictOptions(full_state_dict=True, strict=True))
-    full_buffers = dict(full.named_buffers())
-    for name, buf in model.named_buffers():   # non-persistent buffers (e.g. the MSDCN prior grid)
-        buf.copy_(full_buffers[name].to(buf.device, buf.dtype))
+    rank0 = dist.get_rank() == 0
+    if rank0 == (full is None):
+        raise ValueError("init_from_full: the full model must be given on rank 0 and only there")
+    many = dist.get_world_size() > 1
+    set_model_state_dict(model, full.state_dict() if rank0 else {},
+                         options=StateDictOptions(full_state_dict=True, strict=True, broadcast_from_rank0=many))
+    full_buffers = dict(full.named_buffers()) if rank0 else {}
+    for name, buf in model.named_buffers():   # non-persistent buffers (e.g. the MSDCN prior grid): replicated
+        if rank0:
+            buf.copy_(full_buffers[name].to(buf.device, buf.dtype))
+        if many:
+            torch.distributed.broadcast(buf, src=0)
 
 
 class FSDPStrategy(Strategy):
@@ -83,7 +93,8 @@ class FSDPStrategy(Strategy):
     def setup(self, build_model, make_optimizer) -> None:
         dist.init(self.cfg.backend, require=True)   # FSDP2 needs a process group even for one process
         dev = dist.device()
-        full = build_model("cpu")                   # the unsharded init, from the seeded CPU generator
+        # The unsharded init, from the seeded CPU generator, on rank 0 only (the others get their shards from it).
+        full = build_model("cpu") if dist.get_rank() == 0 else None
         model = build_model("meta")
         if self.ac:
             apply_ac(model)
