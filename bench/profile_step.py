@@ -98,7 +98,10 @@ def profile_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
             step()
         torch.cuda.synchronize()
         wall_us = (time.perf_counter() - t0) * 1e6
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # Device-side events minus user annotations (e.g. "Optimizer.step#AdamW.step", "FSDP::pre_forward"): those are
+    # ranges on the GPU timeline that contain kernels and gaps, not work of their own.
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False)]
     by_name: dict[str, float] = collections.defaultdict(float)
     counts: dict[str, int] = collections.Counter()
     for e in kernels:
