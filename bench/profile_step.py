@@ -24,12 +24,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from modeling import build_model  # noqa: E402
-from trainer import dist  # noqa: E402
-from trainer.config import OptimConfig, ScheduleConfig, StrategyConfig  # noqa: E402
-from trainer.ema import EMA  # noqa: E402
-from trainer.objective import StepNoise, flow_loss  # noqa: E402
-from trainer.parallel import build_strategy  # noqa: E402
+from train_step import build_step  # noqa: E402  (the same step as the throughput benchmark)
+from trainer.config import ScheduleConfig, StrategyConfig  # noqa: E402
 
 # Kernel name -> category; first match wins (order matters: "msdcn" before the generic patterns).
 CATEGORIES = [
@@ -67,27 +63,8 @@ def busy_time_us(intervals: list[tuple[float, float]]) -> float:
 
 
 def profile_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
-    dev = dist.device() if args.strategy == "fsdp" else torch.device("cuda")
-    latent = res // 8
-    overrides = {"msdcn_impl": args.msdcn_impl} if name.startswith("FlowDCN") else {}
     sched = ScheduleConfig(global_batch=batch, precision="bf16", compile=compile_)
-    strategy = build_strategy(StrategyConfig(name=args.strategy), sched, OptimConfig(lr=1e-4))
-    torch.manual_seed(0)
-    strategy.setup(lambda device: build_model(name, device=device, **overrides),
-                   lambda params: torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True))
-    ema = EMA(strategy.ema_params(), 0.9999)
-    null = strategy.module.cfg.num_classes
-    x = torch.randn(batch, strategy.module.in_channels, latent, latent, device=dev)
-    y = torch.randint(0, null, (batch,), device=dev)
-
-    def step():
-        noise = StepNoise(torch.rand(batch, device=dev), torch.randn_like(x), torch.rand(batch, device=dev) < 0.1)
-        with strategy.autocast():
-            loss = flow_loss(strategy.model, x, y, noise, null).mean()
-        strategy.backward(loss)
-        strategy.clip_grad_norm(0.0)
-        strategy.step(1e-4)
-        ema.update(strategy.ema_params())
+    strategy, step = build_step(name, res // 8, batch, sched, StrategyConfig(name=args.strategy), args.msdcn_impl)
 
     for _ in range(args.warmup):
         step()
@@ -115,7 +92,7 @@ def profile_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     busy = busy_time_us([(e.time_range.start, e.time_range.end) for e in kernels])
     n_launch = len(kernels)
     strategy.close()
-    del strategy, ema
+    del strategy, step
     torch.cuda.empty_cache()
     per = 1.0 / args.steps
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[: args.top]

@@ -38,16 +38,11 @@ from trainer.parallel import build_strategy  # noqa: E402
 DEFAULT_BATCH = {256: 32, 512: 8, 1024: 2}   # per GPU; the anchors' batch at 256 and 512 px
 
 
-def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
-    """Time ``args.steps`` training steps after ``args.warmup`` untimed ones; returns one result row."""
-    world = dist.get_world_size()
+def build_step(name: str, latent: int, batch: int, sched: ScheduleConfig, strategy_cfg: StrategyConfig, msdcn_impl: str):
+    """The trainer's step on synthetic latents: returns (strategy, step); step() runs one step, returns the loss."""
     dev = dist.device()
-    latent = res // 8 if res >= 64 else res   # tiny smoke sizes are already latent sizes
-    overrides = {"msdcn_impl": args.msdcn_impl} if name.startswith("FlowDCN") else {}
-    sched = ScheduleConfig(global_batch=batch * world, precision=args.precision, compile=compile_,
-                           compile_mode=args.compile_mode, activation_checkpointing=args.ac)
-    strategy = build_strategy(StrategyConfig(name=args.strategy, reshard_after_forward=not args.no_reshard), sched,
-                              OptimConfig(lr=1e-4))
+    overrides = {"msdcn_impl": msdcn_impl} if name.startswith("FlowDCN") else {}
+    strategy = build_strategy(strategy_cfg, sched, OptimConfig(lr=1e-4))
     torch.manual_seed(0)
     strategy.setup(lambda device: build_model(name, device=device, **overrides),
                    lambda params: torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0,
@@ -57,7 +52,7 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     x = torch.randn(batch, strategy.module.in_channels, latent, latent, device=dev)
     y = torch.randint(0, null, (batch,), device=dev)
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         noise = StepNoise(torch.rand(batch, device=dev), torch.randn_like(x), torch.rand(batch, device=dev) < 0.1)
         with strategy.autocast():
             loss = flow_loss(strategy.model, x, y, noise, null).mean()
@@ -66,6 +61,21 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
         strategy.step(1e-4)
         ema.update(strategy.ema_params())
         return loss
+
+    return strategy, step
+
+
+def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
+    """Time ``args.steps`` training steps after ``args.warmup`` untimed ones; returns one result row."""
+    world = dist.get_world_size()
+    dev = dist.device()
+    latent = res // 8 if res >= 64 else res   # tiny smoke sizes are already latent sizes
+    sched = ScheduleConfig(global_batch=batch * world, precision=args.precision, compile=compile_,
+                           compile_mode=args.compile_mode, activation_checkpointing=args.ac)
+    strategy, step = build_step(name, latent, batch, sched,
+                                StrategyConfig(name=args.strategy, reshard_after_forward=not args.no_reshard),
+                                args.msdcn_impl)
+    overrides = {"msdcn_impl": args.msdcn_impl} if name.startswith("FlowDCN") else {}
 
     def sync():
         if dev.type == "cuda":
@@ -89,14 +99,15 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     tflops = flops * imgs / dt / world / 1e12
     peak = peak_tflops()
     row = {"model": name, "res": res, "latent": latent, "batch_per_gpu": batch, "world": world,
-           "strategy": args.strategy, "reshard_after_forward": not args.no_reshard, "compile": compile_, "compile_mode": args.compile_mode if compile_ else None, "precision": args.precision, "ac": args.ac,
+           "strategy": args.strategy, "reshard_after_forward": not args.no_reshard, "compile": compile_,
+           "compile_mode": args.compile_mode if compile_ else None, "precision": args.precision, "ac": args.ac,
            "img_per_s": imgs / dt, "tok_per_s": imgs * (latent // strategy.module.patch_size) ** 2 / dt,
            "step_ms": dt / args.steps * 1e3, "warmup_s": t_compile, "tflops_per_gpu": tflops,
            "mfu": tflops / peak if peak else None, "gflops_per_img": flops / 1e9, "loss": float(loss)}
     if dev.type == "cuda":
         row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     strategy.close()
-    del strategy, ema, x, y
+    del strategy, step
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
