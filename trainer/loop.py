@@ -81,7 +81,7 @@ def train(cfg, strategy, loader, ema, state: TrainState, save_checkpoint, logger
         nimg_step = int(batch.get("nimg_global", x.shape[0] * world))
         # Rank r holds global positions [nimg + r·B, nimg + (r+1)·B) of this step (loader contract).
         first = state.nimg + rank * x.shape[0]
-        noise = draw_noise(cfg.objective, sched.seed, list(range(first, first + x.shape[0])), tuple(x.shape[1:]))
+        noise = draw_noise(cfg.objective, sched.seed, list(range(first, first + x.shape[0])), tuple(x.shape[1:])).to(dev)
 
         # ---- forward/backward over micro-batches; the loss is the mean over this rank's batch
         loss_sum = torch.zeros((), device=dev)

@@ -38,6 +38,13 @@ class StepNoise:
     eps: torch.Tensor
     drop: torch.Tensor
 
+    def to(self, device: torch.device) -> "StepNoise":
+        """The draws on ``device``; to a GPU through pinned memory without blocking (a plain copy from
+        pageable memory would synchronise the stream and stall the launch queue once per step)."""
+        if device.type != "cuda":
+            return StepNoise(self.t.to(device), self.eps.to(device), self.drop.to(device))
+        return StepNoise(*(v.pin_memory().to(device, non_blocking=True) for v in (self.t, self.eps, self.drop)))
+
     def slice(self, lo: int, hi: int) -> "StepNoise":
         """The draws of samples [lo, hi) (a micro-batch)."""
         return StepNoise(self.t[lo:hi], self.eps[lo:hi], self.drop[lo:hi])
