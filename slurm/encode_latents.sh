@@ -4,7 +4,8 @@
 #   sbatch --array=0-7 slurm/encode_latents.sh --input /data/imagenet/train --out /data/latents/in256 \
 #       --vae /models/sd-vae-ft-ema --preprocess center_crop --resolution 256 --format wds
 #
-# Arguments go to data_pipeline.encode unchanged (see its --help). Work units are split over
+# Arguments go to data_pipeline.encode unchanged (see its --help); they come after the script's own
+# `--device cuda --workers 6`, so e.g. `--device cpu` or `--workers 16` given here win. Work units are split over
 # (array task, rank); finished units are recorded under <out>/_progress, so re-submitting the same
 # command (or a requeue) only encodes what is missing. The task that finds every unit done writes
 # <out>/manifest.json. Bad images make the job exit 1 with their paths (see --allow-failures).
