@@ -76,7 +76,7 @@ def resolve_smax(s_max, depth: int, device) -> torch.Tensor:
     """None / float / [2] / [depth, 2] -> a fp32 [depth, 2] tensor of per-block (x, y) S_max values."""
     if s_max is None or isinstance(s_max, (int, float)):
         # Filled on the device: a host tensor copied over would be a blocking copy (a stream sync) every forward.
-        return torch.full((depth, 2), float(TRAIN_SMAX if s_max is None else s_max), device=device)
+        return torch.full((depth, 2), float(TRAIN_SMAX if s_max is None else s_max), dtype=torch.float32, device=device)
     if not torch.is_tensor(s_max):
         s_max = torch.tensor(s_max, dtype=torch.float32)
     s_max = s_max.to(device=device, dtype=torch.float32)

@@ -48,6 +48,7 @@ class StrategyConfig:
     name: str = "ddp"                                  # ddp (single process included) | fsdp | zero1 | zero2 | zero3
     backend: Optional[str] = None                      # process-group backend; None = nccl on GPU, gloo on CPU
     reshard_after_forward: bool = True                 # fsdp
+    blocks_per_unit: int = 1                           # fsdp: consecutive blocks sharded (all-gathered) together
     reduce_bucket_size: int = 500_000_000              # zero
     offload_optimizer: bool = False                    # zero: CPU offload of optimizer state
     deepspeed_optimizer: bool = False                  # zero: DeepSpeed's fused AdamW instead of torch's
@@ -66,7 +67,7 @@ class ScheduleConfig:
     seed: int = 0
     precision: str = "bf16"                            # bf16 (autocast / FSDP mixed precision) | fp32
     compile: bool = False                              # torch.compile each block
-    compile_mode: str = "default"                      # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
+    compile_mode: str = "default"                      # default | reduce-overhead, max-autotune (CUDA graphs: 1 process, no accumulation) | max-autotune-no-cudagraphs
     activation_checkpointing: bool = False
     on_nonfinite: str = "stop"                         # stop | skip (drop the step, keep going)
     deterministic: bool = False                        # torch.use_deterministic_algorithms (bitwise CPU resume)

@@ -38,7 +38,8 @@ class EMA:
                 s, p = s.to_local(), p.to_local()
             shadow.append(s)
             target.append(p.float())   # no copy for fp32 parameters; under no_grad, no detach needed
-        torch._foreach_lerp_(shadow, target, 1.0 - d)   # ema + (1−d)(p − ema)
+        if shadow:   # foreach ops refuse empty lists (a model with nothing trainable)
+            torch._foreach_lerp_(shadow, target, 1.0 - d)   # ema + (1−d)(p − ema)
         self.num_updates += 1
 
     def state_dict(self) -> dict:

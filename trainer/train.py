@@ -98,7 +98,7 @@ def run(cfg: TrainConfig, config_dict: dict) -> int:
 
 def _run(cfg: TrainConfig, config_dict: dict, stop_flag: StopFlag) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(cfg.train.seed)   # model init is identical on every rank
+    torch.manual_seed(cfg.train.seed)   # model init is identical on every rank (fsdp: built on rank 0 only)
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS refuses deterministic mode without it
     torch.use_deterministic_algorithms(cfg.train.deterministic)   # set both ways: run() may be called again

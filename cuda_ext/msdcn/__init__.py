@@ -34,11 +34,15 @@ def _cuda_backend():
 # them, or the first compiled call of a block is cut into several graphs around the build and keeps
 # those graph breaks for good (measured: 5 graphs per FlowDCN block, ~2x slower compiled training step).
 # assume_constant_result makes dynamo run them once in plain Python and bake in the answer.
+def _gpu_present() -> bool:
+    return torch.cuda.is_available()
+
+
 @torch.compiler.assume_constant_result
 def cuda_available() -> bool:
     """True when a CUDA device is present and the JIT kernels build (or are cached)."""
     backend = _cuda_backend()
-    return backend is not None and torch.cuda.is_available() and backend.available()
+    return backend is not None and _gpu_present() and backend.available()
 
 
 @torch.compiler.assume_constant_result

@@ -184,6 +184,7 @@ def test_kernel_availability_checks_do_not_break_compiled_graphs(monkeypatch):
         require = available
 
     monkeypatch.setattr(msdcn_pkg, "_cuda_backend", lambda: FakeBackend)
+    monkeypatch.setattr(msdcn_pkg, "_gpu_present", lambda: True)   # same answer with or without a real GPU
 
     def f(x):
         a = 2.0 if msdcn_pkg.cuda_available() else 3.0
@@ -195,6 +196,5 @@ def test_kernel_availability_checks_do_not_break_compiled_graphs(monkeypatch):
     torch._dynamo.reset()
     assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
     assert explained.graph_count == 1
-    assert builds, "the availability checks were not run at all"
-    # No GPU here: cuda_available() is False (2 -> 3), _require_cuda() "built" the kernels (5).
-    assert torch.equal(torch.compile(f, backend="eager", fullgraph=True)(torch.ones(3)), torch.full((3,), 8.0))
+    assert len(builds) == 2, "both availability checks must run (once each, in plain Python)"
+    assert torch.equal(torch.compile(f, backend="eager", fullgraph=True)(torch.ones(3)), torch.full((3,), 7.0))

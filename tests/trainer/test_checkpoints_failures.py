@@ -127,14 +127,21 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 
 def test_bad_compile_mode_is_refused_before_any_work():
-    """An unknown torch.compile mode, or CUDA graphs under FSDP2, fail at strategy setup, naming the setting."""
+    """Unknown torch.compile modes, CUDA graphs with accumulation, and CUDA graphs under FSDP2 fail in
+    build_strategy, before a model is built, naming the setting."""
     from trainer.config import StrategyConfig
     from trainer.parallel import build_strategy
     from trainer.parallel.fsdp import apply_compile
     from modeling import build_model
 
     with pytest.raises(ValueError, match="train.compile_mode must be one of"):
+        build_strategy(StrategyConfig(name="ddp"), ScheduleConfig(compile=True, compile_mode="fastest"), OptimConfig())
+    with pytest.raises(ValueError, match="train.compile_mode must be one of"):
         apply_compile(build_model("FlowDCN-debug", **OVR), "fastest")
+    accumulate = ScheduleConfig(global_batch=8, micro_batch=4, compile=True, compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="cannot accumulate gradients"):
+        build_strategy(StrategyConfig(name="ddp"), accumulate, OptimConfig())
     sched = ScheduleConfig(compile=True, compile_mode="reduce-overhead")
-    with pytest.raises(ValueError, match="compile_mode=reduce-overhead uses CUDA graphs"):
+    with pytest.raises(ValueError, match="compile_mode=reduce-overhead uses CUDA graphs, which FSDP2"):
         build_strategy(StrategyConfig(name="fsdp"), sched, OptimConfig())
+    build_strategy(StrategyConfig(name="ddp"), sched, OptimConfig())   # one process, no accumulation: allowed

@@ -48,7 +48,10 @@ def test_compile_and_cuda_graphs_match_eager():
     ref_losses, ref_params = _train(False, "default")
     ref_norm = torch.sqrt(sum((v.double() ** 2).sum() for v in ref_params.values()))
     for mode in ("default", "reduce-overhead"):
+        torch._dynamo.utils.counters.clear()
         losses, params = _train(True, mode)
+        skips = dict(torch._dynamo.utils.counters["inductor"])
+        assert not any(k.startswith("cudagraph_skips") and v for k, v in skips.items()), f"CUDA graphs skipped: {skips}"
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-3, atol=1e-5,
                                    msg=lambda m: f"compile_mode={mode}: {m}")
         # Globally, not per element: Adam turns fp32 reordering noise on near-zero gradients into +-lr steps.

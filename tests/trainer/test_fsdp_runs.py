@@ -23,11 +23,14 @@ def test_sharded_init_equals_unsharded_init(precision):
 def test_fsdp_agrees_with_ddp_and_resumes_on_fewer_processes(ddp2_reference, tmp_path):
     """2-process FSDP to nimg 24 (checkpoint), then 1 process resumes from the DCP checkpoint to 48.
 
+    The 2-process part shards both blocks of the debug model as one unit (strategy.blocks_per_unit=2), the resume
+    one block per unit: the grouping changes neither the math nor the checkpoint layout.
+
     Every logged loss must match 2-process DDP within float tolerance (only reduction order differs), and the
     consolidated EMA export must match DDP's.
     """
     d = str(tmp_path / "fsdp")
-    train(d, ["strategy.name=fsdp", "train.total_nimg=24"], nproc=2)
+    train(d, ["strategy.name=fsdp", "strategy.blocks_per_unit=2", "train.total_nimg=24"], nproc=2)
     p = train(d, ["strategy.name=fsdp"], nproc=0)
     assert "saved by 2 process(es), now 1" in p.stdout
     assert_close_logs(d, ddp2_reference, rtol=2e-5)
