@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from train_step import build_step  # noqa: E402  (the same step as the throughput benchmark)
+from trainer import dist  # noqa: E402
 from trainer.config import ScheduleConfig, StrategyConfig  # noqa: E402
 
 # Kernel name -> category; first match wins (order matters: "msdcn" before the generic patterns).
@@ -63,7 +64,8 @@ def busy_time_us(intervals: list[tuple[float, float]]) -> float:
 
 
 def profile_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
-    sched = ScheduleConfig(global_batch=batch, precision="bf16", compile=compile_)
+    sched = ScheduleConfig(global_batch=batch * dist.get_world_size(), precision=args.precision, compile=compile_,
+                           compile_mode=args.compile_mode)
     strategy, step = build_step(name, res // 8, batch, sched, StrategyConfig(name=args.strategy), args.msdcn_impl)
 
     for _ in range(args.warmup):
@@ -114,6 +116,8 @@ def main() -> None:
     ap.add_argument("--res", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--compile", default="off", help="comma list of off/on")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode for compile=on (reduce-overhead = CUDA graphs)")
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="fsdp: run under torchrun")
     ap.add_argument("--msdcn-impl", default="auto", choices=["auto", "torch", "cuda"])
     ap.add_argument("--steps", type=int, default=3)
