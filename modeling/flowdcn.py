@@ -104,4 +104,4 @@ class FlowDCN(FlowBackbone):
             x = block(x, c, s_max[i])                                              # (N, h, w, D)
         x = self.final_layer(x, c)                                                 # (N, h, w, p*p*C_out)
         x = unpatchify(x, self.patch_size, self.out_channels)                      # (N, C_out, H, W)
-        return x[:, : self.in_channels]                                            # learned sigma is unused
+        return self.velocity(x)                                                    # (N, C, H, W)

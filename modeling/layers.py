@@ -167,6 +167,11 @@ class FlowBackbone(nn.Module):
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
+    def velocity(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, C_out, H, W] -> the velocity channels [N, C, H, W]: the learned-sigma half is unused. Not a view
+        when there is nothing to drop (FSDP2 warns about view outputs of a wrapped module)."""
+        return x if self.out_channels == self.in_channels else x[:, : self.in_channels].contiguous()
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """DiT/FlowDCN embedder init, each block's own init, zero final layer."""

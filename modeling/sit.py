@@ -90,4 +90,4 @@ class SiT(FlowBackbone):
         for block in self.blocks:
             x = block(x, c)                                                        # (N, T, D)
         x = self.final_layer(x, c).view(N, h, w, -1)                               # (N, h, w, p*p*C_out)
-        return unpatchify(x, self.patch_size, self.out_channels)[:, : self.in_channels]
+        return self.velocity(unpatchify(x, self.patch_size, self.out_channels))   # (N, C, H, W)
