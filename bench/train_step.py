@@ -73,7 +73,8 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     sched = ScheduleConfig(global_batch=batch * world, precision=args.precision, compile=compile_,
                            compile_mode=args.compile_mode, activation_checkpointing=args.ac)
     strategy, step = build_step(name, latent, batch, sched,
-                                StrategyConfig(name=args.strategy, reshard_after_forward=not args.no_reshard),
+                                StrategyConfig(name=args.strategy, reshard_after_forward=not args.no_reshard,
+                                               blocks_per_unit=args.blocks_per_unit),
                                 args.msdcn_impl)
     overrides = {"msdcn_impl": args.msdcn_impl} if name.startswith("FlowDCN") else {}
 
@@ -99,7 +100,8 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     tflops = flops * imgs / dt / world / 1e12
     peak = peak_tflops()
     row = {"model": name, "res": res, "latent": latent, "batch_per_gpu": batch, "world": world,
-           "strategy": args.strategy, "reshard_after_forward": not args.no_reshard, "compile": compile_,
+           "strategy": args.strategy, "reshard_after_forward": not args.no_reshard, "blocks_per_unit": args.blocks_per_unit,
+           "compile": compile_,
            "compile_mode": args.compile_mode if compile_ else None, "precision": args.precision, "ac": args.ac,
            "img_per_s": imgs / dt, "tok_per_s": imgs * (latent // strategy.module.patch_size) ** 2 / dt,
            "step_ms": dt / args.steps * 1e3, "warmup_s": t_compile, "tflops_per_gpu": tflops,
@@ -126,6 +128,7 @@ def main() -> None:
     ap.add_argument("--compile", default="off,on", help="comma list of off/on")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode for compile=on (reduce-overhead = CUDA graphs)")
     ap.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "zero2", "zero3"])
+    ap.add_argument("--blocks-per-unit", type=int, default=1, help="fsdp: blocks sharded together as one unit")
     ap.add_argument("--no-reshard", action="store_true", help="fsdp: keep blocks unsharded between forward and backward")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--ac", action="store_true", help="activation checkpointing per block")

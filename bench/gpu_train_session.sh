@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One device call for the training-step numbers in bench/RESULTS.md; JSON and logs go to $OUT.
+#   bash bench/gpu_train_session.sh single   # 1 GPU (~7 min): build, GPU tests, train step 256/512/1024, profile
+#   bash bench/gpu_train_session.sh fsdp     # 2 GPUs (~6 min): FSDP2 1 vs 2 GPUs, blocks_per_unit 1/2/4
+# On the lent GPU machine start with `source .whl/prelude.sh` (hydra etc. travel as wheels).
+set -o pipefail
+what=${1:-single}
+OUT=${OUT:-/tmp/train_session_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} FLOWDCN_EXT_DIR=${FLOWDCN_EXT_DIR:-/tmp/flowdcn_ext}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+t0=$(date +%s)
+python3 -c "from cuda_ext.msdcn import build; build.load()" 2>&1 | tail -n 3 || { echo "BUILD FAILED"; exit 1; }
+echo "build $(( $(date +%s) - t0 )) s"
+TS="python3 bench/train_step.py --steps 10 --warmup 3"
+if [ "$what" = single ]; then
+  timeout 120 python3 -m pytest -q -m cuda -p no:cacheprovider tests/cuda_ext tests/trainer/test_compile_modes_gpu.py 2>&1 | tail -n 2
+  timeout 150 $TS --res 256 --compile off,on --out "$OUT/ts256.json" 2>&1 | grep -v -i warn | tail -n 7
+  timeout 200 $TS --res 256 512 1024 --compile on --compile-mode reduce-overhead --out "$OUT/ts_cg.json" 2>&1 | grep -v -i warn | tail -n 10
+  timeout 120 python3 bench/profile_step.py --compile on --out "$OUT/profile.json" 2>&1 | grep -v -i warn | grep -B2 -A9 "^== " | head -n 40
+fi
+if [ "$what" = fsdp ]; then
+  for bpu in 1 2 4; do
+    for n in 1 2; do
+      timeout 150 torchrun --standalone --nproc_per_node "$n" bench/train_step.py --strategy fsdp --blocks-per-unit "$bpu" \
+        --res 256 --compile on --steps 10 --warmup 3 --out "$OUT/fsdp${n}_bpu${bpu}.json" 2>&1 | grep -E "^(FlowDCN|SiT)-XL"
+    done
+  done
+fi
+echo "session wall $(( $(date +%s) - t0 )) s"
