@@ -23,6 +23,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .. import dist
+from . import COMPILE_MODES, CUDAGRAPH_MODES
 from .base import Strategy
 
 
@@ -36,8 +37,6 @@ def apply_ac(model: nn.Module) -> None:
 
 def apply_compile(model: nn.Module, mode: str = "default") -> None:
     """torch.compile each block in place (one graph reused by all blocks of the same shape)."""
-    from . import COMPILE_MODES
-
     if mode not in COMPILE_MODES:
         raise ValueError(f"train.compile_mode must be one of {COMPILE_MODES}, got {mode!r}")
     for block in model.blocks:
@@ -95,7 +94,7 @@ class FSDPStrategy(Strategy):
                  compile_mode: str = "default"):
         self.cfg, self.precision = cfg, precision
         self.ac, self.compile, self.compile_mode = activation_checkpointing, compile, compile_mode
-        if compile and compile_mode in ("reduce-overhead", "max-autotune"):
+        if compile and compile_mode in CUDAGRAPH_MODES:
             # CUDA graphs per block cannot hold FSDP2's all-gather/reduce-scatter hooks that run around each block.
             raise ValueError(f"strategy fsdp: train.compile_mode={compile_mode} uses CUDA graphs, which FSDP2 does not "
                              "support; use compile_mode=default or max-autotune-no-cudagraphs (or strategy=ddp)")
