@@ -23,7 +23,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .. import dist
-from . import COMPILE_MODES, CUDAGRAPH_MODES
+from . import COMPILE_MODES
 from .base import Strategy
 
 
@@ -94,10 +94,6 @@ class FSDPStrategy(Strategy):
                  compile_mode: str = "default"):
         self.cfg, self.precision = cfg, precision
         self.ac, self.compile, self.compile_mode = activation_checkpointing, compile, compile_mode
-        if compile and compile_mode in CUDAGRAPH_MODES:
-            # CUDA graphs per block cannot hold FSDP2's all-gather/reduce-scatter hooks that run around each block.
-            raise ValueError(f"strategy fsdp: train.compile_mode={compile_mode} uses CUDA graphs, which FSDP2 does not "
-                             "support; use compile_mode=default or max-autotune-no-cudagraphs (or strategy=ddp)")
 
     def setup(self, build_model, make_optimizer) -> None:
         dist.init(self.cfg.backend, require=True)   # FSDP2 needs a process group even for one process
