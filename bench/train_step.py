@@ -38,10 +38,15 @@ from trainer.parallel import build_strategy  # noqa: E402
 DEFAULT_BATCH = {256: 32, 512: 8, 1024: 2}   # per GPU; the anchors' batch at 256 and 512 px
 
 
+def model_overrides(name: str, msdcn_impl: str) -> dict:
+    """build_model overrides for a benchmarked model (the MSDCN implementation, FlowDCN only)."""
+    return {"msdcn_impl": msdcn_impl} if name.startswith("FlowDCN") else {}
+
+
 def build_step(name: str, latent: int, batch: int, sched: ScheduleConfig, strategy_cfg: StrategyConfig, msdcn_impl: str):
     """The trainer's step on synthetic latents: returns (strategy, step); step() runs one step, returns the loss."""
     dev = dist.device()
-    overrides = {"msdcn_impl": msdcn_impl} if name.startswith("FlowDCN") else {}
+    overrides = model_overrides(name, msdcn_impl)
     strategy = build_strategy(strategy_cfg, sched, OptimConfig(lr=1e-4))
     torch.manual_seed(0)
     strategy.setup(lambda device: build_model(name, device=device, **overrides),
@@ -76,7 +81,6 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
                                 StrategyConfig(name=args.strategy, reshard_after_forward=not args.no_reshard,
                                                blocks_per_unit=args.blocks_per_unit),
                                 args.msdcn_impl)
-    overrides = {"msdcn_impl": args.msdcn_impl} if name.startswith("FlowDCN") else {}
 
     def sync():
         if dev.type == "cuda":
@@ -96,7 +100,7 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     sync()
     dt = time.perf_counter() - t0
     imgs = args.steps * batch * world
-    flops = train_flops_per_image(name, overrides, latent, latent)
+    flops = train_flops_per_image(name, model_overrides(name, args.msdcn_impl), latent, latent)
     tflops = flops * imgs / dt / world / 1e12
     peak = peak_tflops()
     row = {"model": name, "res": res, "latent": latent, "batch_per_gpu": batch, "world": world,
