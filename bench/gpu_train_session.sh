@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call for the training-step numbers in bench/RESULTS.md; JSON and logs go to $OUT.
 #   bash bench/gpu_train_session.sh single   # 1 GPU (~7 min): build, GPU tests, train step 256/512/1024, profile
-#   bash bench/gpu_train_session.sh fsdp     # 2 GPUs (~6 min): FSDP2 1 vs 2 GPUs, blocks_per_unit 1/2/4
+#   bash bench/gpu_train_session.sh fsdp     # 2 GPUs (~7 min): FSDP2 1 vs 2 GPUs, blocks_per_unit $BPUS (1 4), 2-rank profile
 # On the lent GPU machine start with `source .whl/prelude.sh` (hydra etc. travel as wheels).
 set -o pipefail
 what=${1:-single}
@@ -19,11 +19,14 @@ if [ "$what" = single ]; then
   timeout 120 python3 bench/profile_step.py --compile on --out "$OUT/profile.json" 2>&1 | grep -v -i warn | grep -B2 -A9 "^== " | head -n 40
 fi
 if [ "$what" = fsdp ]; then
-  for bpu in 1 2 4; do
+  for bpu in ${BPUS:-1 4}; do
     for n in 1 2; do
       timeout 150 torchrun --standalone --nproc_per_node "$n" bench/train_step.py --strategy fsdp --blocks-per-unit "$bpu" \
         --res 256 --compile on --steps 10 --warmup 3 --out "$OUT/fsdp${n}_bpu${bpu}.json" 2>&1 | grep -E "^(FlowDCN|SiT)-XL"
     done
   done
+  # where a 2-rank FSDP step spends its time (host gaps, NCCL kernels), rank 0's view
+  timeout 150 torchrun --standalone --nproc_per_node 2 bench/profile_step.py --strategy fsdp --compile on \
+    --out "$OUT/profile_fsdp2.json" 2>&1 | grep -v -i warn | grep -A9 "^== " | head -n 24
 fi
 echo "session wall $(( $(date +%s) - t0 )) s"

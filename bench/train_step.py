@@ -20,6 +20,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -70,6 +71,19 @@ def build_step(name: str, latent: int, batch: int, sched: ScheduleConfig, strate
     return strategy, step
 
 
+def _mark(dev: torch.device):
+    """A point on the device timeline: a recorded CUDA event, or the host clock on CPU."""
+    if dev.type == "cuda":
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+    return time.perf_counter()
+
+
+def _elapsed_ms(a, b) -> float:
+    return a.elapsed_time(b) if isinstance(a, torch.cuda.Event) else (b - a) * 1e3
+
+
 def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     """Time ``args.steps`` training steps after ``args.warmup`` untimed ones; returns one result row."""
     world = dist.get_world_size()
@@ -94,11 +108,19 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     t_compile = time.perf_counter() - t_compile
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    # Per-step intervals between consecutive step starts on the GPU timeline (events wait for neither host nor GPU,
+    # so an interval is max(host, GPU) time of that step); the median step is robust to one slow step (a late
+    # CUDA-graph re-record, an allocator flush) that would otherwise skew a mean over 10 steps by 30 %.
+    marks = []
     t0 = time.perf_counter()
     for _ in range(args.steps):
+        marks.append(_mark(dev))
         loss = step()
+    marks.append(_mark(dev))
     sync()
-    dt = time.perf_counter() - t0
+    dt_total = time.perf_counter() - t0
+    steps_ms = [_elapsed_ms(a, b) for a, b in zip(marks, marks[1:])]
+    dt = statistics.median(steps_ms) / 1e3 * args.steps   # the median step, scaled to args.steps steps
     imgs = args.steps * batch * world
     flops = train_flops_per_image(name, model_overrides(name, args.msdcn_impl), latent, latent)
     tflops = flops * imgs / dt / world / 1e12
@@ -108,7 +130,8 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
            "compile": compile_,
            "compile_mode": args.compile_mode if compile_ else None, "precision": args.precision, "ac": args.ac,
            "img_per_s": imgs / dt, "tok_per_s": imgs * (latent // strategy.module.patch_size) ** 2 / dt,
-           "step_ms": dt / args.steps * 1e3, "warmup_s": t_compile, "tflops_per_gpu": tflops,
+           "step_ms": dt / args.steps * 1e3, "step_ms_mean": dt_total / args.steps * 1e3,
+           "step_ms_all": [round(m, 3) for m in steps_ms], "warmup_s": t_compile, "tflops_per_gpu": tflops,
            "mfu": tflops / peak if peak else None, "gflops_per_img": flops / 1e9, "loss": float(loss)}
     if dev.type == "cuda":
         row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
