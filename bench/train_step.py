@@ -155,7 +155,7 @@ def main() -> None:
     ap.add_argument("--compile", default="off,on", help="comma list of off/on")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode for compile=on (reduce-overhead = CUDA graphs)")
     ap.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "zero2", "zero3"])
-    ap.add_argument("--blocks-per-unit", type=int, default=1, help="fsdp: blocks sharded together as one unit")
+    ap.add_argument("--blocks-per-unit", type=int, default=StrategyConfig.blocks_per_unit, help="fsdp: blocks sharded together as one unit")
     ap.add_argument("--no-reshard", action="store_true", help="fsdp: keep blocks unsharded between forward and backward")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--ac", action="store_true", help="activation checkpointing per block")

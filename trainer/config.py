@@ -48,7 +48,7 @@ class StrategyConfig:
     name: str = "ddp"                                  # ddp (single process included) | fsdp | zero1 | zero2 | zero3
     backend: Optional[str] = None                      # process-group backend; None = nccl on GPU, gloo on CPU
     reshard_after_forward: bool = True                 # fsdp
-    blocks_per_unit: int = 1                           # fsdp: consecutive blocks sharded (all-gathered) together
+    blocks_per_unit: int = 4                           # fsdp: consecutive blocks sharded (all-gathered) together
     reduce_bucket_size: int = 500_000_000              # zero
     offload_optimizer: bool = False                    # zero: CPU offload of optimizer state
     deepspeed_optimizer: bool = False                  # zero: DeepSpeed's fused AdamW instead of torch's

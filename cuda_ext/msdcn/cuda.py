@@ -389,6 +389,10 @@ def msdcn_deform(
 ) -> torch.Tensor:
     """MSDCN with offsets (delta + prior)·σ(scale_logit + s0)·S_max computed inside the kernels."""
     check_deform_inputs(value, delta, scale_logit, weights, prior, s0, s_max, rounding)
+    # The model slices the fields out of one GEMM output (strided views). Copy them here, where torch.compile
+    # fuses the copies into its own kernels and autograd saves the contiguous tensors, rather than inside
+    # the op, where each forward and each backward would copy all three again.
+    delta, scale_logit, weights = delta.contiguous(), scale_logit.contiguous(), weights.contiguous()
     if torch.compiler.is_compiling():
         return torch.ops.flowdcn.msdcn_deform_cuda(value, delta, scale_logit, weights, prior, s0, s_max, rounding)
     return _DeformFn.apply(value, delta, scale_logit, weights, prior, s0, s_max, rounding)

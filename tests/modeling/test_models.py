@@ -116,3 +116,29 @@ def test_with_smax_policy_feeds_the_model():
     fn = with_smax_policy(Fake(), OfficialSmaxPolicy(train_grid=(4, 4), margin=4))
     fn(torch.zeros(2, 4, 8, 16), torch.zeros(2), torch.zeros(2, dtype=torch.long))
     assert seen["s"].shape == (11, 2) and seen["s"][5].tolist() == [12.0, 6.0]
+
+
+def test_fused_projections_equal_the_separate_linears_in_fp64():
+    """The one-GEMM field projection and w1/w3 GEMM compute exactly what the official separate Linears do."""
+    torch.manual_seed(0)
+    model = build_model("FlowDCN-debug", msdcn_impl="torch").double()
+    blk = model.blocks[0]
+    attn, mlp = blk.attn, blk.mlp
+    for p in attn.parameters():   # the official init zeroes Δ/ŝ weights: randomise so every column is tested
+        torch.nn.init.normal_(p)
+    x = torch.randn(2, 3, 5, attn.dim, dtype=torch.float64)
+    delta, scale_logit, weights = attn._fields(x)
+    torch.testing.assert_close(delta, attn.qk_deformables(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(scale_logit, attn.qk_scales(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(weights, attn.qk_weights(x), rtol=1e-12, atol=1e-12)
+    ref = mlp.w2(torch.nn.functional.silu(mlp.w1(x)) * mlp.w3(x))
+    torch.testing.assert_close(mlp(x), ref, rtol=1e-12, atol=1e-12)
+    # gradients reach the separate parameters, which stay the checkpoint's keys
+    (delta.sum() + 2 * scale_logit.sum() + 3 * weights.sum() + mlp(x).square().sum()).backward()
+    n = x[..., 0].numel()
+    torch.testing.assert_close(attn.qk_scales.weight.grad, 2 * x.reshape(n, -1).sum(0).expand_as(attn.qk_scales.weight))
+    torch.testing.assert_close(attn.qk_weights.bias.grad, torch.full_like(attn.qk_weights.bias, 3.0 * n))
+    assert attn.qk_scales.bias is None and mlp.w1.weight.grad is not None and mlp.w3.weight.grad is not None
+    for m in (attn, mlp):
+        for child in m.reads_child_params:
+            assert list(getattr(m, child).parameters())

@@ -59,6 +59,19 @@ def build_ds_config(stage: int, sched, optim, strategy_cfg, world: int) -> dict:
     return cfg
 
 
+
+def _register_direct_reads(module: torch.nn.Module) -> None:
+    """ZeRO-3 gathers a module's own parameters when that module is called. Modules whose forward reads
+    their children's weights without calling the children (fused GEMMs; ``reads_child_params`` in modeling)
+    get those weights registered as external parameters, so they are gathered with the reading module
+    (DeepSpeed would otherwise discover them lazily on first access, and not at all inside torch.compile)."""
+    import deepspeed
+
+    for m in module.modules():
+        for child in getattr(m, "reads_child_params", ()):
+            for p in getattr(m, child).parameters():
+                deepspeed.zero.register_external_parameter(m, p)
+
 class DeepSpeedStrategy(Strategy):
     """ZeRO stage 1, 2 or 3 via deepspeed.initialize."""
 
@@ -87,6 +100,8 @@ class DeepSpeedStrategy(Strategy):
         deepspeed.init_distributed(dist_backend=tdist.get_backend(), auto_mpi_discovery=False)
         self.world = dist.get_world_size()
         module = build_model("cpu").to(dist.device())   # the same seeded CPU init as every strategy
+        if self.stage == 3:
+            _register_direct_reads(module)
         ds_cfg = build_ds_config(self.stage, self.sched, self.optim_cfg, self.cfg, self.world)
         self.gas = ds_cfg["gradient_accumulation_steps"]
         client_opt = None if "optimizer" in ds_cfg else make_optimizer(module.parameters())
