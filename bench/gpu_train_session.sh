@@ -26,7 +26,7 @@ if [ "$what" = fsdp ]; then
     done
   done
   # where a 2-rank FSDP step spends its time (host gaps, NCCL kernels), rank 0's view
-  [ "${PROFILE:-1}" = 1 ] && timeout 150 torchrun --standalone --nproc_per_node 2 bench/profile_step.py --strategy fsdp --compile on \
+  [ "${PROFILE:-1}" = 1 ] && timeout 150 torchrun --standalone --nproc_per_node 2 bench/profile_step.py --strategy fsdp --blocks-per-unit 1 --compile on \
     --out "$OUT/profile_fsdp2.json" 2>&1 | grep -v -i warn | grep -A9 "^== " | head -n 24
 fi
 echo "session wall $(( $(date +%s) - t0 )) s"

@@ -110,7 +110,7 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     # Per-step intervals between consecutive step starts on the GPU timeline (events wait for neither host nor GPU,
     # so an interval is max(host, GPU) time of that step); the median step is robust to one slow step (a late
-    # CUDA-graph re-record, an allocator flush) that would otherwise skew a mean over 10 steps by 30 %.
+    # CUDA-graph re-record, an allocator flush) that moved a 10-step mean by up to 50 % on an H200.
     marks = []
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -126,7 +126,7 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     tflops = flops * imgs / dt / world / 1e12
     peak = peak_tflops()
     row = {"model": name, "res": res, "latent": latent, "batch_per_gpu": batch, "world": world,
-           "strategy": args.strategy, "reshard_after_forward": not args.no_reshard, "blocks_per_unit": args.blocks_per_unit,
+           "strategy": args.strategy, "reshard_after_forward": not args.no_reshard, "blocks_per_unit": args.blocks_per_unit if args.strategy == "fsdp" else None,
            "compile": compile_,
            "compile_mode": args.compile_mode if compile_ else None, "precision": args.precision, "ac": args.ac,
            "img_per_s": imgs / dt, "tok_per_s": imgs * (latent // strategy.module.patch_size) ** 2 / dt,

@@ -5,9 +5,10 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from cuda_ext import msdcn_deform
+
+from .layers import concat_linear
 
 TRAIN_SMAX = 6.0  # S_max used in training (official flowdcn.py L82)
 
@@ -65,16 +66,12 @@ class MultiScaleDCN(nn.Module):
     reads_child_params = ("qk_deformables", "qk_scales", "qk_weights")
 
     def _fields(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Δ, ŝ and the weight logits of x [..., D] from one GEMM with 4GK output columns.
-
-        Three GEMMs of 2GK, GK and GK columns (288/144/144 at XL) leave most of each tile idle and cost three
-        launches forward and six backward; concatenating the weights costs one small copy, fused with the
-        bf16 cast under torch.compile. The parameters stay the three official Linears (checkpoints unchanged).
-        """
+        """Δ, ŝ and the weight logits of x [..., D] from one GEMM with 4GK output columns (see concat_linear);
+        ŝ has no bias (official), hence the zeros in the concatenated bias."""
         GK = self.groups * self.kernel_points
-        W = torch.cat([self.qk_deformables.weight, self.qk_scales.weight, self.qk_weights.weight])   # (4GK, D)
         b = torch.cat([self.qk_deformables.bias, torch.zeros_like(self.qk_weights.bias), self.qk_weights.bias])
-        return F.linear(x, W, b).split([2 * GK, GK, GK], dim=-1)
+        W = [self.qk_deformables.weight, self.qk_scales.weight, self.qk_weights.weight]
+        return concat_linear(x, W, b).split([2 * GK, GK, GK], dim=-1)
 
     def forward(self, x: torch.Tensor, s_max: torch.Tensor) -> torch.Tensor:
         """x [N, h, w, D], s_max [2] (x, y) -> [N, h, w, D]."""

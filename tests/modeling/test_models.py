@@ -139,6 +139,66 @@ def test_fused_projections_equal_the_separate_linears_in_fp64():
     torch.testing.assert_close(attn.qk_scales.weight.grad, 2 * x.reshape(n, -1).sum(0).expand_as(attn.qk_scales.weight))
     torch.testing.assert_close(attn.qk_weights.bias.grad, torch.full_like(attn.qk_weights.bias, 3.0 * n))
     assert attn.qk_scales.bias is None and mlp.w1.weight.grad is not None and mlp.w3.weight.grad is not None
-    for m in (attn, mlp):
-        for child in m.reads_child_params:
-            assert list(getattr(m, child).parameters())
+
+
+def test_fused_projections_under_autocast_compile_and_what_they_keep_for_backward():
+    """bf16 autocast: the fused GEMMs match the separate Linears (same bf16 rounding) in outputs and gradients;
+    torch.compile(fullgraph) traces them; and forward keeps no concatenated weight copy for backward (it would
+    outlive FSDP2's reshard / ZeRO-3's partitioning), and nothing but x and the parameters."""
+    torch.manual_seed(0)
+    blk = build_model("FlowDCN-debug", msdcn_impl="torch").blocks[0]
+    attn, mlp = blk.attn, blk.mlp
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 3, 5, attn.dim, requires_grad=True)
+
+    def fused():
+        return torch.cat([*attn._fields(x), mlp(x)], -1)
+
+    def separate():
+        ref_mlp = mlp.w2(torch.nn.functional.silu(mlp.w1(x)) * mlp.w3(x))
+        return torch.cat([attn.qk_deformables(x), attn.qk_scales(x), attn.qk_weights(x), ref_mlp], -1)
+
+    params = [x, *attn.parameters(), *mlp.parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = fused(), separate()
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, params, g, allow_unused=True)
+    want = torch.autograd.grad(ref, params, g, allow_unused=True)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(), fused(), rtol=1e-6, atol=1e-6)
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        attn._fields(x)
+        mlp.w2.weight.requires_grad_(False)   # count only what the fused w1/w3 GEMM keeps
+        mlp(x)
+        mlp.w2.weight.requires_grad_(True)
+    own = {p.data_ptr() for p in params}   # saved parameters may arrive as aliases: compare storage
+    big = [tuple(t.shape) for t in saved if t.data_ptr() not in own and t.dim() == 2 and attn.dim in t.shape]
+    assert not big, f"a concatenated weight copy is kept for backward: {big}"
+
+
+@pytest.mark.parametrize("name", ["FlowDCN-debug", "SiT-debug"])
+def test_every_module_not_called_in_forward_is_declared_by_its_reader(name):
+    """ZeRO-3 gathers parameters per called module: a module with parameters that forward never calls must be
+    named in its parent's ``reads_child_params`` (and every name there must be such a module)."""
+    model = build_model(name, **({"msdcn_impl": "torch"} if name.startswith("FlowDCN") else {}))
+    called = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, args: called.add(id(mod))) for m in model.modules()]
+    model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1000]))
+    for h in hooks:
+        h.remove()
+    for parent in model.modules():
+        declared = set(getattr(parent, "reads_child_params", ()))
+        for child_name, child in parent.named_children():
+            uncalled = id(child) not in called and any(True for _ in child.parameters(recurse=False))
+            assert uncalled == (child_name in declared), (type(parent).__name__, child_name, uncalled)

@@ -31,7 +31,7 @@ def test_fsdp_agrees_with_ddp_and_resumes_on_fewer_processes(ddp2_reference, tmp
     """
     d = str(tmp_path / "fsdp")
     train(d, ["strategy.name=fsdp", "strategy.blocks_per_unit=2", "train.total_nimg=24"], nproc=2)
-    p = train(d, ["strategy.name=fsdp"], nproc=0)
+    p = train(d, ["strategy.name=fsdp", "strategy.blocks_per_unit=1"], nproc=0)
     assert "saved by 2 process(es), now 1" in p.stdout
     assert_close_logs(d, ddp2_reference, rtol=2e-5)
     import torch

@@ -43,8 +43,8 @@ def apply_compile(model: nn.Module, mode: str = "default") -> None:
         block.compile(mode=mode)
 
 
-def apply_fsdp(model: nn.Module, mesh, mp_policy: MixedPrecisionPolicy | None, reshard_after_forward: bool = True,
-               blocks_per_unit: int = 1) -> None:
+def apply_fsdp(model: nn.Module, mesh, mp_policy: MixedPrecisionPolicy | None, reshard_after_forward: bool,
+               blocks_per_unit: int) -> None:
     """fully_shard blocks in groups of ``blocks_per_unit``, then the final layer (kept unsharded after forward:
     backward needs it first), then the root.
 
