@@ -1,6 +1,7 @@
 """Building blocks shared by FlowDCN and SiT: embedders, norms, MLPs, modulation, patchify and the final layer."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -20,12 +21,13 @@ class _ConcatLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, *weights: torch.Tensor) -> torch.Tensor:
         dev = x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)   # not on "meta"
+        dt = torch.get_autocast_dtype(dev) if autocast else x.dtype
         xc = x.to(dt)
         ctx.save_for_backward(xc, *weights)
         ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        with torch.autocast(dev, enabled=False):
+        with torch.autocast(dev, enabled=False) if autocast else contextlib.nullcontext():
             return F.linear(xc, torch.cat(weights).to(dt), None if bias is None else bias.to(dt))
 
     @staticmethod
