@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-2/3 on CPU (gloo, client torch AdamW): agreement with DDP, same-world resume, clear refusals."""
+"""DeepSpeed ZeRO-2/3 on CPU (gloo, client torch AdamW): agreement with DDP, resume on the same and on another world
+size (DeepSpeed's universal checkpoint format), clear refusals."""
 from __future__ import annotations
 
 import os
@@ -25,12 +26,26 @@ def test_zero2_agrees_with_ddp(ddp2_reference, tmp_path):
     assert_agrees_with(ddp2_reference, d)
 
 
-def test_zero3_resume_agrees_with_ddp_and_refuses_other_world_size(ddp2_reference, tmp_path):
-    """ZeRO-3 (sharded EMA) to nimg 24, resumed on 2 processes to 48; resuming on 1 process is a clear error."""
+def test_zero2_resumes_on_one_process_through_the_universal_format(ddp2_reference, tmp_path):
+    """ZeRO-2 on 2 processes to nimg 24, then 1 process to 48: the same losses and weights as 2-process DDP."""
+    d = str(tmp_path / "zero2")
+    train(d, ["strategy.name=zero2", "train.total_nimg=24"], nproc=2)
+    p = train(d, ["strategy.name=zero2"], nproc=0)
+    assert "saved by 2 process(es), now 1" in p.stdout
+    assert os.path.isdir(os.path.join(d, "checkpoints", "nimg_000000000024", "deepspeed_universal"))
+    assert_agrees_with(ddp2_reference, d)
+
+
+def test_zero3_resume_on_the_same_and_other_world_sizes_agrees_with_ddp(ddp2_reference, tmp_path):
+    """ZeRO-3 (sharded EMA) to nimg 24 on 2 processes, to 32 on 1 (universal format, EMA re-sharded from the
+    consolidated export), to 48 on 2 again; resuming as another ZeRO stage is a clear error."""
     d = str(tmp_path / "zero3")
     train(d, ["strategy.name=zero3", "train.total_nimg=24"], nproc=2)
     assert os.path.exists(os.path.join(d, "checkpoints", "nimg_000000000024", "ema_rank1.pt"))
-    p = train(d, ["strategy.name=zero3", "train.total_nimg=32"], nproc=0, check=False)
-    assert p.returncode != 0 and "ZeRO-3 checkpoint of 2 processes cannot resume as ZeRO-3 on 1" in p.stderr, p.stderr[-3000:]
-    train(d, ["strategy.name=zero3"], nproc=2)
+    p = train(d, ["strategy.name=zero2", "train.total_nimg=32"], nproc=2, check=False)
+    assert p.returncode != 0 and "a ZeRO-3 checkpoint cannot resume as ZeRO-2" in p.stderr, p.stderr[-3000:]
+    p = train(d, ["strategy.name=zero3", "train.total_nimg=32"], nproc=0)
+    assert "saved by 2 process(es), now 1" in p.stdout
+    p = train(d, ["strategy.name=zero3"], nproc=2)
+    assert "saved by 1 process(es), now 2" in p.stdout
     assert_agrees_with(ddp2_reference, d)

@@ -17,9 +17,12 @@ refused (use fsdp or ddp for those).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import glob
 import json
 import os
+import shutil
 import sys
 
 import torch
@@ -71,6 +74,15 @@ def _register_direct_reads(module: torch.nn.Module) -> None:
         for child in getattr(m, "reads_child_params", ()):
             for p in getattr(m, child).parameters():
                 deepspeed.zero.register_external_parameter(m, p)
+
+
+def _load_ema_file(f: str) -> dict:
+    try:
+        return torch.load(f, map_location=dist.device(), weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint file missing: {f}") from None
+    except Exception as e:
+        raise ValueError(f"corrupt checkpoint file {f}: {e}") from None
 
 
 class DeepSpeedStrategy(Strategy):
@@ -289,25 +301,62 @@ class DeepSpeedStrategy(Strategy):
                                     "DeepSpeed checkpoints)")
         with open(meta_f) as f:
             meta = json.load(f)
-        if meta["world_size"] != self.world or meta["stage"] != self.stage:
-            raise ValueError(f"{path}: ZeRO-{meta['stage']} checkpoint of {meta['world_size']} processes cannot resume "
-                             f"as ZeRO-{self.stage} on {self.world} (DeepSpeed universal checkpoints are not wired in; "
-                             "use the same process count, or strategy=fsdp for elastic resume)")
+        if meta["stage"] != self.stage:
+            raise ValueError(f"{path}: a ZeRO-{meta['stage']} checkpoint cannot resume as ZeRO-{self.stage} "
+                             "(set strategy.name to the stage it was saved with)")
+        resharded = meta["world_size"] != self.world
+        ds_dir = self._universal(path) if resharded else os.path.join(path, "deepspeed")
+        # A checkpoint of another world size loads through DeepSpeed's universal format (per-parameter fp32
+        # weights and optimizer moments, re-partitioned for this world); the engine reads that flag at load time.
+        self.engine._config.load_universal_checkpoint = resharded
         try:
-            load_path, _ = self.engine.load_checkpoint(os.path.join(path, "deepspeed"), tag="state",
-                                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+            load_path, _ = self.engine.load_checkpoint(ds_dir, tag="state", load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False)
         except Exception as e:
-            raise ValueError(f"corrupt or unreadable DeepSpeed checkpoint {os.path.join(path, 'deepspeed')}: {e}") from None
+            raise ValueError(f"corrupt or unreadable DeepSpeed checkpoint {ds_dir}: {e}") from None
+        finally:
+            self.engine._config.load_universal_checkpoint = False
         if load_path is None:
-            raise FileNotFoundError(f"checkpoint file missing: DeepSpeed state under {os.path.join(path, 'deepspeed')}")
+            raise FileNotFoundError(f"checkpoint file missing: DeepSpeed state under {ds_dir}")
+        if resharded and self._sharded_ema:
+            return self._resharded_ema(path)
         f = os.path.join(path, f"ema_rank{dist.get_rank()}.pt" if self._sharded_ema else "ema.pt")
-        try:
-            ema = torch.load(f, map_location=dist.device(), weights_only=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"checkpoint file missing: {f}") from None
-        except Exception as e:
-            raise ValueError(f"corrupt checkpoint file {f}: {e}") from None
-        return ema
+        return _load_ema_file(f)
+
+    def _resharded_ema(self, path: str) -> dict:
+        """The EMA of a checkpoint saved by another world size: this rank's part of the consolidated export
+        (ema.safetensors, fp32, written with every checkpoint); the update count from the old rank 0's file."""
+        from ..checkpoint import load_weights
+
+        full = load_weights(os.path.join(path, "ema.safetensors"))
+        return {"shadow": self.shard_like_params(full),
+                "num_updates": int(_load_ema_file(os.path.join(path, "ema_rank0.pt"))["num_updates"])}
+
+    def _universal(self, path: str) -> str:
+        """``path``'s DeepSpeed state in the universal format, converted once by rank 0 into
+        ``path/deepspeed_universal`` (a temporary folder renamed when complete; reused by later resumes)."""
+        out = os.path.join(path, "deepspeed_universal")
+        err = None
+        if dist.get_rank() == 0 and not os.path.isdir(out):
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            for stale in glob.glob(f"{out}.tmp*"):   # left by a conversion that was killed
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = f"{out}.tmp{os.getpid()}"
+            workers = max(1, min(4, os.cpu_count() or 1))
+            args = argparse.Namespace(input_folder=os.path.join(path, "deepspeed", "state"),
+                                      output_folder=os.path.join(tmp, "state"), num_extract_workers=workers,
+                                      num_merge_workers=workers, keep_temp_folder=False, strict=True,
+                                      inject_missing_state=True)
+            try:
+                ds_to_universal(args)
+                os.replace(tmp, out)
+            except Exception as e:   # every rank must hear of it, not wait at the barrier
+                shutil.rmtree(tmp, ignore_errors=True)
+                err = f"{path}: converting the ZeRO checkpoint to DeepSpeed's universal format failed: {e!r}"
+        if dist.any_rank(err is not None, dist.device()):
+            raise ValueError(err or f"{path}: rank 0 could not convert the checkpoint to DeepSpeed's universal format")
+        return out
 
     def close(self) -> None:
         if getattr(self, "engine", None) is not None:
