@@ -18,7 +18,7 @@ def main() -> None:
     torch.manual_seed(5)
     ref = build_model("FlowDCN-debug", device="cpu", **OVR)
     torch.manual_seed(5)
-    s = FSDPStrategy(StrategyConfig(name="fsdp"), precision=sys.argv[1], activation_checkpointing=True)
+    s = FSDPStrategy(StrategyConfig(name="fsdp", blocks_per_unit=1), precision=sys.argv[1], activation_checkpointing=True)
     s.setup(lambda device: build_model("FlowDCN-debug", device=device, **OVR),
             lambda params: torch.optim.AdamW(params, lr=1e-3))
     full = s.full_model_state_dict()
@@ -42,6 +42,16 @@ def main() -> None:
             if k in ema_full:
                 assert torch.equal(ema_full[k], sd[k].float()), k
                 assert torch.equal(back[k], sd[k].float()), k
+    # Between forward and backward: the first unit is resharded, the last unit and the final layer are not
+    # (backward needs them first).
+    with s.autocast():
+        out = s.model(torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 3]))
+    sharded = lambda m: [isinstance(p, DTensor) for p in m.parameters(recurse=False)]   # noqa: E731
+    assert all(all(sharded(m)) for m in s.module.blocks[0].modules()), "first block not resharded after forward"
+    assert not any(any(sharded(m)) for m in s.module.blocks[-1].modules()), "last block resharded after forward"
+    assert not any(any(sharded(m)) for m in s.module.final_layer.modules())
+    out.float().square().mean().backward()
+    if dist.get_rank() == 0:
         print("FSDP-INIT-OK", flush=True)
     dist.destroy()
 
