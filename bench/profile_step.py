@@ -66,7 +66,8 @@ def busy_time_us(intervals: list[tuple[float, float]]) -> float:
 def profile_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     sched = ScheduleConfig(global_batch=batch * dist.get_world_size(), precision=args.precision, compile=compile_,
                            compile_mode=args.compile_mode)
-    strategy, step = build_step(name, res // 8, batch, sched, StrategyConfig(name=args.strategy, blocks_per_unit=args.blocks_per_unit), args.msdcn_impl)
+    strategy, step = build_step(name, res // 8, batch, sched,
+                                StrategyConfig(name=args.strategy, blocks_per_unit=args.blocks_per_unit), args.msdcn_impl)
 
     for _ in range(args.warmup):
         step()
@@ -119,7 +120,8 @@ def main() -> None:
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode for compile=on (reduce-overhead = CUDA graphs)")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="fsdp: run under torchrun")
-    ap.add_argument("--blocks-per-unit", type=int, default=StrategyConfig.blocks_per_unit, help="fsdp: blocks per FSDP unit")
+    ap.add_argument("--blocks-per-unit", type=int, default=StrategyConfig.blocks_per_unit,
+                    help="fsdp: blocks per FSDP unit")
     ap.add_argument("--msdcn-impl", default="auto", choices=["auto", "torch", "cuda"])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=3)

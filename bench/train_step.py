@@ -126,7 +126,8 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     tflops = flops * imgs / dt / world / 1e12
     peak = peak_tflops()
     row = {"model": name, "res": res, "latent": latent, "batch_per_gpu": batch, "world": world,
-           "strategy": args.strategy, "reshard_after_forward": not args.no_reshard, "blocks_per_unit": args.blocks_per_unit if args.strategy == "fsdp" else None,
+           "strategy": args.strategy, "reshard_after_forward": not args.no_reshard,
+           "blocks_per_unit": args.blocks_per_unit if args.strategy == "fsdp" else None,
            "compile": compile_,
            "compile_mode": args.compile_mode if compile_ else None, "precision": args.precision, "ac": args.ac,
            "img_per_s": imgs / dt, "tok_per_s": imgs * (latent // strategy.module.patch_size) ** 2 / dt,

@@ -43,7 +43,7 @@ class _ConcatLinear(torch.autograd.Function):
 
 
 def concat_linear(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., D] -> [..., ΣNᵢ]: the outputs of Linears with weights Wᵢ [Nᵢ, D] in one GEMM (bias [ΣNᵢ] or None).
+    """x [..., D] -> [..., ΣNᵢ]: the outputs of Linears with weights Wᵢ [Nᵢ, D] in one GEMM (bias [ΣNᵢ]/None).
 
     Narrow projections (FlowDCN's Δ/ŝ/weights: 288/144/144 columns at XL) leave most of a GEMM tile idle and
     cost a launch each, forward and backward; the parameters stay separate (official checkpoint layout).
