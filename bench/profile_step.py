@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train_step import build_step  # noqa: E402  (the same step as the throughput benchmark)
+from train_step import build_step, model_overrides  # noqa: E402  (the same step as the throughput benchmark)
 from trainer import dist  # noqa: E402
 from trainer.config import ScheduleConfig, StrategyConfig  # noqa: E402
 
@@ -67,7 +67,8 @@ def profile_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     sched = ScheduleConfig(global_batch=batch * dist.get_world_size(), precision=args.precision, compile=compile_,
                            compile_mode=args.compile_mode)
     strategy, step = build_step(name, res // 8, batch, sched,
-                                StrategyConfig(name=args.strategy, blocks_per_unit=args.blocks_per_unit), args.msdcn_impl)
+                                StrategyConfig(name=args.strategy, blocks_per_unit=args.blocks_per_unit),
+                                model_overrides(name, args))
 
     for _ in range(args.warmup):
         step()

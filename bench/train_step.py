@@ -16,6 +16,7 @@ table and writes JSON (never asserts a speed).
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
 import json
 import os
@@ -39,15 +40,27 @@ from trainer.parallel import build_strategy  # noqa: E402
 DEFAULT_BATCH = {256: 32, 512: 8, 1024: 2}   # per GPU; the anchors' batch at 256 and 512 px
 
 
-def model_overrides(name: str, msdcn_impl: str) -> dict:
-    """build_model overrides for a benchmarked model (the MSDCN implementation, FlowDCN only)."""
-    return {"msdcn_impl": msdcn_impl} if name.startswith("FlowDCN") else {}
+def model_overrides(name: str, args) -> dict:
+    """build_model overrides for a benchmarked model: ``--override key=value`` pairs (e.g. a deep, narrow model as
+    a host-time proxy on CPU) and, for FlowDCN, the MSDCN implementation."""
+    out = {}
+    for kv in getattr(args, "override", None) or []:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"--override expects key=value, got {kv!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    if name.startswith("FlowDCN"):
+        out["msdcn_impl"] = args.msdcn_impl
+    return out
 
 
-def build_step(name: str, latent: int, batch: int, sched: ScheduleConfig, strategy_cfg: StrategyConfig, msdcn_impl: str):
+def build_step(name: str, latent: int, batch: int, sched: ScheduleConfig, strategy_cfg: StrategyConfig,
+               overrides: dict):
     """The trainer's step on synthetic latents: returns (strategy, step); step() runs one step, returns the loss."""
     dev = dist.device()
-    overrides = model_overrides(name, msdcn_impl)
     strategy = build_strategy(strategy_cfg, sched, OptimConfig(lr=1e-4))
     torch.manual_seed(0)
     strategy.setup(lambda device: build_model(name, device=device, **overrides),
@@ -94,7 +107,7 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     strategy, step = build_step(name, latent, batch, sched,
                                 StrategyConfig(name=args.strategy, reshard_after_forward=not args.no_reshard,
                                                blocks_per_unit=args.blocks_per_unit),
-                                args.msdcn_impl)
+                                model_overrides(name, args))
 
     def sync():
         if dev.type == "cuda":
@@ -122,7 +135,7 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     steps_ms = [_elapsed_ms(a, b) for a, b in zip(marks, marks[1:])]
     dt = statistics.median(steps_ms) / 1e3 * args.steps   # the median step, scaled to args.steps steps
     imgs = args.steps * batch * world
-    flops = train_flops_per_image(name, model_overrides(name, args.msdcn_impl), latent, latent)
+    flops = train_flops_per_image(name, model_overrides(name, args), latent, latent)
     tflops = flops * imgs / dt / world / 1e12
     peak = peak_tflops()
     row = {"model": name, "res": res, "latent": latent, "batch_per_gpu": batch, "world": world,
@@ -160,6 +173,8 @@ def main() -> None:
     ap.add_argument("--no-reshard", action="store_true", help="fsdp: keep blocks unsharded between forward and backward")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--ac", action="store_true", help="activation checkpointing per block")
+    ap.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="model config overrides for every model, e.g. hidden_size=64 groups=4 (CPU host-time proxy)")
     ap.add_argument("--msdcn-impl", default="auto", choices=["auto", "torch", "cuda"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
