@@ -52,6 +52,18 @@ def main() -> None:
     assert not any(any(sharded(m)) for m in s.module.blocks[-1].modules()), "last block resharded after forward"
     assert not any(any(sharded(m)) for m in s.module.final_layer.modules())
     out.float().square().mean().backward()
+    # The grad norm from local shards equals torch's over the DTensor gradients; clipping scales like torch's.
+    grads = [p.grad for p in s.module.parameters() if p.grad is not None]
+    ref = torch.nn.utils.get_total_norm(grads).full_tensor()
+    before = [g.full_tensor() for g in grads]
+    norm = s.clip_grad_norm(0.0)
+    torch.testing.assert_close(norm, ref, rtol=1e-6, atol=0)
+    assert all(torch.equal(g.full_tensor(), b) for g, b in zip(grads, before)), "measuring changed the gradients"
+    s.clip_grad_norm(0.25 * float(ref))
+    coef = 0.25 * float(ref) / (float(ref) + 1e-6)
+    for g, b in zip(grads, before):
+        torch.testing.assert_close(g.full_tensor(), b * coef, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(s.clip_grad_norm(0.0), 0.25 * ref, rtol=1e-5, atol=0)
     if dist.get_rank() == 0:
         print("FSDP-INIT-OK", flush=True)
     dist.destroy()
