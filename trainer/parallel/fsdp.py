@@ -96,6 +96,7 @@ class FSDPStrategy(Strategy):
                  compile_mode: str = "default"):
         self.cfg, self.precision = cfg, precision
         self.ac, self.compile, self.compile_mode = activation_checkpointing, compile, compile_mode
+        self._plain_shards: bool | None = None   # gradients are Shard(0) DTensors of a 1-D mesh (clip_grad_norm)
 
     def setup(self, build_model, make_optimizer) -> None:
         dist.init(self.cfg.backend, require=True)   # FSDP2 needs a process group even for one process
@@ -123,7 +124,10 @@ class FSDPStrategy(Strategy):
         torch's clip_grad_norm_ on DTensors pays DTensor dispatch for foreach_norm, stack and norm (host time that
         an FSDP2 step, host-bound at XL, cannot spare). Clips in place (the shards share the DTensors' storage)."""
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        if not all(isinstance(g, DTensor) and g.device_mesh.ndim == 1 and g.placements == (Shard(0),) for g in grads):
+        if self._plain_shards is None:   # the layout is fixed for the run: checked once, not on every step
+            self._plain_shards = all(isinstance(g, DTensor) and g.device_mesh.ndim == 1
+                                     and g.placements == (Shard(0),) for g in grads)
+        if not self._plain_shards:
             return super().clip_grad_norm(max_norm)   # not plain 1-D FSDP2 shards: torch's DTensor-aware path
         local = [g.to_local() for g in grads]   # under no_grad: the local tensor itself, no autograd node
         if not local:
