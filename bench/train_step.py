@@ -104,10 +104,11 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     latent = res // 8 if res >= 64 else res   # tiny smoke sizes are already latent sizes
     sched = ScheduleConfig(global_batch=batch * world, precision=args.precision, compile=compile_,
                            compile_mode=args.compile_mode, activation_checkpointing=args.ac)
+    overrides = model_overrides(name, args)
     strategy, step = build_step(name, latent, batch, sched,
                                 StrategyConfig(name=args.strategy, reshard_after_forward=not args.no_reshard,
                                                blocks_per_unit=args.blocks_per_unit),
-                                model_overrides(name, args))
+                                overrides)
 
     def sync():
         if dev.type == "cuda":
@@ -135,7 +136,7 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     steps_ms = [_elapsed_ms(a, b) for a, b in zip(marks, marks[1:])]
     dt = statistics.median(steps_ms) / 1e3 * args.steps   # the median step, scaled to args.steps steps
     imgs = args.steps * batch * world
-    flops = train_flops_per_image(name, model_overrides(name, args), latent, latent)
+    flops = train_flops_per_image(name, overrides, latent, latent)
     tflops = flops * imgs / dt / world / 1e12
     peak = peak_tflops()
     row = {"model": name, "res": res, "latent": latent, "batch_per_gpu": batch, "world": world,

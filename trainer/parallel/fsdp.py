@@ -124,14 +124,14 @@ class FSDPStrategy(Strategy):
         torch's clip_grad_norm_ on DTensors pays DTensor dispatch for foreach_norm, stack and norm (host time that
         an FSDP2 step, host-bound at XL, cannot spare). Clips in place (the shards share the DTensors' storage)."""
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=dist.device())
         if self._plain_shards is None:   # the layout is fixed for the run: checked once, not on every step
             self._plain_shards = all(isinstance(g, DTensor) and g.device_mesh.ndim == 1
                                      and g.placements == (Shard(0),) for g in grads)
         if not self._plain_shards:
             return super().clip_grad_norm(max_norm)   # not plain 1-D FSDP2 shards: torch's DTensor-aware path
         local = [g.to_local() for g in grads]   # under no_grad: the local tensor itself, no autograd node
-        if not local:
-            return torch.zeros((), device=dist.device())
         sq = torch.stack(torch._foreach_norm(local, 2.0)).float().square().sum()
         norm = dist.all_reduce_sum(sq).sqrt()
         if max_norm > 0:   # torch's rule: scale by max_norm / (norm + 1e-6) when that is below 1
