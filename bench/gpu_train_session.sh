@@ -16,7 +16,7 @@ if [ "$what" = single ]; then
   timeout 120 python3 -m pytest -q -m cuda -p no:cacheprovider tests/cuda_ext tests/trainer/test_compile_modes_gpu.py 2>&1 | tail -n 2
   timeout 150 $TS --res 256 --compile off,on --out "$OUT/ts256.json" 2>&1 | grep -v -i warn | tail -n 7
   timeout 200 $TS --res 256 512 1024 --compile on --compile-mode reduce-overhead --out "$OUT/ts_cg.json" 2>&1 | grep -v -i warn | tail -n 10
-  timeout 120 python3 bench/profile_step.py --compile on --out "$OUT/profile.json" 2>&1 | grep -v -i warn | grep -B2 -A9 "^== " | head -n 40
+  timeout 150 python3 bench/profile_step.py --compile on --python --out "$OUT/profile.json" 2>&1 | grep -v -i warn | grep -B2 -A9 "^== " | head -n 40
 fi
 if [ "$what" = fsdp ]; then
   for bpu in ${BPUS:-1 4}; do

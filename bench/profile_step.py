@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
 import json
 import os
 import platform
+import pstats
 import re
 import sys
 import time
@@ -63,6 +65,32 @@ def busy_time_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def python_hotspots(step, steps: int, top: int) -> dict:
+    """Where the host's Python time goes: cProfile over ``steps`` steps, functions by self time (ms per step).
+
+    The torch profiler's host table shows ops and runtime calls; this shows the Python around them (compiled
+    graph wrappers, hooks, op wrappers), which is what a host-bound step is made of. cProfile slows Python
+    down, so read the shares, not the absolute times."""
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) * 1e3 / steps
+    st = pstats.Stats(prof)
+    rows = []
+    for (path, line, fn), (_cc, nc, tt, ct, _callers) in st.stats.items():
+        short = "/".join(path.split("/")[-2:])
+        rows.append({"function": f"{short}:{line}({fn})", "self_ms_per_step": tt * 1e3 / steps,
+                     "cum_ms_per_step": ct * 1e3 / steps, "calls_per_step": nc / steps})
+    rows.sort(key=lambda r: -r["self_ms_per_step"])
+    total = sum(r["self_ms_per_step"] for r in rows)
+    return {"wall_ms_per_step_cprofile": wall, "python_self_ms_per_step": total, "top": rows[:top]}
+
+
 def profile_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     sched = ScheduleConfig(global_batch=batch * dist.get_world_size(), precision=args.precision, compile=compile_,
                            compile_mode=args.compile_mode)
@@ -95,6 +123,7 @@ def profile_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     host = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
     busy = busy_time_us([(e.time_range.start, e.time_range.end) for e in kernels])
     n_launch = len(kernels)
+    py = python_hotspots(step, args.steps, args.top) if args.python else None
     strategy.close()
     del strategy, step
     torch.cuda.empty_cache()
@@ -109,6 +138,7 @@ def profile_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
                          "category": category(n)} for n, us in top],
         "top_host": [{"name": e.key[:160], "self_cpu_ms_per_step": e.self_cpu_time_total * per / 1e3,
                       "calls_per_step": e.count * per} for e in host[: args.top]],
+        "python": py,
     }
 
 
@@ -127,6 +157,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--python", action="store_true", help="also cProfile the steps: Python functions by self time")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -147,6 +178,12 @@ def main() -> None:
             print("   top host ops by self CPU time (ms/step, calls/step):")
             for k in r["top_host"]:
                 print(f"   {k['self_cpu_ms_per_step']:8.2f} {k['calls_per_step']:6.0f}  {k['name'][:110]}")
+            if r["python"]:
+                py = r["python"]
+                print(f"   Python under cProfile: {py['wall_ms_per_step_cprofile']:.1f} ms/step wall, "
+                      f"{py['python_self_ms_per_step']:.1f} ms/step self time in Python functions; top (self, cum ms/step, calls):")
+                for k in py["top"]:
+                    print(f"   {k['self_ms_per_step']:8.2f} {k['cum_ms_per_step']:8.2f} {k['calls_per_step']:6.0f}  {k['function'][:100]}")
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "host": platform.node(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "argv": sys.argv}
     if args.out:

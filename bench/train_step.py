@@ -115,11 +115,14 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
             torch.cuda.synchronize()
         dist.barrier()
 
+    torch._dynamo.utils.counters.clear()
     t_compile = time.perf_counter()
     for _ in range(args.warmup):
         step()
     sync()
     t_compile = time.perf_counter() - t_compile
+    # A graph break keeps the math and costs speed (host time per extra graph): report it with every number.
+    graph_breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # Per-step intervals between consecutive step starts on the GPU timeline (events wait for neither host nor GPU,
@@ -146,7 +149,8 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
            "compile_mode": args.compile_mode if compile_ else None, "precision": args.precision, "ac": args.ac,
            "img_per_s": imgs / dt, "tok_per_s": imgs * (latent // strategy.module.patch_size) ** 2 / dt,
            "step_ms": dt / args.steps * 1e3, "step_ms_mean": dt_total / args.steps * 1e3,
-           "step_ms_all": [round(m, 3) for m in steps_ms], "warmup_s": t_compile, "tflops_per_gpu": tflops,
+           "step_ms_all": [round(m, 3) for m in steps_ms], "warmup_s": t_compile, "graph_breaks": graph_breaks,
+           "tflops_per_gpu": tflops,
            "mfu": tflops / peak if peak else None, "gflops_per_img": flops / 1e9, "loss": float(loss)}
     if dev.type == "cuda":
         row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -213,7 +217,7 @@ def main() -> None:
         return
     # Table + FlowDCN/SiT speed ratio at each (res, compile).
     print(f"\n{'model':14} {'px':>5} {'B':>3} {'world':>5} {'compile':>7} {'img/s':>9} {'ms/step':>8} {'TFLOP/s':>8} "
-          f"{'MFU':>6} {'peak GB':>8}")
+          f"{'MFU':>6} {'peak GB':>8} {'breaks':>6}")
     for r in rows:
         if "error" in r:
             print(f"{r['model']:14} {r['res']:>5} {r['batch_per_gpu']:>3} {'':>5} {str(r['compile']):>7} {r['error'][:40]}")
@@ -221,7 +225,7 @@ def main() -> None:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
         print(f"{r['model']:14} {r['res']:>5} {r['batch_per_gpu']:>3} {r['world']:>5} {str(r['compile']):>7} "
               f"{r['img_per_s']:9.2f} {r['step_ms']:8.1f} {r['tflops_per_gpu']:8.2f} {mfu:>6} "
-              f"{r.get('peak_mem_gb', float('nan')):8.2f}")
+              f"{r.get('peak_mem_gb', float('nan')):8.2f} {r['graph_breaks']:6d}")
     ratios = {}
     for r in rows:
         if r["model"].startswith("FlowDCN") and "error" not in r:

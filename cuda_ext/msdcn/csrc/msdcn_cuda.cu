@@ -6,6 +6,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <vector>
 
 #include "msdcn_kernels.cuh"
@@ -48,6 +51,72 @@ Geometry geometry(const at::Tensor& value, const at::Tensor& weight, int64_t tar
   return g;
 }
 
+// Kernel attributes are per-(function, device) driver state. The driver calls below (occupancy query,
+// attribute get/set) cost host time on every layer of every step, so each answer is computed once per
+// process and an attribute is set only when its value changes.
+struct AttrCache {
+  std::mutex mu;
+  std::map<std::pair<const void*, int>, int> smem_limit;                // (kernel, device) -> dynamic smem limit set
+  std::map<std::pair<const void*, int>, int> carveout;                  // (kernel, device) -> carveout % set
+  std::map<std::tuple<const void*, int, int, size_t>, int> carveout_for;  // (kernel, device, threads, smem) -> %
+  std::map<int, std::pair<int, int>> device_smem;                       // device -> (per block opt-in, per SM)
+};
+AttrCache& attr_cache() {
+  static AttrCache cache;
+  return cache;
+}
+
+std::pair<int, int> device_smem(int device) {  // caller holds the cache lock
+  auto& c = attr_cache();
+  auto it = c.device_smem.find(device);
+  if (it != c.device_smem.end()) return it->second;
+  int block_max = 0, sm_max = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&block_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_max, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  return c.device_smem[device] = {block_max, sm_max};
+}
+
+int max_smem_per_block(int device) {
+  std::lock_guard<std::mutex> lock(attr_cache().mu);
+  return device_smem(device).first;
+}
+
+// Raise a kernel's dynamic shared-memory limit when it needs more than the default 48 KB.
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t smem, int device, const Geometry& geo) {
+  if (smem <= 48 * 1024) return;
+  auto& c = attr_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  const int dev_max = device_smem(device).first;
+  TORCH_CHECK(smem <= static_cast<size_t>(dev_max), "msdcn_cuda: needs ", smem, " bytes of shared memory per block (K=", geo.K,
+              ", G=", geo.G, ", C=", geo.C, "), the device allows ", dev_max);
+  int& limit = c.smem_limit[{reinterpret_cast<const void*>(kernel), device}];
+  if (static_cast<size_t>(limit) >= smem) return;  // a higher limit set earlier also admits this launch
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  limit = static_cast<int>(smem);
+}
+
+// Ask for only the shared memory the resident blocks need: the rest stays L1 for the corner gathers.
+template <typename Kernel>
+void prefer_l1(Kernel kernel, int threads, size_t smem, int device) {
+  auto& c = attr_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  const void* key = reinterpret_cast<const void*>(kernel);
+  auto it = c.carveout_for.find({key, device, threads, smem});
+  if (it == c.carveout_for.end()) {
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+    const size_t need = static_cast<size_t>(std::max(per_sm, 1)) * (smem + 1024);
+    const int max_sm = std::max(device_smem(device).second, 1);
+    const int pct = static_cast<int>(std::min<size_t>(100, (100 * need + max_sm - 1) / max_sm));
+    it = c.carveout_for.emplace(std::make_tuple(key, device, threads, smem), pct).first;
+  }
+  auto cur = c.carveout.find({key, device});
+  if (cur != c.carveout.end() && cur->second == it->second) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, it->second));
+  c.carveout[{key, device}] = it->second;
+}
+
 // Shared memory of a tiled-backward block: window, geometry, per-thread corner dots, reduction slots.
 // Sorted mode adds staged grad_out [P, C], entries [4PK] (2 accumulators each), counts and starts
 // [2 WP + 1] ints and ranks [4PK] ushorts (see msdcn_backward_tiled_kernel).
@@ -81,34 +150,10 @@ bool tiled_shape(const Geometry& geo, int64_t tile_h, int64_t tile_w, int64_t ra
   ts.tiles_y = (geo.H + ts.TH - 1) / ts.TH;
   ts.tiles_x = (geo.W + ts.TW - 1) / ts.TW;
   const int threads = (ts.P * geo.L + 31) / 32 * 32;
-  int block_max = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&block_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int block_max = max_smem_per_block(device);
   ts.R = static_cast<int>(radius);
   while (ts.R > 0 && tiled_smem(geo, ts, threads, acc_bytes, geo_bytes, sorted) > static_cast<size_t>(block_max)) --ts.R;
   return tiled_smem(geo, ts, threads, acc_bytes, geo_bytes, sorted) <= static_cast<size_t>(block_max);
-}
-
-// Raise a kernel's dynamic shared-memory limit when it needs more than the default 48 KB.
-template <typename Kernel>
-void allow_smem(Kernel kernel, size_t smem, int device, const Geometry& geo) {
-  if (smem <= 48 * 1024) return;
-  int dev_max = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&dev_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(smem <= static_cast<size_t>(dev_max), "msdcn_cuda: needs ", smem, " bytes of shared memory per block (K=", geo.K,
-              ", G=", geo.G, ", C=", geo.C, "), the device allows ", dev_max);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-}
-
-// Ask for only the shared memory the resident blocks need: the rest stays L1 for the corner gathers.
-template <typename Kernel>
-void prefer_l1(Kernel kernel, int threads, size_t smem, int device) {
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
-  const size_t need = static_cast<size_t>(std::max(per_sm, 1)) * (smem + 1024);
-  int max_sm = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-  const int pct = static_cast<int>(std::min<size_t>(100, (100 * need + max_sm - 1) / std::max(max_sm, 1)));
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, pct));
 }
 
 template <typename T, typename F, typename A>
