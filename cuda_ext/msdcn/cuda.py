@@ -181,7 +181,7 @@ def _plain_forward(value, offsets, weights, rounding):
     off, w = _fields(v, offsets, weights)
     e = _empty(v)
     out = _module(v.device).forward(v, off, e, w, e, e, e, False, rounding == "trunc", *_LAUNCH["forward"])
-    return out[..., :C] if out.shape[-1] != C else out
+    return out[..., :C].contiguous() if out.shape[-1] != C else out   # the fake impl promises a contiguous output
 
 
 def set_tiled(enabled: bool, tile: tuple[int, int] | None = None, radius: int | None = None, mode: str | None = None) -> None:
@@ -226,7 +226,7 @@ def _deform_forward(value, delta, scale_logit, weights, prior, s0, s_max, roundi
     d, s, w = _fields(v, delta, scale_logit, weights)
     p, z, m = _consts(v, prior, s0, s_max)
     out = _module(v.device).forward(v, d, s, w, p, z, m, True, rounding == "trunc", *_LAUNCH["forward"])
-    return out[..., :C] if out.shape[-1] != C else out
+    return out[..., :C].contiguous() if out.shape[-1] != C else out   # the fake impl promises a contiguous output
 
 
 def _deform_backward_impl(grad_out, value, delta, scale_logit, weights, prior, s0, s_max, rounding):
@@ -242,26 +242,23 @@ def _deform_backward_impl(grad_out, value, delta, scale_logit, weights, prior, s
 
 
 # ---------------------------------------------------------------- torch.library ops (what torch.compile sees)
-@torch.library.custom_op("flowdcn::msdcn_cuda", mutates_args=())
-def msdcn_cuda_op(value: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, rounding: str) -> torch.Tensor:
-    return _plain_forward(value, offsets, weights, rounding)
+# Registered through torch.library.Library (schema + CUDA kernel + fake + autograd), not torch.library.custom_op:
+# custom_op wraps every call in Python checks (output aliasing, etc.) that cost ~140 µs per call on the H200
+# machine's host, i.e. ~8 ms per compiled XL step (cProfile, bench/profile_step.py --python); the compiled
+# graphs call these ops 56 times per step. The dispatcher calls the implementations below directly.
+_LIB = torch.library.Library("flowdcn", "FRAGMENT")
 
 
-@msdcn_cuda_op.register_fake
-def _(value, offsets, weights, rounding):
-    return torch.empty_like(value)
+def _define(schema: str, impl, fake, backward=None, setup_context=None) -> None:
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema)
+    _LIB.impl(name, impl, "CUDA")
+    torch.library.register_fake(f"flowdcn::{name}", fake, lib=_LIB)
+    if backward is not None:
+        torch.library.register_autograd(f"flowdcn::{name}", backward, setup_context=setup_context, lib=_LIB)
 
 
-@torch.library.custom_op("flowdcn::msdcn_cuda_backward", mutates_args=())
-def msdcn_cuda_backward_op(
-    grad_out: torch.Tensor, value: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, rounding: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _plain_backward_impl(grad_out, value, offsets, weights, rounding)
-
-
-@msdcn_cuda_backward_op.register_fake
-def _(grad_out, value, offsets, weights, rounding):
-    return torch.empty_like(value), torch.empty_like(offsets), torch.empty_like(weights)
+_FIELDS = "Tensor value, Tensor delta, Tensor scale_logit, Tensor weights, Tensor prior, Tensor s0, Tensor s_max, str rounding"
 
 
 def _plain_setup(ctx, inputs, output):
@@ -272,50 +269,8 @@ def _plain_setup(ctx, inputs, output):
 
 def _plain_backward(ctx, grad_out):
     value, offsets, weights = ctx.saved_tensors
-    gv, go, gw = msdcn_cuda_backward_op(grad_out, value, offsets, weights, ctx.rounding)
+    gv, go, gw = torch.ops.flowdcn.msdcn_cuda_backward(grad_out, value, offsets, weights, ctx.rounding)
     return gv, go, gw, None
-
-
-msdcn_cuda_op.register_autograd(_plain_backward, setup_context=_plain_setup)
-
-
-@torch.library.custom_op("flowdcn::msdcn_deform_cuda", mutates_args=())
-def msdcn_deform_cuda_op(
-    value: torch.Tensor,
-    delta: torch.Tensor,
-    scale_logit: torch.Tensor,
-    weights: torch.Tensor,
-    prior: torch.Tensor,
-    s0: torch.Tensor,
-    s_max: torch.Tensor,
-    rounding: str,
-) -> torch.Tensor:
-    return _deform_forward(value, delta, scale_logit, weights, prior, s0, s_max, rounding)
-
-
-@msdcn_deform_cuda_op.register_fake
-def _(value, delta, scale_logit, weights, prior, s0, s_max, rounding):
-    return torch.empty_like(value)
-
-
-@torch.library.custom_op("flowdcn::msdcn_deform_cuda_backward", mutates_args=())
-def msdcn_deform_cuda_backward_op(
-    grad_out: torch.Tensor,
-    value: torch.Tensor,
-    delta: torch.Tensor,
-    scale_logit: torch.Tensor,
-    weights: torch.Tensor,
-    prior: torch.Tensor,
-    s0: torch.Tensor,
-    s_max: torch.Tensor,
-    rounding: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _deform_backward_impl(grad_out, value, delta, scale_logit, weights, prior, s0, s_max, rounding)
-
-
-@msdcn_deform_cuda_backward_op.register_fake
-def _(grad_out, value, delta, scale_logit, weights, prior, s0, s_max, rounding):
-    return (torch.empty_like(value), torch.empty_like(delta), torch.empty_like(scale_logit), torch.empty_like(weights), torch.empty_like(s0))
 
 
 def _deform_setup(ctx, inputs, output):
@@ -326,11 +281,25 @@ def _deform_setup(ctx, inputs, output):
 
 def _deform_backward(ctx, grad_out):
     value, delta, scale_logit, weights, prior, s0, s_max = ctx.saved_tensors
-    gv, gd, gs, gw, gs0 = msdcn_deform_cuda_backward_op(grad_out, value, delta, scale_logit, weights, prior, s0, s_max, ctx.rounding)
+    gv, gd, gs, gw, gs0 = torch.ops.flowdcn.msdcn_deform_cuda_backward(grad_out, value, delta, scale_logit, weights,
+                                                                      prior, s0, s_max, ctx.rounding)
     return gv, gd, gs, gw, None, gs0, None, None
 
 
-msdcn_deform_cuda_op.register_autograd(_deform_backward, setup_context=_deform_setup)
+_define("msdcn_cuda_backward(Tensor grad_out, Tensor value, Tensor offsets, Tensor weights, str rounding)"
+        " -> (Tensor, Tensor, Tensor)", _plain_backward_impl,
+        lambda grad_out, value, offsets, weights, rounding: (torch.empty_like(value), torch.empty_like(offsets),
+                                                             torch.empty_like(weights)))
+_define("msdcn_cuda(Tensor value, Tensor offsets, Tensor weights, str rounding) -> Tensor", _plain_forward,
+        lambda value, offsets, weights, rounding: torch.empty_like(value), _plain_backward, _plain_setup)
+_define(f"msdcn_deform_cuda_backward(Tensor grad_out, {_FIELDS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        _deform_backward_impl,
+        lambda grad_out, value, delta, scale_logit, weights, prior, s0, s_max, rounding: (
+            torch.empty_like(value), torch.empty_like(delta), torch.empty_like(scale_logit), torch.empty_like(weights),
+            torch.empty_like(s0)))
+_define(f"msdcn_deform_cuda({_FIELDS}) -> Tensor", _deform_forward,
+        lambda value, delta, scale_logit, weights, prior, s0, s_max, rounding: torch.empty_like(value),
+        _deform_backward, _deform_setup)
 
 
 # ---------------------------------------------------------------- eager path
