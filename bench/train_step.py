@@ -106,7 +106,7 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
                            compile_mode=args.compile_mode, activation_checkpointing=args.ac)
     overrides = model_overrides(name, args)
     strategy, step = build_step(name, latent, batch, sched,
-                                StrategyConfig(name=args.strategy, reshard_after_forward=not args.no_reshard,
+                                StrategyConfig(name=args.strategy, reshard_after_forward=args.reshard == "on",
                                                blocks_per_unit=args.blocks_per_unit),
                                 overrides)
 
@@ -143,7 +143,7 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     tflops = flops * imgs / dt / world / 1e12
     peak = peak_tflops()
     row = {"model": name, "res": res, "latent": latent, "batch_per_gpu": batch, "world": world,
-           "strategy": args.strategy, "reshard_after_forward": not args.no_reshard,
+           "strategy": args.strategy, "reshard_after_forward": args.reshard == "on",
            "blocks_per_unit": args.blocks_per_unit if args.strategy == "fsdp" else None,
            "compile": compile_,
            "compile_mode": args.compile_mode if compile_ else None, "precision": args.precision, "ac": args.ac,
@@ -175,7 +175,8 @@ def main() -> None:
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode for compile=on (reduce-overhead = CUDA graphs)")
     ap.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "zero2", "zero3"])
     ap.add_argument("--blocks-per-unit", type=int, default=StrategyConfig.blocks_per_unit, help="fsdp: blocks sharded together as one unit")
-    ap.add_argument("--no-reshard", action="store_true", help="fsdp: keep blocks unsharded between forward and backward")
+    ap.add_argument("--reshard", choices=["on", "off"], default="on" if StrategyConfig.reshard_after_forward else "off",
+                    help="fsdp: free the unsharded blocks after forward (on) or keep them for backward (off)")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--ac", action="store_true", help="activation checkpointing per block")
     ap.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",

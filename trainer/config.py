@@ -47,7 +47,7 @@ class EMAConfig:
 class StrategyConfig:
     name: str = "ddp"                                  # ddp (single process included) | fsdp | zero1 | zero2 | zero3
     backend: Optional[str] = None                      # process-group backend; None = nccl on GPU, gloo on CPU
-    reshard_after_forward: bool = True                 # fsdp
+    reshard_after_forward: bool = False                # fsdp: free unsharded blocks after forward (see fsdp.yaml)
     blocks_per_unit: int = 4                           # fsdp: consecutive blocks sharded (all-gathered) together
     reduce_bucket_size: int = 500_000_000              # zero
     offload_optimizer: bool = False                    # zero: CPU offload of optimizer state

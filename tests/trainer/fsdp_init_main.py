@@ -18,7 +18,7 @@ def main() -> None:
     torch.manual_seed(5)
     ref = build_model("FlowDCN-debug", device="cpu", **OVR)
     torch.manual_seed(5)
-    s = FSDPStrategy(StrategyConfig(name="fsdp", blocks_per_unit=1), precision=sys.argv[1],
+    s = FSDPStrategy(StrategyConfig(name="fsdp", blocks_per_unit=1, reshard_after_forward=True), precision=sys.argv[1],
                      activation_checkpointing=True)
     s.setup(lambda device: build_model("FlowDCN-debug", device=device, **OVR),
             lambda params: torch.optim.AdamW(params, lr=1e-3))
