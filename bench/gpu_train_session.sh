@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # One device call for the training-step numbers in bench/RESULTS.md; JSON and logs go to $OUT.
-#   bash bench/gpu_train_session.sh single   # 1 GPU (~7 min): build, GPU tests, train step 256/512/1024, profile
-#   bash bench/gpu_train_session.sh fsdp     # 2 GPUs (~7 min): FSDP2 1 vs 2 GPUs, blocks_per_unit $BPUS (1 4), 2-rank profile
+#   bash bench/gpu_train_session.sh single    # 1 GPU (~7 min): build, GPU tests, train step 256 px (COMPILE, default
+#                                             #   "on"), CUDA graphs at 256/512/1024 px
+#   bash bench/gpu_train_session.sh profile   # 1 GPU (~4 min): build, kernel/host profile of the compiled 256 px step
+#   bash bench/gpu_train_session.sh fsdp      # 2 GPUs (~6 min): FSDP2 1 vs 2 GPUs, blocks_per_unit $BPUS (default 4),
+#                                             #   reshard after forward $RESHARD (default off), 2-rank profile if PROFILE=1
+# Each benchmark row compiles afresh (torch._dynamo.reset), so a row costs its compile time in warm-up.
 # On the lent GPU machine start with `source .whl/prelude.sh` (hydra etc. travel as wheels).
 set -o pipefail
 what=${1:-single}
@@ -14,19 +18,24 @@ echo "build $(( $(date +%s) - t0 )) s"
 TS="python3 bench/train_step.py --steps 10 --warmup 3"
 if [ "$what" = single ]; then
   timeout 120 python3 -m pytest -q -m cuda -p no:cacheprovider tests/cuda_ext tests/trainer/test_compile_modes_gpu.py 2>&1 | tail -n 2
-  timeout 150 $TS --res 256 --compile off,on --out "$OUT/ts256.json" 2>&1 | grep -v -i warn | tail -n 7
-  timeout 200 $TS --res 256 512 1024 --compile on --compile-mode reduce-overhead --out "$OUT/ts_cg.json" 2>&1 | grep -v -i warn | tail -n 10
-  timeout 150 python3 bench/profile_step.py --compile on --python --out "$OUT/profile.json" 2>&1 | grep -v -i warn | grep -B2 -A9 "^== " | head -n 40
+  timeout 150 $TS --res 256 --compile "${COMPILE:-on}" --out "$OUT/ts256.json" 2>&1 | grep -v -i warn | tail -n 7
+  timeout 270 $TS --res 256 512 1024 --compile on --compile-mode reduce-overhead --out "$OUT/ts_cg.json" 2>&1 | grep -v -i warn | tail -n 10
+fi
+if [ "$what" = profile ]; then
+  timeout 200 python3 bench/profile_step.py --compile on --python --out "$OUT/profile.json" 2>&1 | grep -v -i warn | grep -B2 -A9 "^== " | head -n 40
 fi
 if [ "$what" = fsdp ]; then
-  for bpu in ${BPUS:-1 4}; do
+  bpus=${BPUS:-4}
+  for bpu in $bpus; do
     for n in 1 2; do
       timeout 150 torchrun --standalone --nproc_per_node "$n" bench/train_step.py --strategy fsdp --blocks-per-unit "$bpu" \
-        --res 256 --compile on --steps 10 --warmup 3 --out "$OUT/fsdp${n}_bpu${bpu}.json" 2>&1 | grep -E "^(FlowDCN|SiT)-XL"
+        --reshard "${RESHARD:-off}" --res 256 --compile on --steps 20 --warmup 3 --out "$OUT/fsdp${n}_bpu${bpu}.json" 2>&1 \
+        | grep -E "^(FlowDCN|SiT)-XL"
     done
   done
-  # where a 2-rank FSDP step spends its time (host gaps, NCCL kernels), rank 0's view
-  [ "${PROFILE:-1}" = 1 ] && timeout 150 torchrun --standalone --nproc_per_node 2 bench/profile_step.py --strategy fsdp --blocks-per-unit 1 --compile on \
+  # where a 2-rank FSDP step spends its time (host gaps, NCCL kernels), each rank's view (rank 1: profile_fsdp2.rank1.json)
+  [ "${PROFILE:-0}" = 1 ] && timeout 150 torchrun --standalone --nproc_per_node 2 bench/profile_step.py --strategy fsdp \
+    --blocks-per-unit "${bpus%% *}" --reshard "${RESHARD:-off}" --models FlowDCN-XL/2 --compile on --python \
     --out "$OUT/profile_fsdp2.json" 2>&1 | grep -v -i warn | grep -A9 "^== " | head -n 24
 fi
 echo "session wall $(( $(date +%s) - t0 )) s"

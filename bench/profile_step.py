@@ -95,7 +95,8 @@ def profile_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     sched = ScheduleConfig(global_batch=batch * dist.get_world_size(), precision=args.precision, compile=compile_,
                            compile_mode=args.compile_mode)
     strategy, step = build_step(name, res // 8, batch, sched,
-                                StrategyConfig(name=args.strategy, blocks_per_unit=args.blocks_per_unit),
+                                StrategyConfig(name=args.strategy, blocks_per_unit=args.blocks_per_unit,
+                                               reshard_after_forward=args.reshard == "on"),
                                 model_overrides(name, args))
 
     for _ in range(args.warmup):
@@ -130,7 +131,9 @@ def profile_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
     per = 1.0 / args.steps
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[: args.top]
     return {
-        "model": name, "res": res, "batch": batch, "compile": compile_,
+        "model": name, "res": res, "batch": batch, "compile": compile_, "strategy": args.strategy,
+        "blocks_per_unit": args.blocks_per_unit if args.strategy == "fsdp" else None,
+        "reshard_after_forward": args.reshard == "on" if args.strategy == "fsdp" else None,
         "wall_ms_per_step": wall_us * per / 1e3, "gpu_busy_ms_per_step": busy * per / 1e3,
         "busy_fraction": busy / wall_us, "kernels_per_step": n_launch * per,
         "category_ms_per_step": {k: v * per / 1e3 for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
@@ -151,6 +154,8 @@ def main() -> None:
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode for compile=on (reduce-overhead = CUDA graphs)")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="fsdp: run under torchrun")
+    ap.add_argument("--reshard", choices=["on", "off"], default="on" if StrategyConfig.reshard_after_forward else "off",
+                    help="fsdp: free the unsharded blocks after forward (on) or keep them for backward (off)")
     ap.add_argument("--blocks-per-unit", type=int, default=StrategyConfig.blocks_per_unit,
                     help="fsdp: blocks per FSDP unit")
     ap.add_argument("--msdcn-impl", default="auto", choices=["auto", "torch", "cuda"])
@@ -167,7 +172,8 @@ def main() -> None:
         for c in args.compile.split(","):
             r = profile_one(name, args.res, args.batch, c == "on", args)
             rows.append(r)
-            print(f"\n== {name} {args.res}px batch {args.batch} compile={c}: wall {r['wall_ms_per_step']:.1f} ms/step, "
+            who = f" (rank {dist.get_rank()} of {dist.get_world_size()})" if dist.get_world_size() > 1 else ""
+            print(f"\n== {name} {args.res}px batch {args.batch} compile={c}{who}: wall {r['wall_ms_per_step']:.1f} ms/step, "
                   f"GPU busy {r['gpu_busy_ms_per_step']:.1f} ms ({100 * r['busy_fraction']:.0f}%), "
                   f"{r['kernels_per_step']:.0f} kernels/step")
             for cat, ms in r["category_ms_per_step"].items():
@@ -185,10 +191,14 @@ def main() -> None:
                 for k in py["top"]:
                     print(f"   {k['self_ms_per_step']:8.2f} {k['cum_ms_per_step']:8.2f} {k['calls_per_step']:6.0f}  {k['function'][:100]}")
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "host": platform.node(),
+            "rank": dist.get_rank(), "world": dist.get_world_size(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "argv": sys.argv}
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
+        # Every rank profiles its own view (under FSDP one rank may wait in collectives for another's host); each
+        # writes its own file: rank 0 to --out, rank r to <out>.rank<r>.json.
+        out = args.out if dist.get_rank() == 0 else f"{os.path.splitext(args.out)[0]}.rank{dist.get_rank()}.json"
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
 

@@ -115,6 +115,7 @@ def bench_one(name: str, res: int, batch: int, compile_: bool, args) -> dict:
             torch.cuda.synchronize()
         dist.barrier()
 
+    torch._dynamo.reset()   # each row traces (and counts its graph breaks) afresh, not reusing an earlier row's code
     torch._dynamo.utils.counters.clear()
     t_compile = time.perf_counter()
     for _ in range(args.warmup):

@@ -243,9 +243,10 @@ def _deform_backward_impl(grad_out, value, delta, scale_logit, weights, prior, s
 
 # ---------------------------------------------------------------- torch.library ops (what torch.compile sees)
 # Registered through torch.library.Library (schema + CUDA kernel + fake + autograd), not torch.library.custom_op:
-# custom_op wraps every call in Python checks (output aliasing, etc.) that cost ~140 µs per call on the H200
-# machine's host, i.e. ~8 ms per compiled XL step (cProfile, bench/profile_step.py --python); the compiled
-# graphs call these ops 56 times per step. The dispatcher calls the implementations below directly.
+# custom_op wraps every call in Python checks (output aliasing, etc.), and the compiled graphs call these ops 56
+# times per XL step. Under cProfile on the H200 machine that wrapper was the largest single Python item of the
+# compiled FlowDCN step (bench/profile_step.py --python); on the 2-core CPU a trivial op costs ~15 µs more per
+# call through custom_op than through Library. The dispatcher calls the implementations below directly.
 _LIB = torch.library.Library("flowdcn", "FRAGMENT")
 
 
@@ -256,6 +257,11 @@ def _define(schema: str, impl, fake, backward=None, setup_context=None) -> None:
     torch.library.register_fake(f"flowdcn::{name}", fake, lib=_LIB)
     if backward is not None:
         torch.library.register_autograd(f"flowdcn::{name}", backward, setup_context=setup_context, lib=_LIB)
+
+
+def _like(t: torch.Tensor) -> torch.Tensor:
+    """A fake output: contiguous like the real ones (empty_like would copy the strides of a permuted input)."""
+    return t.new_empty(t.shape)
 
 
 _FIELDS = "Tensor value, Tensor delta, Tensor scale_logit, Tensor weights, Tensor prior, Tensor s0, Tensor s_max, str rounding"
@@ -288,17 +294,17 @@ def _deform_backward(ctx, grad_out):
 
 _define("msdcn_cuda_backward(Tensor grad_out, Tensor value, Tensor offsets, Tensor weights, str rounding)"
         " -> (Tensor, Tensor, Tensor)", _plain_backward_impl,
-        lambda grad_out, value, offsets, weights, rounding: (torch.empty_like(value), torch.empty_like(offsets),
-                                                             torch.empty_like(weights)))
+        lambda grad_out, value, offsets, weights, rounding: (_like(value), _like(offsets),
+                                                             _like(weights)))
 _define("msdcn_cuda(Tensor value, Tensor offsets, Tensor weights, str rounding) -> Tensor", _plain_forward,
-        lambda value, offsets, weights, rounding: torch.empty_like(value), _plain_backward, _plain_setup)
+        lambda value, offsets, weights, rounding: _like(value), _plain_backward, _plain_setup)
 _define(f"msdcn_deform_cuda_backward(Tensor grad_out, {_FIELDS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
         _deform_backward_impl,
         lambda grad_out, value, delta, scale_logit, weights, prior, s0, s_max, rounding: (
-            torch.empty_like(value), torch.empty_like(delta), torch.empty_like(scale_logit), torch.empty_like(weights),
-            torch.empty_like(s0)))
+            _like(value), _like(delta), _like(scale_logit), _like(weights),
+            _like(s0)))
 _define(f"msdcn_deform_cuda({_FIELDS}) -> Tensor", _deform_forward,
-        lambda value, delta, scale_logit, weights, prior, s0, s_max, rounding: torch.empty_like(value),
+        lambda value, delta, scale_logit, weights, prior, s0, s_max, rounding: _like(value),
         _deform_backward, _deform_setup)
 
 

@@ -64,7 +64,7 @@ def test_bf16_compiled_blocks_have_no_graph_break():
 
     A graph break does not change the math, only the speed, so the test above cannot see it: torch 2.11's
     dynamo broke every block into 8 graphs around a call it could not trace (torch.amp.is_autocast_available
-    in modeling.layers.concat_linear) and the compiled XL step got 1.5x slower, while CPU torch 2.13 traced it."""
+    in modeling.layers.concat_linear) and the compiled XL step got ~2x slower, while CPU torch 2.13 traced it."""
     torch._dynamo.utils.counters.clear()
     losses, _ = _train(True, "default", precision="bf16")
     breaks = dict(torch._dynamo.utils.counters["graph_break"])
