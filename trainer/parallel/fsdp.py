@@ -12,6 +12,7 @@ every rank writes its shards, and loading reshards, so a run saved by N processe
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -21,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.optim.adam import adam as functional_adam   # what Adam/AdamW.step call, on any tensors
 
 from .. import dist
 from . import COMPILE_MODES
@@ -97,6 +99,7 @@ class FSDPStrategy(Strategy):
         self.cfg, self.precision = cfg, precision
         self.ac, self.compile, self.compile_mode = activation_checkpointing, compile, compile_mode
         self._plain_shards: bool | None = None   # gradients are Shard(0) DTensors of a 1-D mesh (clip_grad_norm)
+        self._local_adam: bool | None = None     # optimizer steps on the local shards (see step)
 
     def setup(self, build_model, make_optimizer) -> None:
         dist.init(self.cfg.backend, require=True)   # FSDP2 needs a process group even for one process
@@ -137,6 +140,72 @@ class FSDPStrategy(Strategy):
         if max_norm > 0:   # torch's rule: scale by max_norm / (norm + 1e-6) when that is below 1
             torch._foreach_mul_(local, (max_norm / (norm + 1e-6)).clamp(max=1.0))
         return norm
+
+    def step(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        if not self._local_adam_step():
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def _local_adam_step(self) -> bool:
+        """torch's Adam/AdamW update applied to the local shards; False (nothing done) where it does not apply.
+
+        Adam is elementwise, and a parameter, its gradient and both moments are Shard(0) DTensors of one layout, so
+        the update of the local tensors is the update of the DTensors. Through the DTensors, torch's step pays
+        DTensor dispatch (sharding propagation, unwrapping ~4 x 490 tensors at XL) in every foreach/fused call:
+        host time of the host-bound FSDP2 step. Here the same functional ``adam`` (same kernels, same arguments)
+        runs on the local tensors. It applies from the second step (the first, through torch, creates the state);
+        anything unusual (other optimizers, amsgrad, tensor lr, capturable, other layouts) takes torch's path.
+        """
+        opt = self.optimizer
+        if self._local_adam is False or type(opt) not in (torch.optim.Adam, torch.optim.AdamW):
+            return False
+        if self._local_adam is None:   # the settings are fixed for the run: checked once
+            self._local_adam = all(not g["amsgrad"] and not g["maximize"] and not g["capturable"]
+                                   and not g["differentiable"] and not torch.is_tensor(g["lr"])
+                                   for g in opt.param_groups)
+            if not self._local_adam:
+                return False
+        plain = lambda t: (isinstance(t, DTensor) and t.device_mesh.ndim == 1   # noqa: E731
+                           and t.placements == (Shard(0),))
+        work = []
+        for g in opt.param_groups:   # gather and check everything before changing anything
+            p_, g_, m_, v_, s_ = [], [], [], [], []
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                st = opt.state.get(p)
+                if not st or "exp_avg" not in st:
+                    return False   # first step: torch creates the state
+                m, v = st["exp_avg"], st["exp_avg_sq"]
+                if not (plain(p) and plain(p.grad) and plain(m) and plain(v)) or isinstance(st["step"], DTensor):
+                    self._local_adam = False
+                    return False
+                p_.append(p.to_local())   # under no_grad: the local tensor itself
+                g_.append(p.grad.to_local())
+                m_.append(m.to_local())
+                v_.append(v.to_local())
+                s_.append(st["step"])
+            work.append((g, p_, g_, m_, v_, s_))
+        for i, (g, p_, g_, m_, v_, s_) in enumerate(work):
+            beta1, beta2 = g["betas"]
+            decoupled = g.get("decoupled_weight_decay", type(opt) is torch.optim.AdamW)   # AdamW: decoupled decay
+            try:
+                functional_adam(p_, g_, m_, v_, [], s_, foreach=g["foreach"], fused=g["fused"], capturable=False,
+                                differentiable=False, grad_scale=None, found_inf=None, has_complex=False,
+                                decoupled_weight_decay=decoupled,
+                                amsgrad=False, beta1=beta1, beta2=beta2, lr=g["lr"],
+                                weight_decay=g["weight_decay"], eps=g["eps"], maximize=False)
+            except TypeError as e:   # another torch's functional signature: binding fails before any update
+                if i:
+                    raise
+                warnings.warn(f"fsdp: optimizer step on local shards unavailable ({e}); using torch's DTensor step",
+                              RuntimeWarning, stacklevel=2)
+                self._local_adam = False
+                return False
+        return True
 
     def full_state_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         out = {}
