@@ -1,5 +1,6 @@
 """torchrun worker for test_fsdp: meta build → FSDP2 → materialise equals an unsharded init; EMA is sharded."""
 import sys
+import warnings
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -79,8 +80,11 @@ def main() -> None:
                 assert torch.equal(back[k], sd[k].float()), k
     # Between forward and backward: the first unit is resharded, the last unit and the final layer are not
     # (backward needs them first).
-    with s.autocast():
+    with s.autocast(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         out = s.model(torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 3]))
+    views = [str(w.message) for w in caught if "returned a view" in str(w.message)]
+    assert not views, views   # FSDP2's warning that an in-place op on a unit's output would drop its backward hook
     sharded = lambda m: [isinstance(p, DTensor) for p in m.parameters(recurse=False)]   # noqa: E731
     assert all(all(sharded(m)) for m in s.module.blocks[0].modules()), "first block not resharded after forward"
     assert not any(any(sharded(m)) for m in s.module.blocks[-1].modules()), "last block resharded after forward"

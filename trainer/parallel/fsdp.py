@@ -63,6 +63,11 @@ def apply_fsdp(model: nn.Module, mesh, mp_policy: MixedPrecisionPolicy | None, r
         unit = blocks[i:i + blocks_per_unit]
         last = i + blocks_per_unit >= len(blocks)
         fully_shard(unit if len(unit) > 1 else unit[0], reshard_after_forward=reshard_after_forward and not last, **kw)
+    # FSDP2 attaches its pre-backward hook to a unit's outputs and warns when one is a view (an in-place op on it
+    # would drop the hook); the final layer's Linear returns a view of its 2-D matmul on [N, h, w, D] tokens. A copy
+    # of this small tensor (p²·C_out channels) keeps the hook safe and the logs free of that warning. Registered
+    # before fully_shard, so it runs before FSDP's post-forward hook sees the output.
+    model.final_layer.register_forward_hook(lambda module, args, out: out.clone() if out._is_view() else out)
     fully_shard(model.final_layer, reshard_after_forward=False, **kw)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
 
