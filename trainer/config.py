@@ -34,7 +34,9 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_nimg: int = 0                               # linear LR warm-up length in images
     grad_clip: float = 0.0                             # max global grad norm; 0 = off (official)
-    fused: bool = False                                # torch fused AdamW (CUDA) / DeepSpeed's own for ZeRO
+    # torch AdamW implementation: None = fused on CUDA (one kernel for all parameters; torchtitan's default, and what
+    # bench/train_step.py measures), torch's own choice elsewhere; true/false force it on/off.
+    fused: Optional[bool] = None
 
 
 @dataclass

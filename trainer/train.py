@@ -115,8 +115,9 @@ def _run(cfg: TrainConfig, config_dict: dict, stop_flag: StopFlag) -> int:
 
     def make_optimizer(params):
         o = cfg.optim
+        fused = o.fused if o.fused is not None else (dist.device().type == "cuda" or None)
         return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                                 fused=o.fused or None)
+                                 fused=fused)
 
     strategy = build_strategy(cfg.strategy, cfg.train, cfg.optim)
     strategy.setup(make_model, make_optimizer)
