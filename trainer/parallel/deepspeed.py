@@ -9,11 +9,12 @@ EMA: each rank keeps the EMA of the fp32 master elements its optimizer owns (ZeR
 ZeRO-1/2 fragments of the flat partition), so there is no full replica and no bf16 rounding; it
 is gathered only to export ``ema.safetensors``.
 
-Limits (errors, not silent): a ZeRO checkpoint resumes only on the same number of processes
-(DeepSpeed's universal checkpoint conversion, ``ds_to_universal.py``, is not wired in; use
-``strategy=fsdp`` for elastic resume); ``train.on_nonfinite=skip`` is refused (a DeepSpeed step
-cannot be dropped once gradients are reduced); ``train.compile``/``activation_checkpointing`` are
-refused (use fsdp or ddp for those).
+Resume on another number of processes goes through DeepSpeed's universal checkpoint format: rank 0
+converts the checkpoint once (``ds_to_universal``) into ``deepspeed_universal/`` inside it, and every
+rank loads its new partition from there; the sharded EMA is re-sharded from ``ema.safetensors``.
+Limits (errors, not silent): a change of ZeRO stage on resume is refused; ``train.on_nonfinite=skip``
+is refused (a DeepSpeed step cannot be dropped once gradients are reduced); ``train.compile`` and
+``activation_checkpointing`` are refused (use fsdp or ddp for those).
 """
 from __future__ import annotations
 
