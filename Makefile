@@ -41,7 +41,7 @@ demo: setup
 test: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q $(PYTEST_ARGS)
 
-# On a CUDA machine: kernel tests, then the op benchmark.
+# On a CUDA machine: every GPU test (pytest -m cuda); the benchmarks are in bench/ (README).
 test-gpu: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q -m cuda tests/
 

@@ -5,8 +5,9 @@ One GPU (the default ``ddp`` strategy is the bare model in one process):
 FSDP scaling (run both, compare img/s):
     torchrun --standalone --nproc_per_node 1 bench/train_step.py --strategy fsdp --res 256 --out $OUT/fsdp1.json
     torchrun --standalone --nproc_per_node 2 bench/train_step.py --strategy fsdp --res 256 --out $OUT/fsdp2.json
-CPU smoke test (what tests/trainer runs):
-    python bench/train_step.py --models FlowDCN-debug --res 32 --batch 2 --steps 2 --warmup 1 --device cpu --out /tmp/t.json
+CPU smoke test (what tests/trainer/test_bench_smoke.py runs):
+    python bench/train_step.py --models FlowDCN-debug SiT-debug --res 32 --batch 2 --steps 2 --warmup 1 --device cpu \
+        --compile off --out /tmp/t.json
 
 A step is the trainer's real step: flow-matching loss (per-sample noise drawn on the device), backward,
 grad norm, AdamW, EMA update; synthetic latents [B, 4, res/8, res/8] and random labels. The strategy

@@ -18,7 +18,7 @@ from .msdcn import TRAIN_SMAX, MultiScaleDCN
 
 @dataclass
 class FlowDCNConfig:
-    """Architecture hyper-parameters (the registry in modeling/__init__.py holds the official sizes)."""
+    """Architecture hyper-parameters (modeling/registry.py holds the official sizes)."""
 
     hidden_size: int = 1152
     depth: int = 28

@@ -1,7 +1,7 @@
 #!/bin/bash
 # FID / sFID / IS / precision / recall of a checkpoint: distributed sampling with `python -m evaluation.run`.
 #
-#   sbatch slurm/eval_fid.sh model.ckpt=runs/xl/ckpt/step_0400000 vae=/data/sd-vae-ft-ema \
+#   sbatch slurm/eval_fid.sh model.ckpt=runs/xl/checkpoints/nimg_000102400000 vae=/data/sd-vae-ft-ema \
 #       metrics.inception_weights=/data/pt_inception-2015-12-05-6726825d.pth \
 #       reference.npz=/data/VIRTUAL_imagenet256_labeled.npz sampling=sde250 sampling.cfg_scale=1.5 \
 #       'resolutions=[[256,256],[320,320],[224,448],[160,480]]' sampling.smax_policy=official

@@ -2,7 +2,8 @@
 
 Layout: ``{run_dir}/checkpoints/nimg_{nimg:012d}/`` holding the strategy's training state
 (model + optimizer + EMA, sharded where the strategy shards), ``loader.json``, ``meta.json``
-(images seen, step, resolved config, RNG states, wandb id), consolidated ``ema.safetensors`` and
+(progress state, world size, strategy, resolved config, wandb id), per-rank RNG states in
+``rng_rank{r}.pt``, consolidated ``ema.safetensors`` and
 ``model.safetensors`` for evaluation, and ``COMPLETE``. Everything is written into a
 ``.tmp-…`` directory that is renamed into place, then marked: a crash never leaves a directory
 that looks complete, and a half-written one is ignored (with a warning) and removed.

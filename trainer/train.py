@@ -231,12 +231,11 @@ def write_samples(cfg: TrainConfig, strategy, ema, path: str):
 
 
 def preview_shape(cfg: TrainConfig, model) -> tuple[int, int, int]:
-    """(C, H, W) of preview samples: the digits resolution or the loader's first bucket."""
+    """(C, H, W) of preview samples: the digits resolution, else 32×32 latents (one size for every bucket)."""
     if cfg.data.kind == "digits":
         r = cfg.data.digits.resolution
         return (model.in_channels, r, r)
-    size = cfg.data.latents.get("preview_size", 32)
-    return (model.in_channels, size, size)
+    return (model.in_channels, 32, 32)
 
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")

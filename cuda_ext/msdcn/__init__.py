@@ -1,6 +1,6 @@
 """The MSDCN op: ``msdcn(value, offsets, weights)`` and the fused ``msdcn_deform(...)``.
 
-Contract (../../README.md, design.md):
+Contract (this docstring; the project's design.md):
   value   [B,H,W,G,C]   bf16 / fp16 / fp32 (fp64 for exact checks)
   offsets [B,H,W,G,K,2] token-grid units relative to the query pixel, last dim (x, y); used in fp32
   weights [B,H,W,G,K]   unnormalised

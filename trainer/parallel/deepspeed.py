@@ -286,7 +286,7 @@ class DeepSpeedStrategy(Strategy):
         self.engine.save_checkpoint(os.path.join(path, "deepspeed"), tag="state", save_latest=False)
         ema = {"shadow": {k: v.detach().cpu() for k, v in ema_state["shadow"].items()},
                "num_updates": int(ema_state["num_updates"])}
-        if self._sharded_ema:   # each rank's own elements; the world size is checked on load (zero.json)
+        if self._sharded_ema:   # each rank's own elements; world size in zero.json (another one re-shards from ema.safetensors)
             torch.save(ema, os.path.join(path, f"ema_rank{dist.get_rank()}.pt"))
         elif dist.get_rank() == 0:
             torch.save(ema, os.path.join(path, "ema.pt"))

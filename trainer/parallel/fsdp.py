@@ -1,4 +1,5 @@
-"""FSDP2 strategy: ``fully_shard`` per block, then the final layer and the root; DCP checkpoints.
+"""FSDP2 strategy: ``fully_shard`` per unit of ``blocks_per_unit`` blocks, then the final layer and the root; DCP
+checkpoints.
 
 Order of model transforms (torchtitan's): activation checkpointing → torch.compile per block →
 FSDP. All three keep parameter names unchanged (composable ``checkpoint``, in-place
@@ -47,13 +48,15 @@ def apply_compile(model: nn.Module, mode: str = "default") -> None:
 
 def apply_fsdp(model: nn.Module, mesh, mp_policy: MixedPrecisionPolicy | None, reshard_after_forward: bool,
                blocks_per_unit: int) -> None:
-    """fully_shard blocks in groups of ``blocks_per_unit``, then the final layer, then the root. The final layer
-    and the last unit of blocks stay unsharded after forward: backward needs them first, so resharding them
-    would only buy an immediate second all-gather (torchtitan does the same for its last block).
+    """fully_shard blocks in groups of ``blocks_per_unit``, then the final layer, then the root. With
+    ``reshard_after_forward`` (not the default) the other units reshard after forward, but the final layer and the
+    last unit of blocks never do: backward needs them first, so resharding them would only buy an immediate second
+    all-gather (torchtitan does the same for its last block).
 
     FSDP2's hooks cost host time per unit (all-gather copy-in/out, reduce-scatter, DTensor bookkeeping); XL
     blocks are small (~2.5 ms of GPU work per fwd+bwd at batch 32), so grouping trades a little memory
-    (``blocks_per_unit`` blocks unsharded at a time) for fewer, larger collectives and less host overhead.
+    (``blocks_per_unit`` blocks unsharded at a time when resharding) for fewer, larger collectives and less host
+    overhead.
     """
     if blocks_per_unit < 1:
         raise ValueError(f"strategy.blocks_per_unit must be >= 1, got {blocks_per_unit}")
