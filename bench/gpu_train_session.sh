@@ -3,7 +3,7 @@
 #   bash bench/gpu_train_session.sh single    # 1 GPU (~7 min): build, GPU tests, train step 256 px (COMPILE, default
 #                                             #   "on"), CUDA graphs at 256/512/1024 px
 #   bash bench/gpu_train_session.sh profile   # 1 GPU (~4 min): build, kernel/host profile of the compiled 256 px step
-#   bash bench/gpu_train_session.sh fsdp      # 2 GPUs (~6 min): FSDP2 1 vs 2 GPUs, blocks_per_unit $BPUS (default 4),
+#   bash bench/gpu_train_session.sh fsdp      # 2 GPUs (~7 min): two-GPU tests, FSDP2 1 vs 2 GPUs, blocks_per_unit $BPUS (default 4),
 #                                             #   reshard after forward $RESHARD (default off), 2-rank profile if PROFILE=1
 # Each benchmark row compiles afresh (torch._dynamo.reset), so a row costs its compile time in warm-up.
 # On the lent GPU machine start with `source .whl/prelude.sh` (hydra etc. travel as wheels).
@@ -25,6 +25,8 @@ if [ "$what" = profile ]; then
   timeout 200 python3 bench/profile_step.py --compile on --python --out "$OUT/profile.json" 2>&1 | grep -v -i warn | grep -B2 -A9 "^== " | head -n 40
 fi
 if [ "$what" = fsdp ]; then
+  # two-GPU tests first: FSDP worker on nccl (local-shard AdamW vs torch's DTensor step, grad norm, resharding)
+  timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/trainer/test_fsdp_runs.py tests/cuda_ext 2>&1 | tail -n 2
   bpus=${BPUS:-4}
   for bpu in $bpus; do
     for n in 1 2; do

@@ -30,7 +30,8 @@ def optimizer_paths_agree(precision: str) -> None:
             g = torch.Generator().manual_seed(7)
             for _ in range(3):
                 with s.autocast():
-                    out = s.model(torch.randn(2, 1, 8, 8, generator=g), torch.rand(2, generator=g), torch.tensor([0, 3]))
+                    x, t = torch.randn(2, 1, 8, 8, generator=g), torch.rand(2, generator=g)
+                    out = s.model(x.to(dist.device()), t.to(dist.device()), torch.tensor([0, 3], device=dist.device()))
                 out.float().square().mean().backward()
                 s.step(1e-2)
             assert s._local_adam is local, (fused, local, s._local_adam)   # the local path really ran (steps 2, 3)
@@ -82,7 +83,8 @@ def main() -> None:
     # (backward needs them first).
     with s.autocast(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = s.model(torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 3]))
+        dev = dist.device()   # CPU under gloo; the GPU test runs this worker on CUDA (CUDA MSDCN kernels, fused AdamW)
+        out = s.model(torch.randn(2, 1, 8, 8, device=dev), torch.rand(2, device=dev), torch.tensor([0, 3], device=dev))
     views = [str(w.message) for w in caught if "returned a view" in str(w.message)]
     assert not views, views   # FSDP2's warning that an in-place op on a unit's output would drop its backward hook
     sharded = lambda m: [isinstance(p, DTensor) for p in m.parameters(recurse=False)]   # noqa: E731

@@ -20,6 +20,21 @@ def test_sharded_init_equals_unsharded_init(precision):
     assert p.returncode == 0 and "FSDP-INIT-OK" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
 
 
+@pytest.mark.cuda
+def test_sharded_init_optimizer_and_norm_on_two_gpus():
+    """The same worker on two GPUs (nccl): CUDA MSDCN kernels, fused AdamW on CUDA on the local shards equal to torch's
+    DTensor step bitwise, the local-shard grad norm, which units reshard, no view-output warning."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    script = os.path.join(REPO, "tests", "trainer", "fsdp_init_main.py")
+    e = dict(env(), DS_ACCELERATOR="cuda")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
+                        "bf16"], cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "FSDP-INIT-OK" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
+
+
 def test_fsdp_agrees_with_ddp_and_resumes_on_fewer_processes(ddp2_reference, tmp_path):
     """2-process FSDP to nimg 24 (checkpoint), then 1 process resumes from the DCP checkpoint to 48.
 
