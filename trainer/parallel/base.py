@@ -45,8 +45,12 @@ class Strategy:
     def step(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        self.optimizer.step()
+        self.optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_step(self) -> None:
+        """The parameter update itself (FSDP applies it to the local shards)."""
+        self.optimizer.step()
 
     def skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -30,6 +30,11 @@ from . import COMPILE_MODES
 from .base import Strategy
 
 
+def _plain_shard(t: torch.Tensor) -> bool:
+    """A Shard(0) DTensor of a 1-D mesh: FSDP2's layout, where the local tensors hold each element once."""
+    return isinstance(t, DTensor) and t.device_mesh.ndim == 1 and t.placements == (Shard(0),)
+
+
 def apply_ac(model: nn.Module) -> None:
     """Recompute each block's activations in backward (composable API: parameter names unchanged)."""
     from torch.distributed._composable import checkpoint
@@ -107,7 +112,7 @@ class FSDPStrategy(Strategy):
         self.cfg, self.precision = cfg, precision
         self.ac, self.compile, self.compile_mode = activation_checkpointing, compile, compile_mode
         self._plain_shards: bool | None = None   # gradients are Shard(0) DTensors of a 1-D mesh (clip_grad_norm)
-        self._local_adam: bool | None = None     # optimizer steps on the local shards (see step)
+        self._local_adam: bool | None = None     # optimizer steps on the local shards (see optimizer_step)
 
     def setup(self, build_model, make_optimizer) -> None:
         dist.init(self.cfg.backend, require=True)   # FSDP2 needs a process group even for one process
@@ -138,8 +143,7 @@ class FSDPStrategy(Strategy):
         if not grads:
             return torch.zeros((), device=dist.device())
         if self._plain_shards is None:   # the layout is fixed for the run: checked once, not on every step
-            self._plain_shards = all(isinstance(g, DTensor) and g.device_mesh.ndim == 1
-                                     and g.placements == (Shard(0),) for g in grads)
+            self._plain_shards = all(map(_plain_shard, grads))
         if not self._plain_shards:
             return super().clip_grad_norm(max_norm)   # not plain 1-D FSDP2 shards: torch's DTensor-aware path
         local = [g.to_local() for g in grads]   # under no_grad: the local tensor itself, no autograd node
@@ -149,12 +153,9 @@ class FSDPStrategy(Strategy):
             torch._foreach_mul_(local, (max_norm / (norm + 1e-6)).clamp(max=1.0))
         return norm
 
-    def step(self, lr: float) -> None:
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+    def optimizer_step(self) -> None:
         if not self._local_adam_step():
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def _local_adam_step(self) -> bool:
@@ -176,8 +177,6 @@ class FSDPStrategy(Strategy):
                                    for g in opt.param_groups)
             if not self._local_adam:
                 return False
-        plain = lambda t: (isinstance(t, DTensor) and t.device_mesh.ndim == 1   # noqa: E731
-                           and t.placements == (Shard(0),))
         work = []
         for g in opt.param_groups:   # gather and check everything before changing anything
             p_, g_, m_, v_, s_ = [], [], [], [], []
@@ -188,7 +187,7 @@ class FSDPStrategy(Strategy):
                 if not st or "exp_avg" not in st:
                     return False   # first step: torch creates the state
                 m, v = st["exp_avg"], st["exp_avg_sq"]
-                if not (plain(p) and plain(p.grad) and plain(m) and plain(v)) or isinstance(st["step"], DTensor):
+                if not all(map(_plain_shard, (p, p.grad, m, v))) or isinstance(st["step"], DTensor):
                     self._local_adam = False
                     return False
                 p_.append(p.to_local())   # under no_grad: the local tensor itself
