@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from modeling import build_model  # noqa: E402
+from train_step import model_overrides  # noqa: E402  (the same --override parsing as the throughput benchmark)
 from trainer import dist  # noqa: E402
 from trainer.config import StrategyConfig  # noqa: E402
 from trainer.parallel.fsdp import FSDPStrategy  # noqa: E402
@@ -56,12 +57,13 @@ def main() -> None:
     ap.add_argument("--model", default="FlowDCN-XL/2")
     ap.add_argument("--override", nargs="*", default=["hidden_size=64", "groups=4"], metavar="KEY=VALUE",
                     help="model overrides (default: XL's 28 blocks at width 64); pass nothing for the real width")
+    ap.add_argument("--msdcn-impl", default="auto", choices=["auto", "torch", "cuda"])
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     dist.init(require=True)
-    overrides = {k: int(v) if v.isdigit() else v for k, v in (kv.split("=", 1) for kv in args.override)}
+    overrides = model_overrides(args.model, args)
     rows = []
     for impl in args.impls:
         local, dtensor = (time_steps(args.model, overrides, impl, flag, args.steps) for flag in (True, False))

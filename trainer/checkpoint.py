@@ -52,6 +52,16 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"corrupt or unreadable weights file {path}: {e}") from None
 
 
+def load_state_file(path: str, map_location="cpu", missing_hint: str = "") -> dict:
+    """A file written with torch.save, loaded with weights_only=True; a missing or corrupt file names itself."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint file missing: {path}{missing_hint}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"corrupt checkpoint file {path}: {e}") from None
+
+
 class CheckpointManager:
     """Names, writes atomically, finds and prunes checkpoint directories of one run."""
 

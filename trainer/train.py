@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 from modeling import build_model
 
 from . import dist
-from .checkpoint import CheckpointManager, atomic_write_text, load_weights, read_json, read_meta, save_safetensors
+from .checkpoint import (CheckpointManager, atomic_write_text, load_state_file, load_weights, read_json, read_meta,
+                         save_safetensors)
 from .config import TrainConfig
 from .ema import EMA
 from .logger import MetricLogger, read_metrics
@@ -76,10 +77,7 @@ def restore_rng(path: str) -> None:
     """Restore this rank's global RNG states (training noise does not use them; previews and user code may)."""
     if not os.path.exists(path):   # a checkpoint from a different world size: keep the seeded state
         return
-    try:
-        st = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"corrupt checkpoint file {path}: {e}") from None
+    st = load_state_file(path)
     torch.set_rng_state(st["torch"])
     name, keys, pos, has_gauss, cached = st["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))

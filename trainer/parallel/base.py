@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .. import dist
+from ..checkpoint import load_state_file
 
 
 class Strategy:
@@ -132,13 +133,8 @@ class DDPStrategy(Strategy):
                        os.path.join(path, "train_state.pt"))
 
     def load(self, path: str, ema_state: dict) -> dict:
-        f = os.path.join(path, "train_state.pt")
-        if not os.path.exists(f):
-            raise FileNotFoundError(f"checkpoint file missing: {f} (written by another strategy? ddp reads train_state.pt)")
-        try:
-            state = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"corrupt checkpoint file {f}: {e}") from None
+        state = load_state_file(os.path.join(path, "train_state.pt"),
+                                missing_hint=" (written by another strategy? ddp reads train_state.pt)")
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         return state["ema"]

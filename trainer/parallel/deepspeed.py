@@ -30,6 +30,7 @@ import torch
 import torch.distributed as tdist
 
 from .. import dist
+from ..checkpoint import load_state_file, load_weights
 from .base import Strategy
 
 
@@ -75,15 +76,6 @@ def _register_direct_reads(module: torch.nn.Module) -> None:
         for child in getattr(m, "reads_child_params", ()):
             for p in getattr(m, child).parameters():
                 deepspeed.zero.register_external_parameter(m, p)
-
-
-def _load_ema_file(f: str) -> dict:
-    try:
-        return torch.load(f, map_location=dist.device(), weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint file missing: {f}") from None
-    except Exception as e:
-        raise ValueError(f"corrupt checkpoint file {f}: {e}") from None
 
 
 class DeepSpeedStrategy(Strategy):
@@ -286,7 +278,7 @@ class DeepSpeedStrategy(Strategy):
         self.engine.save_checkpoint(os.path.join(path, "deepspeed"), tag="state", save_latest=False)
         ema = {"shadow": {k: v.detach().cpu() for k, v in ema_state["shadow"].items()},
                "num_updates": int(ema_state["num_updates"])}
-        if self._sharded_ema:   # each rank's own elements; world size in zero.json (another one re-shards from ema.safetensors)
+        if self._sharded_ema:   # this rank's elements; resumed on another world size from ema.safetensors
             torch.save(ema, os.path.join(path, f"ema_rank{dist.get_rank()}.pt"))
         elif dist.get_rank() == 0:
             torch.save(ema, os.path.join(path, "ema.pt"))
@@ -322,16 +314,14 @@ class DeepSpeedStrategy(Strategy):
         if resharded and self._sharded_ema:
             return self._resharded_ema(path)
         f = os.path.join(path, f"ema_rank{dist.get_rank()}.pt" if self._sharded_ema else "ema.pt")
-        return _load_ema_file(f)
+        return load_state_file(f, dist.device())
 
     def _resharded_ema(self, path: str) -> dict:
         """The EMA of a checkpoint saved by another world size: this rank's part of the consolidated export
         (ema.safetensors, fp32, written with every checkpoint); the update count from the old rank 0's file."""
-        from ..checkpoint import load_weights
-
         full = load_weights(os.path.join(path, "ema.safetensors"))
         return {"shadow": self.shard_like_params(full),
-                "num_updates": int(_load_ema_file(os.path.join(path, "ema_rank0.pt"))["num_updates"])}
+                "num_updates": int(load_state_file(os.path.join(path, "ema_rank0.pt"), dist.device())["num_updates"])}
 
     def _universal(self, path: str) -> str:
         """``path``'s DeepSpeed state in the universal format, converted once by rank 0 into
