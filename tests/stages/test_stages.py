@@ -200,6 +200,27 @@ def test_stage_configs_follow_the_official_recipe():
     assert [s.cfg.train.total_nimg for s in tiny] == [512, 7, 512]
 
 
+def test_command_line_group_choices_beat_stage_and_experiment_presets():
+    """`strategy=zero2` (the Slurm scripts' documented example) and `model=...` must win over what a stage or an
+    experiment preset picks: a preset that set `strategy.name` as a value silently turned zero2 back into fsdp."""
+    def strategies(argv):
+        _, st = stages.resolve_stages(stages.parse_args(["status", "root=/nonexistent", *argv]))
+        return {s.name: (s.cfg.strategy.name, s.cfg.model.name) for s in st}
+    assert set(strategies([]).values()) == {("fsdp", "FlowDCN-XL/2")}
+    assert set(strategies(["strategy=zero2"]).values()) == {("zero2", "FlowDCN-XL/2")}
+    assert set(strategies(["experiment=tiny"]).values()) == {("ddp", "FlowDCN-debug")}
+    assert set(strategies(["experiment=tiny", "strategy=fsdp"]).values()) == {("fsdp", "FlowDCN-debug")}
+    assert strategies(["pretrain_256.strategy=zero3"])["pretrain_256"][0] == "zero3"
+    from hydra import compose, initialize_config_dir
+    import trainer.train  # noqa: F401  (registers the train_schema)
+    with initialize_config_dir(config_dir=stages.config_dir(), version_base=None):
+        for ov, want in [(["experiment=tiny_latents", "strategy=fsdp"], ("fsdp", "FlowDCN-debug")),
+                         (["experiment=digits", "model=sit_debug"], ("ddp", "SiT-debug")),
+                         (["experiment=digits"], ("ddp", "FlowDCN-debug"))]:
+            cfg = compose("train", overrides=ov)
+            assert (cfg.strategy.name, cfg.model.name) == want, ov
+
+
 def test_two_ranks_chain_stages_in_one_process_group(tmp_path):
     """torchrun, 2 gloo ranks, both stages in one launch: the hand-over decision is rank 0's, broadcast."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
