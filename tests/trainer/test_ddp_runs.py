@@ -51,7 +51,7 @@ def test_signal_saves_checkpoint_and_resume_is_bitwise(ddp2_reference, tmp_path)
     stopped = json.load(open(os.path.join(d, "STOPPED.json")))
     assert stopped["signal"] == "SIGUSR1" and stopped["exit_code"] == 3
     assert stopped["checkpoint"].endswith(f"nimg_{stopped['nimg']:012d}") and os.path.isdir(stopped["checkpoint"])
-    assert 16 <= stopped["nimg"] < 48, "the signal arrived too late to test anything"
+    assert 16 <= stopped["nimg"] < 48, f"the signal arrived too late to test anything:\n{out[-3000:]}"
     train(d, nproc=2)
     assert not os.path.exists(os.path.join(d, "STOPPED.json"))
     assert_close_logs(d, ddp2_reference, rtol=0)

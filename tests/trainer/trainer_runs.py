@@ -47,7 +47,10 @@ def train(run_dir: str, overrides: list[str] = (), nproc: int = 0, timeout: int 
 
 
 def train_until(run_dir: str, overrides: list[str], nproc: int, nimg: int, sig: int, timeout: int = 240):
-    """Start training, send ``sig`` to the launcher once metrics.jsonl reaches ``nimg``; returns (rc, output)."""
+    """Start training, send ``sig`` to the launcher once metrics.jsonl reaches ``nimg``; returns (rc, output).
+
+    Under torchrun the workers are held still while the launcher forwards the signal (``signal_frozen_workers``), so
+    the stop lands within a step of ``nimg`` however loaded the machine is."""
     p = subprocess.Popen(command(run_dir, overrides, nproc), cwd=REPO, env=env(), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
     t0 = time.time()
@@ -58,6 +61,8 @@ def train_until(run_dir: str, overrides: list[str], nproc: int, nimg: int, sig: 
             if any(r["nimg"] >= nimg for r in metrics(run_dir)):
                 if sig == signal.SIGKILL:   # the launcher and its workers (torchrun puts them in their own sessions)
                     kill_tree(p.pid)
+                elif nproc:
+                    signal_frozen_workers(p.pid, sig)
                 else:
                     os.kill(p.pid, sig)
                 break
@@ -67,6 +72,55 @@ def train_until(run_dir: str, overrides: list[str], nproc: int, nimg: int, sig: 
         if p.poll() is None:
             kill_tree(p.pid)
     return p.returncode, out
+
+
+def signal_frozen_workers(launcher: int, sig: int, timeout: float = 60.0) -> None:
+    """Send ``sig`` to torchrun with its workers stopped until torchrun has forwarded it to all of them.
+
+    Without the freeze the workers keep stepping while torchrun forwards the signal: on a loaded machine the run
+    could reach its end before the signal lands, and the test would prove nothing. Linux: the pending signal shows
+    in /proc/<pid>/status (SigPnd/ShdPnd) of a stopped worker.
+    """
+    import psutil
+
+    workers = [c for c in psutil.Process(launcher).children(recursive=True)]
+    for w in workers:
+        w.send_signal(signal.SIGSTOP)
+    try:
+        # SIGSTOP takes effect asynchronously: a worker still running could take the forwarded signal itself, and the
+        # wait below would never see it pending. Signal the launcher only once every worker has stopped.
+        t0 = time.time()
+        while time.time() - t0 < timeout and not all(_stopped(w) for w in workers):
+            time.sleep(0.01)
+        os.kill(launcher, sig)
+        bit = 1 << (sig - 1)
+        while time.time() - t0 < timeout and not all(_pending(w.pid) & bit for w in workers):
+            time.sleep(0.02)
+    finally:
+        for w in workers:
+            try:
+                w.send_signal(signal.SIGCONT)
+            except psutil.NoSuchProcess:
+                pass
+
+
+def _stopped(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.status() == psutil.STATUS_STOPPED
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _pending(pid: int) -> int:
+    """Signals pending on a process (thread- and process-directed), as a bit mask; all bits once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        return -1
+    return int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
 
 
 def kill_tree(pid: int) -> None:
