@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One device call for the training-step numbers in bench/RESULTS.md; JSON and logs go to $OUT.
-#   bash bench/gpu_train_session.sh single    # 1 GPU (~7 min): build, GPU tests, train step 256 px (COMPILE, default
-#                                             #   "on"), CUDA graphs at 256/512/1024 px
+#   bash bench/gpu_train_session.sh single    # 1 GPU (~7 min): build, GPU tests (TESTS=0 skips), train step 256 px (COMPILE,
+#                                             #   default "on"), CUDA graphs at 256/512/1024 px (CG=0 skips)
 #   bash bench/gpu_train_session.sh profile   # 1 GPU (~4 min): build, kernel/host profile of the compiled 256 px step
+#   bash bench/gpu_train_session.sh e2e       # 2 GPUs (~4 min): the real entry point (python -m trainer.train) on tiny latent
+#                                             #   shards, bf16, ddp/fsdp compiled and zero2/zero3, each run to 128 images and resumed to
+#                                             #   192 (fsdp resumed on 1 GPU: DCP resharding)
 #   bash bench/gpu_train_session.sh fsdp      # 2 GPUs (~7 min): two-GPU tests, FSDP2 1 vs 2 GPUs, blocks_per_unit $BPUS (default 4),
 #                                             #   reshard after forward $RESHARD (default off), 2-rank profile if PROFILE=1
 # Each benchmark row compiles afresh (torch._dynamo.reset), so a row costs its compile time in warm-up.
@@ -17,12 +20,29 @@ python3 -c "from cuda_ext.msdcn import build; build.load()" 2>&1 | tail -n 3 || 
 echo "build $(( $(date +%s) - t0 )) s"
 TS="python3 bench/train_step.py --steps 10 --warmup 3"
 if [ "$what" = single ]; then
-  timeout 120 python3 -m pytest -q -m cuda -p no:cacheprovider tests/cuda_ext tests/trainer/test_compile_modes_gpu.py 2>&1 | tail -n 2
+  [ "${TESTS:-1}" = 1 ] && timeout 120 python3 -m pytest -q -m cuda -p no:cacheprovider tests/cuda_ext tests/trainer/test_compile_modes_gpu.py 2>&1 | tail -n 2
   timeout 150 $TS --res 256 --compile "${COMPILE:-on}" --out "$OUT/ts256.json" 2>&1 | grep -v -i warn | tail -n 7
-  timeout 270 $TS --res 256 512 1024 --compile on --compile-mode reduce-overhead --out "$OUT/ts_cg.json" 2>&1 | grep -v -i warn | tail -n 10
+  [ "${CG:-1}" = 1 ] && timeout 270 $TS --res 256 512 1024 --compile on --compile-mode reduce-overhead --out "$OUT/ts_cg.json" 2>&1 | grep -v -i warn | tail -n 10
 fi
 if [ "$what" = profile ]; then
   timeout 200 python3 bench/profile_step.py --compile on --python --out "$OUT/profile.json" 2>&1 | grep -v -i warn | grep -B2 -A9 "^== " | head -n 40
+fi
+if [ "$what" = e2e ]; then
+  python3 -m data_pipeline.tiny --out /tmp/tl 2>&1 | tail -n 1
+  E2E="-m trainer.train experiment=tiny_latents data.latents.manifest=/tmp/tl/latents/manifest.json train.precision=bf16
+       train.deterministic=false logging.progress=false"
+  for s in ddp fsdp zero2 zero3; do
+    c=false; case $s in ddp|fsdp) c=true;; esac
+    d=/tmp/e2e/$s; n2=2; [ $s = fsdp ] && n2=1   # fsdp resumes on one GPU (DCP resharding)
+    for leg in "2 128" "$n2 192"; do
+      set -- $leg
+      timeout 240 torchrun --standalone --nproc_per_node "$1" $E2E strategy=$s train.compile=$c run_dir=$d train.total_nimg=$2 \
+        > "$OUT/e2e_${s}_$2.log" 2>&1; rc=$?
+      echo "e2e $s nproc=$1 total=$2 rc=$rc: $(grep -E '^nimg=' "$OUT/e2e_${s}_$2.log" | tail -n 1 | cut -c1-120)"
+      [ $rc = 0 ] || grep -v -i warn "$OUT/e2e_${s}_$2.log" | tail -n 15
+    done
+    grep -h -o '"nimg": [0-9]*' $d/DONE.json; grep -c resum "$OUT/e2e_${s}_192.log"
+  done
 fi
 if [ "$what" = fsdp ]; then
   # two-GPU tests first: FSDP worker on nccl (local-shard AdamW vs torch's DTensor step, grad norm, resharding)
