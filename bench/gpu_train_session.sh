@@ -5,7 +5,7 @@
 #   bash bench/gpu_train_session.sh profile   # 1 GPU (~4 min): build, kernel/host profile of the compiled 256 px step
 #   bash bench/gpu_train_session.sh e2e       # 2 GPUs (~4 min): the real entry point (python -m trainer.train) on tiny latent
 #                                             #   shards, bf16, ddp/fsdp compiled and zero2/zero3, each run to 128 images and resumed to
-#                                             #   192 (fsdp resumed on 1 GPU: DCP resharding)
+#                                             #   192 (fsdp resumed on 1 GPU: DCP resharding); STRATS picks strategies
 #   bash bench/gpu_train_session.sh fsdp      # 2 GPUs (~7 min): two-GPU tests, FSDP2 1 vs 2 GPUs, blocks_per_unit $BPUS (default 4),
 #                                             #   reshard after forward $RESHARD (default off), 2-rank profile if PROFILE=1
 # Each benchmark row compiles afresh (torch._dynamo.reset), so a row costs its compile time in warm-up.
@@ -31,7 +31,7 @@ if [ "$what" = e2e ]; then
   python3 -m data_pipeline.tiny --out /tmp/tl 2>&1 | tail -n 1
   E2E="-m trainer.train experiment=tiny_latents data.latents.manifest=/tmp/tl/latents/manifest.json train.precision=bf16
        train.deterministic=false logging.progress=false"
-  for s in ddp fsdp zero2 zero3; do
+  for s in ${STRATS:-ddp fsdp zero2 zero3}; do
     c=false; case $s in ddp|fsdp) c=true;; esac
     d=/tmp/e2e/$s; n2=2; [ $s = fsdp ] && n2=1   # fsdp resumes on one GPU (DCP resharding)
     for leg in "2 128" "$n2 192"; do
@@ -46,7 +46,8 @@ if [ "$what" = e2e ]; then
 fi
 if [ "$what" = fsdp ]; then
   # two-GPU tests first: FSDP worker on nccl (local-shard AdamW vs torch's DTensor step, grad norm, resharding)
-  timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/trainer/test_fsdp_runs.py tests/cuda_ext 2>&1 | tail -n 2
+  timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/trainer/test_fsdp_runs.py ${FSDP_TESTS_EXTRA-tests/cuda_ext} 2>&1 | tail -n 2
+  [ "${BENCH:-1}" = 1 ] || { echo "session wall $(( $(date +%s) - t0 )) s"; exit 0; }
   bpus=${BPUS:-4}
   for bpu in $bpus; do
     for n in 1 2; do

@@ -49,3 +49,32 @@ def test_zero3_resume_on_the_same_and_other_world_sizes_agrees_with_ddp(ddp2_ref
     p = train(d, ["strategy.name=zero3"], nproc=2)
     assert "saved by 1 process(es), now 2" in p.stdout
     assert_agrees_with(ddp2_reference, d)
+
+
+def test_bf16_module_runs_under_autocast_even_when_the_engine_turns_it_off():
+    """DeepSpeed's engine.forward wraps the module in `torch.autocast(enabled=False)` on GPUs (it only looks at CUDA
+    autocast, so CPU runs never hit it) and its bf16 mode leaves fp32 inputs: autocast_inside re-enters bf16 autocast
+    around the module's own forward, and leaves the caller's autocast state as it was, also when forward raises."""
+    from trainer.parallel.deepspeed import autocast_inside
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 2, stride=2), torch.nn.Flatten(), torch.nn.Linear(8 * 4, 3))
+    x = torch.randn(2, 4, 4, 4)
+    want = net.to(torch.float64)(x.double())
+    net = net.to(torch.bfloat16)
+    with torch.autocast("cpu", enabled=False):           # what the engine does around the module
+        try:
+            net(x)
+            raise AssertionError("a bf16 module took fp32 input without autocast: the test cannot fail")
+        except RuntimeError as e:
+            assert "type" in str(e)
+        autocast_inside(net, "cpu")
+        out = net(x)
+        assert not torch.is_autocast_enabled("cpu")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), want, rtol=0.05, atol=0.05)
+    try:
+        net(torch.randn(2, 5, 4, 4))                       # wrong channels: forward raises inside the hooks
+    except RuntimeError:
+        pass
+    assert not torch.is_autocast_enabled("cpu")

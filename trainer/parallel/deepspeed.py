@@ -78,6 +78,29 @@ def _register_direct_reads(module: torch.nn.Module) -> None:
                 deepspeed.zero.register_external_parameter(m, p)
 
 
+def autocast_inside(module: torch.nn.Module, device_type: str) -> None:
+    """Run ``module``'s own forward under bf16 autocast, whatever the caller's autocast state.
+
+    DeepSpeed's ``engine.forward`` turns an outer CUDA autocast *off* around the module (its ``torch_autocast``
+    section, a different precision scheme with fp32 parameters, is off in our bf16 mode), while its bf16 mode makes
+    the parameters bf16 and leaves the inputs fp32: without this, the first layer fails on a GPU with "Input type
+    (float) and bias type (c10::BFloat16) should be the same". (On CPU the engine only checks CUDA autocast, so the
+    CPU tests never saw it.) Hooks rather than a wrapper module keep the parameter names, which the checkpoints use.
+    """
+    contexts = []
+
+    def enter(mod, args, kwargs):
+        ctx = torch.autocast(device_type, dtype=torch.bfloat16)
+        ctx.__enter__()
+        contexts.append(ctx)
+
+    def leave(mod, args, kwargs, out):
+        contexts.pop().__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter, with_kwargs=True)
+    module.register_forward_hook(leave, with_kwargs=True, always_call=True)
+
+
 class DeepSpeedStrategy(Strategy):
     """ZeRO stage 1, 2 or 3 via deepspeed.initialize."""
 
@@ -114,6 +137,8 @@ class DeepSpeedStrategy(Strategy):
         engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=client_opt, config=ds_cfg,
                                                        model_parameters=module.parameters())
         self.engine, self.model, self.module, self.optimizer = engine, engine, engine.module, optimizer
+        if self.precision == "bf16":
+            autocast_inside(self.module, dist.device().type)
         self._micro = 0
         # ZeRO-1/2 parameters map to fragments of this rank's optimizer partition (used for a cheap grad norm).
         self._fragments = self.stage < 3 and all(hasattr(p, "_hp_mapping") for p in self.module.parameters()
