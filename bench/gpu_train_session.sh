@@ -43,6 +43,17 @@ if [ "$what" = e2e ]; then
     done
     grep -h -o '"nimg": [0-9]*' $d/DONE.json; grep -c resum "$OUT/e2e_${s}_192.log"
   done
+  if [ "${EVAL:-1}" = 1 ]; then
+    # offline evaluation of the fsdp run's newest checkpoint on 2 GPUs (tiny extractor, random reference), 2 resolutions
+    python3 -c "import numpy as np; np.savez('/tmp/ref.npz', arr_0=np.random.default_rng(0).integers(0, 256, (32, 64, 64, 3)).astype(np.uint8))"
+    timeout 200 torchrun --standalone --nproc_per_node 2 -m evaluation.run model.ckpt=/tmp/e2e/fsdp vae=/tmp/tl/vae \
+      'resolutions=[[64,64],[64,96]]' sampling=euler50 sampling.steps=5 sampling.num_samples=24 sampling.chunk_size=6 \
+      metrics.extractor=tiny metrics.is_splits=2 reference.npz=/tmp/ref.npz out_dir=/tmp/evalout run_name=r > "$OUT/e2e_eval.log" 2>&1
+    echo "e2e eval rc=$?"; grep -E "^\[eval\]" "$OUT/e2e_eval.log" || tail -n 20 "$OUT/e2e_eval.log"
+    # the 3-stage tiny pipeline (256 → 512 → multiscale presets, shrunk) chained in one 2-GPU launch
+    timeout 240 torchrun --standalone --nproc_per_node 2 -m trainer.stages run experiment=tiny root=/tmp/stages > "$OUT/e2e_stages.log" 2>&1
+    echo "e2e stages rc=$?"; python3 -m trainer.stages status experiment=tiny root=/tmp/stages 2>&1 | tail -n 5
+  fi
 fi
 if [ "$what" = fsdp ]; then
   # two-GPU tests first: FSDP worker on nccl (local-shard AdamW vs torch's DTensor step, grad norm, resharding)
