@@ -166,6 +166,7 @@ def _run(cfg: TrainConfig, config_dict: dict, stop_flag: StopFlag) -> int:
             save_safetensors(full_model, os.path.join(tmp, "model.safetensors"), md)
             atomic_write_text(os.path.join(tmp, "loader.json"), json.dumps(loader.state_dict()))
             meta = {"state": st.__dict__, "world_size": world, "strategy": cfg.strategy.name,
+                    "backend": torch.distributed.get_backend() if dist.is_dist() else None,   # as resolved (None = auto)
                     "wandb_id": logger.wandb_id, "config": config_dict}
             atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, default=str))
         path = ckpt.commit(tmp, st.nimg)
