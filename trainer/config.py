@@ -72,7 +72,7 @@ class ScheduleConfig:
     compile_mode: str = "default"                      # default | reduce-overhead, max-autotune (CUDA graphs: 1 process, no accumulation) | max-autotune-no-cudagraphs
     activation_checkpointing: bool = False
     on_nonfinite: str = "stop"                         # stop | skip (drop the step, keep going)
-    deterministic: bool = False                        # torch.use_deterministic_algorithms (bitwise CPU resume)
+    deterministic: bool = False                        # torch.use_deterministic_algorithms: bitwise CPU resume; GPU: warn_only (MSDCN CUDA backward uses atomics)
 
 
 @dataclass

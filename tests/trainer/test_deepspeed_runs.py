@@ -78,3 +78,20 @@ def test_bf16_module_runs_under_autocast_even_when_the_engine_turns_it_off():
     except RuntimeError:
         pass
     assert not torch.is_autocast_enabled("cpu")
+
+
+def test_fused_adamw_steps_go_back_to_the_parameter_device():
+    """DeepSpeed's universal loader restores AdamW's `step` on the CPU; fused CUDA AdamW refuses that ("state_steps is
+    on cpu"), which broke every ZeRO resume on another GPU count. Parameters on `meta` stand in for the GPU here."""
+    from trainer.parallel.deepspeed import steps_on_param_devices
+
+    p, q = torch.nn.Parameter(torch.zeros(3, device="meta")), torch.nn.Parameter(torch.zeros(2, device="meta"))
+    fused = torch.optim.AdamW([p], fused=True)
+    plain = torch.optim.AdamW([q])
+    for opt, param in ((fused, p), (plain, q)):
+        opt.state[param]["step"] = torch.tensor(5.0, dtype=torch.float64)   # as the universal loader leaves it
+    wrapper = type("ZeroWrapper", (), {"optimizer": fused})()
+    steps_on_param_devices(wrapper)
+    steps_on_param_devices(plain)
+    assert fused.state[p]["step"].device.type == "meta" and fused.state[p]["step"].dtype == torch.float32
+    assert plain.state[q]["step"].device.type == "cpu"    # non-fused AdamW keeps its step on the CPU: left alone

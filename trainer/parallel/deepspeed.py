@@ -101,6 +101,23 @@ def autocast_inside(module: torch.nn.Module, device_type: str) -> None:
     module.register_forward_hook(leave, with_kwargs=True, always_call=True)
 
 
+def steps_on_param_devices(optimizer) -> None:
+    """Put each ``step`` of a fused or capturable torch optimizer back on its parameter's device, in fp32.
+
+    DeepSpeed's universal-checkpoint loader (resume on another world size) restores ``step`` as a CPU tensor, and
+    torch's fused CUDA AdamW (the trainer's default on GPUs) then fails at the first step with "state_steps is on
+    cpu". ``optimizer`` is DeepSpeed's ZeRO wrapper (its ``.optimizer`` is ours) or a torch optimizer.
+    """
+    base = getattr(optimizer, "optimizer", optimizer)
+    for group in base.param_groups:
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for p in group["params"]:
+            st = base.state.get(p)
+            if st and torch.is_tensor(st.get("step")) and (st["step"].device != p.device or st["step"].dtype != torch.float32):
+                st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+
+
 class DeepSpeedStrategy(Strategy):
     """ZeRO stage 1, 2 or 3 via deepspeed.initialize."""
 
@@ -336,6 +353,7 @@ class DeepSpeedStrategy(Strategy):
             self.engine._config.load_universal_checkpoint = False
         if load_path is None:
             raise FileNotFoundError(f"checkpoint file missing: DeepSpeed state under {ds_dir}")
+        steps_on_param_devices(self.optimizer)
         if resharded and self._sharded_ema:
             return self._resharded_ema(path)
         f = os.path.join(path, f"ema_rank{dist.get_rank()}.pt" if self._sharded_ema else "ema.pt")
