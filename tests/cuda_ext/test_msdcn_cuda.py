@@ -198,6 +198,22 @@ def test_deform_fp64_forward_and_grads(cuda_mod, shape, rounding):
 
 
 @cuda
+def test_backward_alerts_under_deterministic_mode(cuda_mod):
+    """grad_value is summed with atomics in no fixed order: deterministic mode raises (warn_only: warns), naming the op."""
+    a = [t.clone().requires_grad_(True) for t in make_inputs((1, 4, 4, 2, 8, 3), dtype=torch.float32, seed=3)]
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="msdcn_backward"):
+            cuda_mod.msdcn(*a).sum().backward()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="msdcn_backward"):
+            cuda_mod.msdcn(*a).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert a[0].grad is not None and torch.isfinite(a[0].grad).all()
+
+
+@cuda
 def test_deform_gradcheck_fp64(cuda_mod):
     inputs = make_deform((1, 3, 4, 2, 8, 2), seed=17)
     value, delta, scale, weights, prior, s0, s_max = inputs
