@@ -89,4 +89,5 @@ class EvalConfig:
     save_npz: bool = False                # also write ADM-compatible samples.npz (uint8 arr_0 + labels)
     grid_size: int = 64                   # samples in grid.png (the first N indices)
     device: str = "auto"                  # auto | cpu | cuda
+    tf32: bool = True                     # GPU convolutions (VAE, Inception) in TF32, PyTorch's and ADM's TF default; false: fp32
     wandb: WandbConfig = field(default_factory=WandbConfig)

@@ -56,6 +56,7 @@ def evaluate(cfg: EvalConfig, stop_after_chunks: int | None = None) -> dict:
 
     t_start = time.time()
     device = dist.init(cfg.device)
+    torch.backends.cudnn.allow_tf32 = cfg.tf32   # only GPU convolutions read it
     rank = dist.get_rank()
     loaded = load_eval_model(cfg.model, device)
     model = loaded.model
