@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -20,9 +21,11 @@ def assert_agrees_with(ref: str, d: str, rtol: float = 2e-5) -> None:
             torch.testing.assert_close(ea[k], eb[k], rtol=1e-4, atol=1e-5)
 
 
-def test_zero2_agrees_with_ddp(ddp2_reference, tmp_path):
+@pytest.mark.parametrize("offload", [False, True])
+def test_zero2_agrees_with_ddp(ddp2_reference, tmp_path, offload):
+    """offload: the optimizer (DeepSpeed's CPU Adam, JIT-built on first use) and the fp32 masters, hence the EMA, on CPU."""
     d = str(tmp_path / "zero2")
-    train(d, ["strategy.name=zero2"], nproc=2)
+    train(d, ["strategy.name=zero2", f"strategy.offload_optimizer={str(offload).lower()}"], nproc=2)
     assert_agrees_with(ddp2_reference, d)
 
 
