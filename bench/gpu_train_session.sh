@@ -5,7 +5,7 @@
 #   bash bench/gpu_train_session.sh profile   # 1 GPU (~4 min): build, kernel/host profile of the compiled 256 px step
 #   bash bench/gpu_train_session.sh e2e       # 2 GPUs (~4 min): the real entry point (python -m trainer.train) on tiny latent
 #                                             #   shards, bf16, ddp/fsdp compiled and zero2/zero3, each run to 128 images and resumed to
-#                                             #   192 (fsdp resumed on 1 GPU: DCP resharding); STRATS picks strategies
+#                                             #   192 (fsdp and zero3 resumed on 1 GPU); STRATS picks strategies
 #   bash bench/gpu_train_session.sh fsdp      # 2 GPUs (~7 min): two-GPU tests, FSDP2 1 vs 2 GPUs, blocks_per_unit $BPUS (default 4),
 #                                             #   reshard after forward $RESHARD (default off), 2-rank profile if PROFILE=1
 # Each benchmark row compiles afresh (torch._dynamo.reset), so a row costs its compile time in warm-up.
@@ -28,12 +28,13 @@ if [ "$what" = profile ]; then
   timeout 200 python3 bench/profile_step.py --compile on --python --out "$OUT/profile.json" 2>&1 | grep -v -i warn | grep -B2 -A9 "^== " | head -n 40
 fi
 if [ "$what" = e2e ]; then
+  rm -rf /tmp/e2e /tmp/stages /tmp/evalout   # a warm machine keeps /tmp: never resume an earlier call's runs
   python3 -m data_pipeline.tiny --out /tmp/tl 2>&1 | tail -n 1
   E2E="-m trainer.train experiment=tiny_latents data.latents.manifest=/tmp/tl/latents/manifest.json train.precision=bf16
        train.deterministic=false logging.progress=false"
   for s in ${STRATS:-ddp fsdp zero2 zero3}; do
     c=false; case $s in ddp|fsdp) c=true;; esac
-    d=/tmp/e2e/$s; n2=2; [ $s = fsdp ] && n2=1   # fsdp resumes on one GPU (DCP resharding)
+    d=/tmp/e2e/$s; n2=2; case $s in fsdp|zero3) n2=1;; esac   # resume on one GPU: DCP resharding / universal format
     for leg in "2 128" "$n2 192"; do
       set -- $leg
       timeout 240 torchrun --standalone --nproc_per_node "$1" $E2E strategy=$s train.compile=$c run_dir=$d train.total_nimg=$2 \

@@ -83,7 +83,8 @@ def evaluate(cfg: EvalConfig, stop_after_chunks: int | None = None) -> dict:
     for res in cfg.resolutions:
         h, w = _check_resolution(res, vae.downsample, model.patch_size)
         res_dir = os.path.join(run_dir, f"{h}x{w}")
-        fp = sampling_fingerprint(loaded, getattr(vae, "vae_id", cfg.vae), (h, w), cfg.sampling, extractor.name, keep_below)
+        fp = sampling_fingerprint(loaded, getattr(vae, "vae_id", cfg.vae), (h, w), cfg.sampling, extractor.name, keep_below,
+                                  fp32_gpu_convs=device.type == "cuda" and not cfg.tf32)
         store = ChunkStore(os.path.join(res_dir, "chunks"), fp, cfg.sampling.num_samples, cfg.sampling.chunk_size)
         sampler = ChunkSampler(velocity, vae, extractor, (h // vae.downsample, w // vae.downsample), model.in_channels,
                                model.cfg.num_classes, cfg.sampling, cfg.metrics, device, keep_images_below=keep_below)

@@ -348,10 +348,16 @@ def stored_images(store: ChunkStore, limit: Optional[int] = None):
 
 
 def sampling_fingerprint(loaded: LoadedModel, vae_id: str, resolution, s: SamplingConfig, extractor_name: str,
-                         keep_images_below: int) -> dict:
-    """Everything that determines a chunk's content; chunk files from another fingerprint are refused."""
+                         keep_images_below: int, fp32_gpu_convs: bool = False) -> dict:
+    """Everything that determines a chunk's content; chunk files from another fingerprint are refused.
+
+    ``fp32_gpu_convs``: GPU convolutions with TF32 off (``tf32=false``); recorded only then, so the fingerprints of
+    default runs stay as they were."""
     sd = asdict(s)
     sd.pop("num_samples")  # a longer run may reuse the chunks of a shorter one (indices are checked per chunk)
-    return {"ckpt_sha256": loaded.sha256, "model": loaded.name, "overrides": loaded.overrides, "vae": vae_id,
-            "resolution": list(resolution), "sampling": sd, "extractor": extractor_name,
-            "images_below": keep_images_below}
+    fp = {"ckpt_sha256": loaded.sha256, "model": loaded.name, "overrides": loaded.overrides, "vae": vae_id,
+          "resolution": list(resolution), "sampling": sd, "extractor": extractor_name,
+          "images_below": keep_images_below}
+    if fp32_gpu_convs:
+        fp["gpu_convs"] = "fp32"
+    return fp

@@ -125,6 +125,12 @@ def _run(cfg: TrainConfig, config_dict: dict, stop_flag: StopFlag) -> int:
 
     strategy = build_strategy(cfg.strategy, cfg.train, cfg.optim)
     strategy.setup(make_model, make_optimizer)
+    opt = getattr(strategy, "optimizer", None)
+    opt = getattr(opt, "optimizer", opt)   # DeepSpeed's ZeRO wrapper holds the optimizer that steps
+    fused = opt is not None and any(g.get("fused") for g in opt.param_groups)
+    dist.print0(f"[setup] strategy={cfg.strategy.name} world={world} device={dist.device()} "
+                f"precision={cfg.train.precision} compile={cfg.train.compile} "
+                f"optimizer={type(opt).__name__}{' (fused)' if fused else ''}")
     ema = EMA(strategy.ema_params(), cfg.ema.decay, cfg.ema.warmup_steps)
     ckpt = CheckpointManager(cfg.run_dir, cfg.train.keep_last, cfg.train.keep_every_nimg)
     state = TrainState()
@@ -172,7 +178,7 @@ def _run(cfg: TrainConfig, config_dict: dict, stop_flag: StopFlag) -> int:
             save_safetensors(full_model, os.path.join(tmp, "model.safetensors"), md)
             atomic_write_text(os.path.join(tmp, "loader.json"), json.dumps(loader.state_dict()))
             meta = {"state": st.__dict__, "world_size": world, "strategy": cfg.strategy.name,
-                    "backend": torch.distributed.get_backend() if dist.is_dist() else None,   # as resolved (None = auto)
+                    "backend": torch.distributed.get_backend() if dist.is_dist() else None,   # as resolved; None: no process group
                     "wandb_id": logger.wandb_id, "config": config_dict}
             atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, default=str))
         path = ckpt.commit(tmp, st.nimg)

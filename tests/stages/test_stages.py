@@ -213,12 +213,14 @@ def test_command_line_group_choices_beat_stage_and_experiment_presets():
     assert strategies(["pretrain_256.strategy=zero3"])["pretrain_256"][0] == "zero3"
     from hydra import compose, initialize_config_dir
     import trainer.train  # noqa: F401  (registers the train_schema)
+    from modeling.registry import model_config
     with initialize_config_dir(config_dir=stages.config_dir(), version_base=None):
         for ov, want in [(["experiment=tiny_latents", "strategy=fsdp"], ("fsdp", "FlowDCN-debug")),
-                         (["experiment=digits", "model=sit_debug"], ("ddp", "SiT-debug")),
+                         (["experiment=digits", "model=sit_debug", "~model.overrides.groups"], ("ddp", "SiT-debug")),
                          (["experiment=digits"], ("ddp", "FlowDCN-debug"))]:
             cfg = compose("train", overrides=ov)
             assert (cfg.strategy.name, cfg.model.name) == want, ov
+            model_config(cfg.model.name, **cfg.model.overrides)   # the preset's overrides fit the chosen model
 
 
 def test_two_ranks_chain_stages_in_one_process_group(tmp_path):

@@ -25,7 +25,8 @@ def assert_agrees_with(ref: str, d: str, rtol: float = 2e-5) -> None:
 def test_zero2_agrees_with_ddp(ddp2_reference, tmp_path, offload):
     """offload: the optimizer (DeepSpeed's CPU Adam, JIT-built on first use) and the fp32 masters, hence the EMA, on CPU."""
     d = str(tmp_path / "zero2")
-    train(d, ["strategy.name=zero2", f"strategy.offload_optimizer={str(offload).lower()}"], nproc=2)
+    p = train(d, ["strategy.name=zero2", f"strategy.offload_optimizer={str(offload).lower()}"], nproc=2)
+    assert f"optimizer={'DeepSpeedCPUAdam' if offload else 'AdamW'}" in p.stdout, p.stdout[-3000:]
     assert_agrees_with(ddp2_reference, d)
 
 
@@ -47,6 +48,7 @@ def test_zero3_resume_on_the_same_and_other_world_sizes_agrees_with_ddp(ddp2_ref
     assert os.path.exists(os.path.join(d, "checkpoints", "nimg_000000000024", "ema_rank1.pt"))
     p = train(d, ["strategy.name=zero2", "train.total_nimg=32"], nproc=2, check=False)
     assert p.returncode != 0 and "a ZeRO-3 checkpoint cannot resume as ZeRO-2" in p.stderr, p.stderr[-3000:]
+    assert "resume with strategy=zero3" in p.stderr
     p = train(d, ["strategy.name=zero3", "train.total_nimg=32"], nproc=0)
     assert "saved by 2 process(es), now 1" in p.stdout
     p = train(d, ["strategy.name=zero3"], nproc=2)

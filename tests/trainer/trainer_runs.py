@@ -78,30 +78,41 @@ def signal_frozen_workers(launcher: int, sig: int, timeout: float = 60.0) -> Non
     """Send ``sig`` to torchrun with its workers stopped until torchrun has forwarded it to all of them.
 
     Without the freeze the workers keep stepping while torchrun forwards the signal: on a loaded machine the run
-    could reach its end before the signal lands, and the test would prove nothing. Linux: the pending signal shows
-    in /proc/<pid>/status (SigPnd/ShdPnd) of a stopped worker.
+    could reach its end before the signal lands, and the test would prove nothing. Linux only (the pending signal
+    shows in /proc/<pid>/status of a stopped worker); elsewhere the signal is just sent.
     """
     import psutil
 
-    workers = [c for c in psutil.Process(launcher).children(recursive=True)]
-    for w in workers:
-        w.send_signal(signal.SIGSTOP)
+    if not os.path.exists(f"/proc/{launcher}/status"):
+        os.kill(launcher, sig)
+        return
+    workers = psutil.Process(launcher).children(recursive=True)
     try:
+        for w in workers:
+            try:
+                w.send_signal(signal.SIGSTOP)
+            except psutil.NoSuchProcess:
+                pass
         # SIGSTOP takes effect asynchronously: a worker still running could take the forwarded signal itself, and the
         # wait below would never see it pending. Signal the launcher only once every worker has stopped.
-        t0 = time.time()
-        while time.time() - t0 < timeout and not all(_stopped(w) for w in workers):
-            time.sleep(0.01)
+        _wait_for(lambda: all(_stopped(w) for w in workers), timeout, "torchrun's workers to stop")
         os.kill(launcher, sig)
         bit = 1 << (sig - 1)
-        while time.time() - t0 < timeout and not all(_pending(w.pid) & bit for w in workers):
-            time.sleep(0.02)
+        _wait_for(lambda: all(_pending(w) & bit for w in workers), timeout, f"torchrun to forward signal {sig}")
     finally:
         for w in workers:
             try:
                 w.send_signal(signal.SIGCONT)
             except psutil.NoSuchProcess:
                 pass
+
+
+def _wait_for(cond, timeout: float, what: str) -> None:
+    t0 = time.time()
+    while not cond():
+        if time.time() - t0 > timeout:
+            raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+        time.sleep(0.01)
 
 
 def _stopped(proc) -> bool:
@@ -113,10 +124,12 @@ def _stopped(proc) -> bool:
         return True
 
 
-def _pending(pid: int) -> int:
+def _pending(proc) -> int:
     """Signals pending on a process (thread- and process-directed), as a bit mask; all bits once it is gone."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        if not proc.is_running():   # psutil also catches a reused PID
+            return -1
+        with open(f"/proc/{proc.pid}/status") as f:
             fields = dict(line.split(":", 1) for line in f if ":" in line)
     except OSError:
         return -1

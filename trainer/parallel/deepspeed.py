@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import glob
 import json
 import os
@@ -85,20 +86,17 @@ def autocast_inside(module: torch.nn.Module, device_type: str) -> None:
     section, a different precision scheme with fp32 parameters, is off in our bf16 mode), while its bf16 mode makes
     the parameters bf16 and leaves the inputs fp32: without this, the first layer fails on a GPU with "Input type
     (float) and bias type (c10::BFloat16) should be the same". (On CPU the engine only checks CUDA autocast, so the
-    CPU tests never saw it.) Hooks rather than a wrapper module keep the parameter names, which the checkpoints use.
+    CPU tests never saw it.) The instance's ``forward`` is wrapped rather than the module (the parameter names, which
+    the checkpoints use, stay), and a ``with`` block keeps it exact on exceptions, nested calls and threads.
     """
-    contexts = []
+    inner = module.forward
 
-    def enter(mod, args, kwargs):
-        ctx = torch.autocast(device_type, dtype=torch.bfloat16)
-        ctx.__enter__()
-        contexts.append(ctx)
+    @functools.wraps(inner)
+    def forward(*args, **kwargs):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return inner(*args, **kwargs)
 
-    def leave(mod, args, kwargs, out):
-        contexts.pop().__exit__(None, None, None)
-
-    module.register_forward_pre_hook(enter, with_kwargs=True)
-    module.register_forward_hook(leave, with_kwargs=True, always_call=True)
+    module.forward = forward
 
 
 def steps_on_param_devices(optimizer) -> None:
@@ -338,7 +336,7 @@ class DeepSpeedStrategy(Strategy):
             meta = json.load(f)
         if meta["stage"] != self.stage:
             raise ValueError(f"{path}: a ZeRO-{meta['stage']} checkpoint cannot resume as ZeRO-{self.stage} "
-                             "(set strategy.name to the stage it was saved with)")
+                             f"(resume with strategy=zero{meta['stage']}, the stage it was saved with)")
         resharded = meta["world_size"] != self.world
         ds_dir = self._universal(path) if resharded else os.path.join(path, "deepspeed")
         # A checkpoint of another world size loads through DeepSpeed's universal format (per-parameter fp32

@@ -258,9 +258,6 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
   TORCH_CHECK(gout.sizes() == value.sizes() && gout.scalar_type() == value.scalar_type(),
               "msdcn_cuda: grad_out must match value in shape and dtype");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(gout.data_ptr()) % 16 == 0, "msdcn_cuda: grad_out must be 16-byte aligned");
-  // grad_value is summed with fp32 atomics in no fixed order: under torch.use_deterministic_algorithms this raises
-  // (or warns with warn_only), as PyTorch's own non-deterministic CUDA kernels do.
-  at::globalContext().alertNotDeterministic("msdcn_backward (CUDA MSDCN kernels: grad_value accumulated with fp32 atomics)");
   const c10::cuda::CUDAGuard guard(value.device());
   const auto adt = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto gvalue = at::zeros(value.sizes(), value.options().dtype(adt));
@@ -273,6 +270,10 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
     auto s0p = fused ? at::zeros({1, value.size(3)}, value.options().dtype(adt)) : at::empty({0}, value.options().dtype(adt));
     return {gvalue, goff, gscale, gweight, s0p};
   }
+  // grad_value is summed with fp32 atomics in no fixed order: under torch.use_deterministic_algorithms this raises
+  // (or warns with warn_only), as PyTorch's own non-deterministic CUDA kernels do.
+  if (!skip_value_grad)
+    at::globalContext().alertNotDeterministic("msdcn_backward (CUDA MSDCN kernels: grad_value accumulated with fp32 atomics)");
   auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor s0p;
   FLOWDCN_DISPATCH(value.scalar_type(), weight.scalar_type(), "msdcn_backward", [&] {
