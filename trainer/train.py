@@ -125,9 +125,8 @@ def _run(cfg: TrainConfig, config_dict: dict, stop_flag: StopFlag) -> int:
 
     strategy = build_strategy(cfg.strategy, cfg.train, cfg.optim)
     strategy.setup(make_model, make_optimizer)
-    opt = getattr(strategy, "optimizer", None)
-    opt = getattr(opt, "optimizer", opt)   # DeepSpeed's ZeRO wrapper holds the optimizer that steps
-    fused = opt is not None and any(g.get("fused") for g in opt.param_groups)
+    opt = strategy.base_optimizer
+    fused = any(g.get("fused") for g in opt.param_groups)
     dist.print0(f"[setup] strategy={cfg.strategy.name} world={world} device={dist.device()} "
                 f"precision={cfg.train.precision} compile={cfg.train.compile} "
                 f"optimizer={type(opt).__name__}{' (fused)' if fused else ''}")

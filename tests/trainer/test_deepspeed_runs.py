@@ -108,8 +108,7 @@ def test_fused_adamw_steps_go_back_to_the_parameter_device():
     plain = torch.optim.AdamW([q])
     for opt, param in ((fused, p), (plain, q)):
         opt.state[param]["step"] = torch.tensor(5.0, dtype=torch.float64)   # as the universal loader leaves it
-    wrapper = type("ZeroWrapper", (), {"optimizer": fused})()
-    steps_on_param_devices(wrapper)
+    steps_on_param_devices(fused)
     steps_on_param_devices(plain)
     assert fused.state[p]["step"].device.type == "meta" and fused.state[p]["step"].dtype == torch.float32
     assert plain.state[q]["step"].device.type == "cpu"    # non-fused AdamW keeps its step on the CPU: left alone

@@ -25,6 +25,11 @@ class Strategy:
     def setup(self, build_model, make_optimizer) -> None:
         raise NotImplementedError
 
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer that applies the update (DeepSpeed wraps it); its param_groups and state are the real ones."""
+        return self.optimizer
+
     def autocast(self):
         return contextlib.nullcontext()
 

@@ -99,19 +99,18 @@ def autocast_inside(module: torch.nn.Module, device_type: str) -> None:
     module.forward = forward
 
 
-def steps_on_param_devices(optimizer) -> None:
+def steps_on_param_devices(optimizer: torch.optim.Optimizer) -> None:
     """Put each ``step`` of a fused or capturable torch optimizer back on its parameter's device, in fp32.
 
     DeepSpeed's universal-checkpoint loader (resume on another world size) restores ``step`` as a CPU tensor, and
     torch's fused CUDA AdamW (the trainer's default on GPUs) then fails at the first step with "state_steps is on
-    cpu". ``optimizer`` is DeepSpeed's ZeRO wrapper (its ``.optimizer`` is ours) or a torch optimizer.
+    cpu".
     """
-    base = getattr(optimizer, "optimizer", optimizer)
-    for group in base.param_groups:
+    for group in optimizer.param_groups:
         if not (group.get("fused") or group.get("capturable")):
             continue
         for p in group["params"]:
-            st = base.state.get(p)
+            st = optimizer.state.get(p)
             if st and torch.is_tensor(st.get("step")) and (st["step"].device != p.device or st["step"].dtype != torch.float32):
                 st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
 
@@ -160,9 +159,15 @@ class DeepSpeedStrategy(Strategy):
                                                  if p.requires_grad)
         self._empty = torch.zeros(0, dtype=torch.float32, device=dist.device())
 
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer.optimizer   # inside DeepSpeed's ZeRO wrapper: ours, or its CPU Adam under offload
+
     # ---- loop interface
     def autocast(self):
-        # bf16 engine parameters with fp32 inputs: autocast casts matmul inputs (DeepSpeed does not cast them).
+        # bf16 engine parameters with fp32 inputs: autocast casts matmul inputs (DeepSpeed does not cast them). On GPUs
+        # the engine turns this off around the module, where autocast_inside re-enters it; this one still covers the
+        # loss computed from the model's output.
         if self.precision == "bf16":
             return torch.autocast(dist.device().type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
@@ -351,7 +356,7 @@ class DeepSpeedStrategy(Strategy):
             self.engine._config.load_universal_checkpoint = False
         if load_path is None:
             raise FileNotFoundError(f"checkpoint file missing: DeepSpeed state under {ds_dir}")
-        steps_on_param_devices(self.optimizer)
+        steps_on_param_devices(self.base_optimizer)
         if resharded and self._sharded_ema:
             return self._resharded_ema(path)
         f = os.path.join(path, f"ema_rank{dist.get_rank()}.pt" if self._sharded_ema else "ema.pt")
