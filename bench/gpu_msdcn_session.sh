@@ -2,6 +2,8 @@
 # One GPU session for the MSDCN kernels: build, CUDA tests, op benchmark. Logs and JSON go to $OUT.
 #   bash bench/gpu_msdcn_session.sh [tests|bench|ncu|tiled|all]   (default all)
 # tiled: CUDA tests with the tiled backward off and on, then tiled vs untiled timings and a tile sweep.
+# gather: CUDA tests (gather backward, the default) and the scatter backward's kernel tests, gather vs scatter
+#   timings, a sweep of the pull kernel's unroll at XL, ncu of the gather kernels, then the op table.
 set -o pipefail
 what=${1:-all}
 OUT=${OUT:-/tmp/msdcn_out}; mkdir -p "$OUT"
@@ -26,6 +28,29 @@ if [ "$what" = tiled ]; then
     FLOWDCN_MSDCN_TILED_BWD=$flag timeout 180 python3 -m pytest -q -m cuda -p no:cacheprovider tests/cuda_ext -rs 2>&1 | tee "$OUT/tests_tiled$flag.log" | tail -n 25
   done
   timeout 200 python3 bench/msdcn_op.py --json "$OUT/bench_tiled.json" --no-op --no-ref --tile-sweep --tiled 2>&1 | tee "$OUT/bench_tiled.log" | tail -n 30
+fi
+if [ "$what" = gather ]; then
+  echo "== pytest -m cuda (gather backward)"
+  timeout 300 python3 -m pytest -q -m cuda -p no:cacheprovider tests/cuda_ext -rs 2>&1 | tee "$OUT/tests_gather.log" | tail -n 30
+  echo "== pytest -m cuda test_msdcn_cuda.py, FLOWDCN_MSDCN_BWD=scatter"
+  FLOWDCN_MSDCN_BWD=scatter timeout 200 python3 -m pytest -q -m cuda -p no:cacheprovider tests/cuda_ext/test_msdcn_cuda.py -k "not tiled" 2>&1 | tee "$OUT/tests_scatter.log" | tail -n 8
+  timeout 300 python3 bench/msdcn_op.py --json "$OUT/bench_backwards.json" --no-op --no-ref --backwards 2>&1 | tee "$OUT/bench_backwards.log" | tail -n 12
+  for u in 1 2 8; do
+    FLOWDCN_MSDCN_PULL_UNROLL=$u timeout 120 python3 bench/msdcn_op.py --json "$OUT/bench_unroll$u.json" --no-op --no-ref --backwards --shapes XL --grids 32,64 2>&1 | tail -n 3 | sed "s/^/unroll $u: /"
+  done
+  cat > /tmp/ncu_drive.py <<'PY'
+import sys, torch
+sys.path.insert(0, "bench")
+from msdcn_op import make_inputs, with_grad, ours_fwdbwd
+a = with_grad(make_inputs(32, 32, 32, 16, 72, 9, 0))
+for _ in range(3):
+    ours_fwdbwd(*a)
+torch.cuda.synchronize()
+PY
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  timeout 200 $NCU -k regex:msdcn_gather --launch-skip 8 --launch-count 4 --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats python3 /tmp/ncu_drive.py > "$OUT/ncu_gather.txt" 2>&1
+  grep -E "msdcn_|Duration|Registers Per|Achieved Occupancy|Memory Throughput|L1/TEX Hit|L2 Hit|DRAM Throughput|Compute \(SM\)|Warp Cycles Per Issued" "$OUT/ncu_gather.txt" | cut -c1-140 | head -n 48
+  timeout 300 python3 bench/msdcn_op.py --json "$OUT/bench_msdcn_op.json" --no-ref 2>&1 | tee "$OUT/bench.log" | tail -n 12
 fi
 if [ "$what" = all ] || [ "$what" = ncu ]; then
   cat > /tmp/ncu_drive.py <<'PY'

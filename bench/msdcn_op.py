@@ -8,6 +8,7 @@ device-to-device copy bandwidth. Optionally times one FlowDCN-XL block against o
 
     python bench/msdcn_op.py --json bench_msdcn.json [--block] [--sweep] [--diagnose]
     python bench/msdcn_op.py --no-op --no-ref --tile-sweep --tiled   # tiled backward: sweep, then vs untiled
+    python bench/msdcn_op.py --no-op --no-ref --backwards            # gather vs scatter backward
 """
 from __future__ import annotations
 
@@ -229,6 +230,25 @@ def compare_tiled(G, C, K, H) -> dict:
     return out
 
 
+def compare_backward(G, C, K, H) -> dict:
+    """fwd+bwd ms (eager, CUDA graph) and kernel times of the gather and the scatter backward."""
+    sets = [with_grad(make_inputs(BATCH, H, H, G, C, K, s)) for s in range(2 if H < 64 else 1)]
+    saved = msdcn_cuda._BACKWARD
+    out = {}
+    for kind in ("gather", "scatter"):
+        msdcn_cuda.set_backward(kind)
+        out[f"{kind}_fwdbwd_ms"] = cuda_time(ours_fwdbwd, sets)
+        out[f"{kind}_graph_fwdbwd_ms"] = graph_time(ours_fwdbwd, sets[0])
+        out[f"{kind}_kernels_ms"] = kernel_times(sets)
+        torch.cuda.reset_peak_memory_stats()
+        ours_fwdbwd(*sets[0])
+        torch.cuda.synchronize()
+        out[f"{kind}_peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
+    msdcn_cuda.set_backward(saved)
+    print(f"  gather vs scatter G={G} C={C} {H}²: {json.dumps(out)}", flush=True)
+    return out
+
+
 def bench_op(bw: float, with_ref: bool) -> list[dict]:
     rows = []
     for name, (G, C, K) in SHAPES.items():
@@ -308,6 +328,7 @@ def bench_blocks() -> list[dict]:
 
 
 def main() -> None:
+    global SHAPES, GRIDS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default="bench_msdcn_op.json")
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference timings")
@@ -316,8 +337,13 @@ def main() -> None:
     ap.add_argument("--diagnose", action="store_true", help="kernel times and the share of the grad_value atomics")
     ap.add_argument("--tiled", action="store_true", help="compare the tiled and untiled backward (XL and B, all grids)")
     ap.add_argument("--tile-sweep", action="store_true", help="time tile shapes and halo radii of the tiled backward at XL 32² and 64²")
+    ap.add_argument("--backwards", action="store_true", help="compare the gather and scatter backward (XL and B, all grids)")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of XL,B")
+    ap.add_argument("--grids", default=",".join(map(str, GRIDS)), help="comma-separated subset of 16,32,64")
     ap.add_argument("--no-op", action="store_true", help="skip the main op table (with --tiled / --tile-sweep)")
     args = ap.parse_args()
+    SHAPES = {k: SHAPES[k] for k in args.shapes.split(",")}
+    GRIDS = tuple(int(h) for h in args.grids.split(","))
 
     msdcn_cuda.require()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -335,6 +361,8 @@ def main() -> None:
         result["tile_sweep"] = {f"XL_{h}": tile_sweep(16, 72, 9, h) for h in (32, 64)}
     if args.tiled:
         result["tiled"] = {f"{name}_{h}": compare_tiled(*SHAPES[name], h) for name in SHAPES for h in GRIDS}
+    if args.backwards:
+        result["backwards"] = {f"{name}_{h}": compare_backward(*SHAPES[name], h) for name in SHAPES for h in GRIDS}
     result["op"] = [] if args.no_op else bench_op(bw, with_ref=not args.no_ref)
     if args.block:
         result["block"] = bench_blocks()
@@ -360,6 +388,14 @@ def main() -> None:
             bk = lambda ks: next((v for k, v in ks.items() if "backward" in k), float("nan"))  # noqa: E731
             cells = [f"{r[m + '_fwdbwd_ms']:.3f} / {r[m + '_graph_fwdbwd_ms']:.3f} / {bk(r[m + '_kernels_ms']):.3f}" for m in ("untiled", "sort", "atomic")]
             print(f"| {name} | {h}² | " + " | ".join(cells) + " |")
+    if args.backwards:
+        print("\nBackward algorithms: fused fwd+bwd ms, eager / CUDA graph; peak GB of one fwd+bwd")
+        print("| shape | grid | gather | scatter | gather kernels (ms per call) |\n|---|---|---|---|---|")
+        for key, r in result["backwards"].items():
+            name, h = key.split("_")
+            cells = [f"{r[m + '_fwdbwd_ms']:.3f} / {r[m + '_graph_fwdbwd_ms']:.3f} ({r[m + '_peak_GB']:.2f} GB)" for m in ("gather", "scatter")]
+            ks = ", ".join(f"{k.split('<')[0].split('(')[0][-28:]} {v:.3f}" for k, v in r["gather_kernels_ms"].items())
+            print(f"| {name} | {h}² | " + " | ".join(cells) + f" | {ks} |")
     if args.block:
         print("\n| grid | FlowDCN-XL block fwd+bwd (ms) | SiT-XL block fwd+bwd (ms) |\n|---|---|---|")
         for r in result["block"]:

@@ -9,8 +9,8 @@ eager calls run the same implementations through a thin autograd.Function, which
 
 Dtypes are taken as they come (autocast gives bf16 value and fields): value bf16/fp16/fp32/fp64, fields
 of the value's dtype or fp32 (other mixes are cast to fp32 here). Coordinates and sums are fp32 (fp64
-for fp64 values), grad_value is accumulated in an fp32 buffer, every grad is returned in its input's
-dtype. C need not be a multiple of 8: other C are zero-padded here (a copy; C % 8 == 0 is the fast path).
+for fp64 values), grad_value is summed in fp32 (registers of the gather backward, or an fp32 atomic
+buffer), every grad is returned in its input's dtype. C need not be a multiple of 8: other C are zero-padded here (a copy; C % 8 == 0 is the fast path).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from . import build
 from .reference import check_deform_inputs, check_msdcn_inputs
 
-__all__ = ["available", "require", "supports", "msdcn", "msdcn_deform", "set_launch", "set_tiled"]
+__all__ = ["available", "require", "supports", "msdcn", "msdcn_deform", "set_backward", "set_launch", "set_tiled"]
 
 _VALUE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _state: dict[str, object] = {"error": None, "ok": False}
@@ -51,6 +51,14 @@ if _TILED_MODE not in _TILED_MODES:
     raise ValueError(f"FLOWDCN_MSDCN_TILED_MODE must be one of {sorted(_TILED_MODES)}, got {_TILED_MODE!r}")
 _TILE = [int(x) for x in os.environ.get("FLOWDCN_MSDCN_TILE", "8x8").lower().split("x")]
 _TILE_RADIUS = int(os.environ.get("FLOWDCN_MSDCN_TILE_RADIUS", "2"))
+# Backward algorithm for grad_value (csrc/msdcn_gather.cuh): "gather" buckets the contributions by pixel
+# (integer counting sort) and sums each pixel's in registers, taking the corner dots in the same pass;
+# "scatter" adds every contribution to an fp32 buffer with float atomics (msdcn_backward_kernel). The
+# tiled backward (a scatter variant, off by default) takes precedence when switched on.
+_BACKWARDS = ("gather", "scatter")
+_BACKWARD = os.environ.get("FLOWDCN_MSDCN_BWD", "gather")
+if _BACKWARD not in _BACKWARDS:
+    raise ValueError(f"FLOWDCN_MSDCN_BWD must be one of {_BACKWARDS}, got {_BACKWARD!r}")
 # Benchmark diagnostic only: the backward leaves grad_value zero (to measure the atomics' share).
 _DIAG_SKIP_VALUE_GRAD = False
 
@@ -203,10 +211,21 @@ def set_tiled(enabled: bool, tile: tuple[int, int] | None = None, radius: int | 
     _TILED_BWD = bool(enabled)
 
 
+def set_backward(kind: str) -> None:
+    """Choose the backward algorithm: 'gather' (default) or 'scatter' (see FLOWDCN_MSDCN_BWD)."""
+    global _BACKWARD
+    if kind not in _BACKWARDS:
+        raise ValueError(f"msdcn cuda: backward must be one of {_BACKWARDS}, got {kind!r}")
+    _BACKWARD = kind
+
+
 def _bwd_flags():
-    """Launch shape and variant switches of the backward kernel."""
-    return (*_LAUNCH["backward"], _SPLIT_BWD, _LEAN_BWD, _L1_PREF_BWD, _DIAG_SKIP_VALUE_GRAD,
-            _TILED_MODES[_TILED_MODE] if _TILED_BWD else 0, *_TILE, _TILE_RADIUS)
+    """Launch shape and variant of the backward (0 scatter, 1/2 tiled scatter, 3 gather; see msdcn_cuda.cu)."""
+    if _TILED_BWD:
+        variant = _TILED_MODES[_TILED_MODE]
+    else:
+        variant = 3 if _BACKWARD == "gather" else 0
+    return (*_LAUNCH["backward"], _SPLIT_BWD, _LEAN_BWD, _L1_PREF_BWD, _DIAG_SKIP_VALUE_GRAD, variant, *_TILE, _TILE_RADIUS)
 
 
 def _plain_backward_impl(grad_out, value, offsets, weights, rounding):

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -13,6 +14,7 @@
 
 #include "msdcn_kernels.cuh"
 #include "msdcn_tiled.cuh"
+#include "msdcn_gather.cuh"
 
 namespace flowdcn {
 namespace {
@@ -221,6 +223,68 @@ void check_all(const at::Tensor& value, const at::Tensor& off, const at::Tensor&
   }
 }
 
+// True when the gather backward serves this shape: a bucket's lanes fit in one warp (C <= 256) and the
+// corner indices (N*G*K*4) and bucket indices fit in int32.
+bool gather_serves(const at::Tensor& value, const at::Tensor& weight) {
+  const int64_t N = value.size(0) * value.size(1) * value.size(2), G = value.size(3), C = value.size(4), K = weight.size(4);
+  return C / kVec <= 32 && N * G * K * 4 < (int64_t(1) << 31) - 1 && N * G < (int64_t(1) << 31) - 1;
+}
+
+// The gather backward (msdcn_gather.cuh): count, scan, fill, pull, epilogue on the current stream.
+// Returns grad_value in the value's dtype and, when fused, the epilogue's per-block d/ds0 partials.
+template <typename T, typename F, typename A>
+std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor& value,
+                                                  const at::Tensor& gout, cudaStream_t stream) {
+  const int64_t NG = p.N * p.G, items = NG * p.K, E = 4 * items;
+  const auto iopt = value.options().dtype(at::kInt);
+  const auto adt = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto count = at::zeros({NG}, iopt);
+  auto start = at::empty({NG + 1}, iopt);
+  auto keyrank = at::empty({2, E}, iopt);
+  auto entries = at::empty({E * static_cast<int64_t>(sizeof(GatherEntry<A>))}, value.options().dtype(at::kByte));
+  auto dots = at::empty({E}, value.options().dtype(adt));
+  auto gvalue = at::empty_like(value);
+  GatherBufs<T, A> b{};
+  b.count = count.data_ptr<int>();
+  b.start = start.data_ptr<int>();
+  b.key = keyrank.data_ptr<int>();
+  b.rank = b.key + E;
+  b.entries = reinterpret_cast<GatherEntry<A>*>(entries.data_ptr());
+  b.dots = reinterpret_cast<A*>(dots.data_ptr());
+  b.gvalue = reinterpret_cast<T*>(gvalue.data_ptr());
+  const int64_t item_blocks = (items + kGatherThreads - 1) / kGatherThreads;
+  TORCH_CHECK(item_blocks < (int64_t(1) << 31), "msdcn_cuda: too many points for one launch: ", items);
+  auto count_k = fused ? msdcn_gather_count_kernel<T, F, A, true> : msdcn_gather_count_kernel<T, F, A, false>;
+  count_k<<<item_blocks, kGatherThreads, 0, stream>>>(p, b);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor scanned = start.narrow(0, 1, NG);
+  at::cumsum_out(scanned, count, 0, at::kInt);  // on the current stream
+  auto fill_k = fused ? msdcn_gather_fill_kernel<T, F, A, true> : msdcn_gather_fill_kernel<T, F, A, false>;
+  fill_k<<<item_blocks, kGatherThreads, 0, stream>>>(p, b);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int per_block = (kGatherThreads / 32) * (32 / p.L);  // buckets per block
+  const int64_t pull_blocks = (NG + per_block - 1) / per_block;
+  // Contributions in flight per lane: FLOWDCN_MSDCN_PULL_UNROLL (1, 2, 4 or 8; read once per process), default 4.
+  static const int unroll = [] {
+    const char* e = std::getenv("FLOWDCN_MSDCN_PULL_UNROLL");
+    const int u = e ? std::atoi(e) : 4;
+    TORCH_CHECK(u == 1 || u == 2 || u == 4 || u == 8, "FLOWDCN_MSDCN_PULL_UNROLL must be 1, 2, 4 or 8, got ", e);
+    return u;
+  }();
+  auto pull_k = unroll == 1 ? msdcn_gather_pull_kernel<T, A, 1> : unroll == 2 ? msdcn_gather_pull_kernel<T, A, 2>
+              : unroll == 8 ? msdcn_gather_pull_kernel<T, A, 8> : msdcn_gather_pull_kernel<T, A, 4>;
+  pull_k<<<pull_blocks, kGatherThreads, 0, stream>>>(p.value, p.gout, b, NG, p.C, p.K);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int ep_threads = p.G * std::max(1, kGatherThreads / p.G);
+  const int64_t ep_blocks = (NG + ep_threads - 1) / ep_threads;
+  at::Tensor s0p = fused ? at::empty({ep_blocks, p.G}, value.options().dtype(adt)) : at::empty({0}, value.options().dtype(adt));
+  if (fused) b.s0_part = reinterpret_cast<A*>(s0p.data_ptr());
+  auto ep_k = fused ? msdcn_gather_epilogue_kernel<T, F, A, true> : msdcn_gather_epilogue_kernel<T, F, A, false>;
+  ep_k<<<ep_blocks, ep_threads, ep_threads * sizeof(A), stream>>>(p, b);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {gvalue, s0p};
+}
+
 }  // namespace
 
 // out = msdcn(value, off, weight) (fused=false) or msdcn(value, deform(delta=off, scale, prior, s0, smax), weight).
@@ -246,13 +310,15 @@ at::Tensor msdcn_forward(const at::Tensor& value, const at::Tensor& off, const a
   return out;
 }
 
-// Returns [grad_value (fp32/fp64 buffer), grad_off (or delta), grad_scale (fused, else empty),
-//          grad_weight, s0 partials [blocks, G] (fused, else empty)].
+// variant: 0 scatter (fp32 atomics), 1 tiled scatter with an atomic window, 2 tiled with a sorted window,
+// 3 gather (msdcn_gather.cuh; the scatter kernel runs where the gather one does not serve the shape).
+// Returns [grad_value (value's dtype from the gather variant, else the fp32/fp64 accumulation buffer),
+//          grad_off (or delta), grad_scale (fused, else empty), grad_weight, s0 partials [blocks, G] (fused, else empty)].
 std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor& value, const at::Tensor& off,
                                        const at::Tensor& scale, const at::Tensor& weight, const at::Tensor& prior,
                                        const at::Tensor& s0, const at::Tensor& smax, bool fused, bool trunc,
                                        int64_t threads, int64_t rounds, bool split, bool lean, bool l1_pref,
-                                       bool skip_value_grad, int64_t tiled, int64_t tile_h, int64_t tile_w, int64_t radius) {
+                                       bool skip_value_grad, int64_t variant, int64_t tile_h, int64_t tile_w, int64_t radius) {
   check_all(value, off, scale, weight, prior, s0, smax, fused);
   check_cuda(gout, "grad_out", value);
   TORCH_CHECK(gout.sizes() == value.sizes() && gout.scalar_type() == value.scalar_type(),
@@ -260,7 +326,11 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
   TORCH_CHECK(reinterpret_cast<uintptr_t>(gout.data_ptr()) % 16 == 0, "msdcn_cuda: grad_out must be 16-byte aligned");
   const c10::cuda::CUDAGuard guard(value.device());
   const auto adt = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto gvalue = at::zeros(value.sizes(), value.options().dtype(adt));
+  TORCH_CHECK(variant >= 0 && variant <= 3,
+              "msdcn_cuda: backward variant must be 0 (scatter), 1 (tiled, atomic window), 2 (tiled, sorted window) or 3 (gather), got ", variant);
+  const bool gather = variant == 3 && gather_serves(value, weight);
+  at::Tensor gvalue;
+  if (value.numel() == 0 || weight.numel() == 0 || !gather) gvalue = at::zeros(value.sizes(), value.options().dtype(adt));
   auto goff = at::empty_like(off);
   auto gweight = at::empty_like(weight);
   auto gscale = fused ? at::empty_like(scale) : at::empty({0}, weight.options());
@@ -270,9 +340,12 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
     auto s0p = fused ? at::zeros({1, value.size(3)}, value.options().dtype(adt)) : at::empty({0}, value.options().dtype(adt));
     return {gvalue, goff, gscale, gweight, s0p};
   }
-  // grad_value is summed with fp32 atomics in no fixed order: under torch.use_deterministic_algorithms this raises
-  // (or warns with warn_only), as PyTorch's own non-deterministic CUDA kernels do.
-  if (!skip_value_grad)
+  // grad_value's fp32 sums have no fixed order (scatter: float atomics; gather: bucket order from integer atomics):
+  // under torch.use_deterministic_algorithms this raises (or warns with warn_only), as PyTorch's own
+  // non-deterministic CUDA kernels do.
+  if (gather)
+    at::globalContext().alertNotDeterministic("msdcn_backward (CUDA MSDCN kernels: grad_value summed in bucket order set by atomics)");
+  else if (!skip_value_grad)
     at::globalContext().alertNotDeterministic("msdcn_backward (CUDA MSDCN kernels: grad_value accumulated with fp32 atomics)");
   auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor s0p;
@@ -286,15 +359,16 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
     p.gout = reinterpret_cast<const T*>(gout.data_ptr());
     p.skip_value_grad = skip_value_grad;
     p.split = split;
-    p.gvalue = reinterpret_cast<A*>(gvalue.data_ptr());
     p.goff = reinterpret_cast<F*>(goff.data_ptr());
     p.gweight = reinterpret_cast<F*>(gweight.data_ptr());
-    if (fused) {
-      p.gscale = reinterpret_cast<F*>(gscale.data_ptr());
-      p.s0_part = reinterpret_cast<A*>(s0p.data_ptr());
+    if (fused) p.gscale = reinterpret_cast<F*>(gscale.data_ptr());
+    if (gather) {
+      std::tie(gvalue, s0p) = gather_backward<T, F, A>(p, fused, value, gout, stream);
+      return;
     }
-    TORCH_CHECK(tiled >= 0 && tiled <= 2, "msdcn_cuda: tiled must be 0 (off), 1 (atomic window) or 2 (sorted window), got ", tiled);
-    const bool sorted = tiled == 2;
+    p.gvalue = reinterpret_cast<A*>(gvalue.data_ptr());
+    if (fused) p.s0_part = reinterpret_cast<A*>(s0p.data_ptr());
+    const bool tiled = variant == 1 || variant == 2, sorted = variant == 2;
     TileShape ts{};
     if (tiled && tiled_shape(geo, tile_h, tile_w, radius, sizeof(A), sizeof(PointGeo<A>), sorted, value.get_device(), ts)) {
       const int th = static_cast<int>((static_cast<int64_t>(ts.P) * geo.L + 31) / 32 * 32);  // whole warps

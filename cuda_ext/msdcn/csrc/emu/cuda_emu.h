@@ -11,6 +11,8 @@
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 struct uint2 { unsigned x, y; };
 struct uint4 { unsigned x, y, z, w; };
+struct alignas(16) int4 { int x, y, z, w; };
+inline int4 make_int4(int a, int b, int c, int d) { return {a, b, c, d}; }
 struct float2 { float x, y; };
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(16) double2 { double x, y; };
@@ -23,7 +25,8 @@ inline int max(int a, int b) { return a > b ? a : b; }
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(a, b)
+#define __launch_bounds__(...)
+#define __restrict__
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__
 
@@ -39,17 +42,20 @@ inline std::vector<double> shfl_buf;
 #define blockDim (emu::bDim)
 inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
 template <class T> T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
-template <class T> T shfl_impl(T v, int src_lane_delta, bool up) {
+// Warp shuffle: every lane of the warp must call it (as the kernels' full-mask shuffles require on a GPU).
+// mode 0: from lane + delta (down), 1: lane - delta (up), 2: lane ^ delta (xor); out-of-warp sources keep v.
+template <class T> T shfl_impl(T v, int delta, int mode) {
   const int tid = threadIdx.x, w = tid / 32, l = tid % 32;
   auto& bar = *emu::warp_bar[w];
   bar.arrive_and_wait();
   emu::shfl_buf[tid] = static_cast<double>(v);
   bar.arrive_and_wait();
+  const int src = mode == 0 ? l + delta : mode == 1 ? l - delta : l ^ delta;
   T r = v;
-  if (up && l - src_lane_delta >= 0) r = static_cast<T>(emu::shfl_buf[tid - src_lane_delta]);
-  if (!up && l + src_lane_delta < 32) r = static_cast<T>(emu::shfl_buf[tid + src_lane_delta]);
+  if (src >= 0 && src < 32 && w * 32 + src < static_cast<int>(emu::bDim.x)) r = static_cast<T>(emu::shfl_buf[w * 32 + src]);
   bar.arrive_and_wait();
   return r;
 }
-template <class T> T __shfl_up_sync(unsigned, T v, int o) { return shfl_impl(v, o, true); }
-template <class T> T __shfl_down_sync(unsigned, T v, int o) { return shfl_impl(v, o, false); }
+template <class T> T __shfl_up_sync(unsigned, T v, int o) { return shfl_impl(v, o, 1); }
+template <class T> T __shfl_down_sync(unsigned, T v, int o) { return shfl_impl(v, o, 0); }
+template <class T> T __shfl_xor_sync(unsigned, T v, int o) { return shfl_impl(v, o, 2); }

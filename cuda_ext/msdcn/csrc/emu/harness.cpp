@@ -1,9 +1,9 @@
-// CPU emulation harness: runs the MSDCN backward kernels of ../ (untiled and both tiled modes) on the
+// CPU emulation harness: runs the MSDCN backward kernels of ../ (untiled, both tiled modes, gather) on the
 // CPU, one std::thread per CUDA thread (cuda_emu.h), so their index and synchronisation logic is tested
 // without a GPU (tests/cuda_ext/test_msdcn_cuda.py builds it with g++). Not part of the extension build.
 //   harness DIR MODE FUSED TRUNC SPLIT B H W G C K TH TW R Q ROUNDS DTYPE   (DTYPE: f64 | f32 | bf16)
 // MODE 0: untiled kernel (Q queries x ROUNDS per block); 1: tiled, atomic window; 2: tiled, sorted window
-// (tile TH x TW, radius R). Inputs DIR/{value,off,weight,gout[,scale,prior,s0,smax]}.bin (float64 in the
+// (tile TH x TW, radius R); 3: gather (count, prefix sum here on the host, fill, pull, epilogue). Inputs DIR/{value,off,weight,gout[,scale,prior,s0,smax]}.bin (float64 in the
 // op's layouts, converted to the kernel's types); outputs DIR/{gvalue,goff,gweight,gscale,s0p}.bin (float64).
 #include "cuda_emu.h"
 #include <cstdio>
@@ -13,6 +13,7 @@
 #include <thread>
 namespace flowdcn { alignas(16) unsigned char smem_raw[1 << 21]; }
 #include "msdcn_tiled.cuh"
+#include "msdcn_gather.cuh"
 using namespace flowdcn;
 
 inline double to_f64(double x) { return x; }
@@ -90,6 +91,37 @@ static int run(char** argv) {
     launch({unsigned(blocks), 1, 1}, Q * G * p.L, [&] {
       if (fused) msdcn_backward_kernel<T, F, A, true>(p); else msdcn_backward_kernel<T, F, A, false>(p);
     });
+  } else if (mode == 3) {
+    // The launcher's sequence (msdcn_cuda.cu gather_backward), with the prefix sum on the host.
+    const int64_t NG = N * G, items = NG * K, E = 4 * items;
+    std::vector<int> count(NG, 0), start(NG + 1, -7), keyrank(2 * E, -7);
+    std::vector<GatherEntry<A>> entries(E);
+    for (auto& e : entries) { e.idx = -7; e.cw = A(NAN); }  // garbage: every used entry must be written
+    std::vector<A> dots(E, A(NAN));
+    std::vector<T> gv(N * G * C);
+    for (auto& x : gv) from_f64(NAN, x);
+    GatherBufs<T, A> b{};
+    b.count = count.data(); b.start = start.data(); b.key = keyrank.data(); b.rank = keyrank.data() + E;
+    b.entries = entries.data(); b.dots = dots.data(); b.gvalue = gv.data();
+    const unsigned item_blocks = unsigned((items + kGatherThreads - 1) / kGatherThreads);
+    launch({item_blocks, 1, 1}, kGatherThreads, [&] {
+      if (fused) msdcn_gather_count_kernel<T, F, A, true>(p, b); else msdcn_gather_count_kernel<T, F, A, false>(p, b);
+    });
+    for (int64_t i = 0; i < NG; ++i) start[i + 1] = start[i] + count[i];
+    launch({item_blocks, 1, 1}, kGatherThreads, [&] {
+      if (fused) msdcn_gather_fill_kernel<T, F, A, true>(p, b); else msdcn_gather_fill_kernel<T, F, A, false>(p, b);
+    });
+    const int per_block = (kGatherThreads / 32) * (32 / p.L);
+    launch({unsigned((NG + per_block - 1) / per_block), 1, 1}, kGatherThreads,
+           [&] { msdcn_gather_pull_kernel<T, A, 4>(p.value, p.gout, b, NG, C, K); });
+    const int ep_threads = G * std::max(1, kGatherThreads / G);
+    const int64_t ep_blocks = (NG + ep_threads - 1) / ep_threads;
+    s0p.assign(ep_blocks * G, NAN);
+    b.s0_part = s0p.data();
+    launch({unsigned(ep_blocks), 1, 1}, ep_threads, [&] {
+      if (fused) msdcn_gather_epilogue_kernel<T, F, A, true>(p, b); else msdcn_gather_epilogue_kernel<T, F, A, false>(p, b);
+    });
+    for (size_t i = 0; i < gv.size(); ++i) gvalue[i] = static_cast<A>(to_f64(gv[i]));
   } else {
     TileShape ts{};
     ts.TH = TH; ts.TW = TW; ts.R = R;
