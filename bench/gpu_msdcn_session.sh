@@ -34,9 +34,9 @@ if [ "$what" = gather ]; then
   timeout 300 python3 -m pytest -q -m cuda -p no:cacheprovider tests/cuda_ext -rs 2>&1 | tee "$OUT/tests_gather.log" | tail -n 30
   echo "== pytest -m cuda test_msdcn_cuda.py, FLOWDCN_MSDCN_BWD=scatter"
   FLOWDCN_MSDCN_BWD=scatter timeout 200 python3 -m pytest -q -m cuda -p no:cacheprovider tests/cuda_ext/test_msdcn_cuda.py -k "not tiled" 2>&1 | tee "$OUT/tests_scatter.log" | tail -n 8
-  timeout 300 python3 bench/msdcn_op.py --json "$OUT/bench_backwards.json" --no-op --no-ref --backwards 2>&1 | tee "$OUT/bench_backwards.log" | tail -n 12
-  for u in 1 2 8; do
-    FLOWDCN_MSDCN_PULL_UNROLL=$u timeout 120 python3 bench/msdcn_op.py --json "$OUT/bench_unroll$u.json" --no-op --no-ref --backwards --shapes XL --grids 32,64 2>&1 | tail -n 3 | sed "s/^/unroll $u: /"
+  timeout 300 python3 bench/msdcn_op.py --json "$OUT/bench_backwards.json" --no-op --no-ref --backwards 2>&1 | tee "$OUT/bench_backwards.log" | tail -n 8 | cut -c1-250
+  for v in FLOWDCN_MSDCN_PULL_UNROLL=2 FLOWDCN_MSDCN_PULL_ORDER=pixel; do
+    env $v timeout 120 python3 bench/msdcn_op.py --json "$OUT/bench_${v#FLOWDCN_MSDCN_}.json" --no-op --no-ref --backwards --shapes XL --grids 32,64 2>&1 | tail -n 2 | cut -c1-60 | sed "s/^/$v: /"
   done
   cat > /tmp/ncu_drive.py <<'PY'
 import sys, torch
@@ -50,7 +50,9 @@ PY
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   timeout 200 $NCU -k regex:msdcn_gather --launch-skip 8 --launch-count 4 --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats python3 /tmp/ncu_drive.py > "$OUT/ncu_gather.txt" 2>&1
   grep -E "msdcn_|Duration|Registers Per|Achieved Occupancy|Memory Throughput|L1/TEX Hit|L2 Hit|DRAM Throughput|Compute \(SM\)|Warp Cycles Per Issued" "$OUT/ncu_gather.txt" | cut -c1-140 | head -n 48
-  timeout 300 python3 bench/msdcn_op.py --json "$OUT/bench_msdcn_op.json" --no-ref 2>&1 | tee "$OUT/bench.log" | tail -n 12
+  timeout 300 python3 bench/msdcn_op.py --json "$OUT/bench_msdcn_op.json" --no-ref 2>&1 | tee "$OUT/bench.log" | tail -n 9
+  echo "== tests"; tail -n 3 "$OUT/tests_gather.log"; tail -n 2 "$OUT/tests_scatter.log"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests_gather.log" "$OUT/tests_scatter.log" | head -n 20
 fi
 if [ "$what" = all ] || [ "$what" = ncu ]; then
   cat > /tmp/ncu_drive.py <<'PY'

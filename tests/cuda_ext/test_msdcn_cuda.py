@@ -588,9 +588,9 @@ def run_emulated(exe, tmp, tensors, mode, fused, rounding, shape, tile=(8, 8), r
 
 
 # (mode, tile, radius, split): mode 0 = untiled scatter (checks the emulation itself), 1 = tiled atomic, 2 = tiled
-# sorted, 3 = gather (tile, radius and split unused).
+# sorted, 3 = gather (tile and radius unused; split picks the pull's block order: True group-major, False pixel-major).
 EMU_CASES = [(0, (8, 8), 0, True), (1, (8, 8), 2, True), (2, (8, 8), 2, True), (2, (3, 5), 0, False), (1, (4, 16), 1, False), (2, (2, 3), 6, True),
-             (3, (8, 8), 0, True)]
+             (3, (8, 8), 0, True), (3, (8, 8), 0, False)]
 
 
 @pytest.mark.parametrize("rounding", ROUNDINGS)

@@ -43,6 +43,19 @@ struct __align__(8) GatherEntry<float> {
   float cw;
 };
 
+// Magic m with idx / (4K) == (idx * m) >> 40 for every idx < 2^31 when 4K <= 256 (the rounding error idx / 2^40
+// stays below 1 / (4K)); 0 = divide.
+inline uint64_t gather_row_magic(int K) {
+  const uint64_t d = 4 * static_cast<uint64_t>(K);
+  return d <= 256 ? ((uint64_t(1) << 40) + d - 1) / d : 0;
+}
+
+// Threads of an epilogue block: whole queries (a multiple of G*K), about kGatherThreads.
+inline int gather_epilogue_threads(int G, int K) {
+  const int per_query = G * K;
+  return per_query * (per_query < kGatherThreads ? kGatherThreads / per_query : 1);
+}
+
 template <typename T, typename A>
 struct GatherBufs {
   int* count;              // [N*G] zeroed: contributions per (pixel, group) bucket
@@ -122,15 +135,29 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_fill_kernel(const
 // lane owns 8 channels. Buckets differ in length, so each warp runs to its longest bucket and the shorter
 // ones idle (the shuffles of the dot reduction need every lane of the warp). U contributions per
 // iteration: their grad_out loads are all in flight before the first is used.
+// group_major: block b serves group b % G for a run of consecutive pixels, so the grad_out rows it gathers
+// (queries near those pixels, one group) are shared between its buckets and stay in L1; otherwise a block
+// serves consecutive buckets (a pixel or two, all groups).
 template <typename T, typename A, int U>
 __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_pull_kernel(const T* __restrict__ value, const T* __restrict__ gout,
-                                                                          GatherBufs<T, A> b, int64_t NG, int C, int K) {
+                                                                          GatherBufs<T, A> b, int64_t NG, int G, int C, int K,
+                                                                          uint64_t row_magic, bool group_major) {
   const int L = C / kVec;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int per_warp = 32 / L;
   const int seg = lane / L, sl = lane - seg * L;
-  const int64_t bucket = (static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + warp) * per_warp + seg;
-  const bool mine = seg < per_warp && bucket < NG;
+  const int64_t slot = static_cast<int64_t>(warp) * per_warp + seg;  // bucket of this lane within the block
+  const int64_t per_block = static_cast<int64_t>(blockDim.x >> 5) * per_warp;
+  int64_t bucket;
+  bool mine = seg < per_warp;
+  if (group_major) {
+    const int64_t pixel = (blockIdx.x / G) * per_block + slot;
+    bucket = pixel * G + blockIdx.x % G;
+    mine = mine && pixel < NG / G;
+  } else {
+    bucket = blockIdx.x * per_block + slot;
+    mine = mine && bucket < NG;
+  }
   int beg = 0, cnt = 0;
   if (mine) {
     beg = b.start[bucket];
@@ -159,7 +186,9 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_pull_kernel(const
         const GatherEntry<A> e = b.entries[beg + base + u];
         idx[u] = e.idx;
         cw[u] = e.cw;
-        load8(gout + static_cast<int64_t>(e.idx / K4) * C + sl * kVec, go[u]);  // grad_out row (query, group)
+        // grad_out row (query, group) = idx / (4K): a multiply-shift when the launcher found a magic (4K <= 256)
+        const int64_t row = row_magic ? static_cast<int64_t>((static_cast<uint64_t>(e.idx) * row_magic) >> 40) : e.idx / K4;
+        load8(gout + row * C + sl * kVec, go[u]);
       } else {
 #pragma unroll
         for (int i = 0; i < kVec; ++i) go[u][i] = A(0);
@@ -191,56 +220,55 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_pull_kernel(const
   if (mine) store8(b.gvalue + ch, acc);
 }
 
-// 5. epilogue: one thread per (query, group) row t = n * G + g, all K points; blockDim is a multiple of G,
-// so thread tid serves group tid % G and d/ds0 sums over the block's rows in a fixed order.
+// 5. epilogue: one thread per (query, group, point) item i, as the fields are laid out (coalesced loads and
+// stores). blockDim is a multiple of G*K, so a block holds whole queries and thread tid serves group
+// (tid / K) % G; d/ds0 is summed over the block's items in a fixed order.
 template <typename T, typename F, typename A, bool FUSED>
-__global__ void __launch_bounds__(2 * kGatherThreads) msdcn_gather_epilogue_kernel(const MsdcnParams<T, F, A> p, GatherBufs<T, A> b) {
+__global__ void __launch_bounds__(1024) msdcn_gather_epilogue_kernel(const MsdcnParams<T, F, A> p, GatherBufs<T, A> b) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* red = reinterpret_cast<A*>(smem_raw);  // [blockDim.x]
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  A s0_sum = A(0);
-  if (t < p.N * p.G) {
-    const int g = static_cast<int>(t % p.G);
-    const int64_t n = t / p.G;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int k = static_cast<int>(threadIdx.x % p.K), g = static_cast<int>((threadIdx.x / p.K) % p.G);
+  A gl = A(0);
+  if (i < p.N * p.G * p.K) {
+    const int64_t n = i / (static_cast<int64_t>(p.G) * p.K);
     const int64_t w = n % p.W, h = (n / p.W) % p.H, bb = n / (p.H * p.W);
-    for (int k = 0; k < p.K; ++k) {
-      const int64_t fk = t * p.K + k;
-      const A* D = b.dots + 4 * fk;  // 0 for corners outside the grid (fill kernel)
-      A ox, oy;
-      point_offset<FUSED>(p, fk, g, k, ox, oy);
-      const Corners<A> c = corners(A(w) + ox, A(h) + oy, bb, p.H, p.W, p.trunc);
-      A sw = A(0), sx = A(0), sy = A(0);
+    A D[4];  // corner dots; 0 for corners outside the grid (fill kernel)
+    load4(b.dots + 4 * i, D);
+    A ox, oy;
+    point_offset<FUSED>(p, i, g, k, ox, oy);
+    const Corners<A> c = corners(A(w) + ox, A(h) + oy, bb, p.H, p.W, p.trunc);
+    A sw = A(0), sx = A(0), sy = A(0);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const A dj = D[j];
-        sw += c.bil[j] * dj;
-        sx += c.ddx[j] * dj;
-        sy += c.ddy[j] * dj;
-      }
-      const A wk = to_acc(p.weight[fk], A());
-      const A gox = wk * sx, goy = wk * sy;  // d loss / d offset (x, y)
-      from_acc(sw, &p.gweight[fk]);
-      if (FUSED) {
-        const A dx = to_acc(p.off[2 * fk], A()), dy = to_acc(p.off[2 * fk + 1], A());
-        const A s = sigmoid(to_acc(p.scale[fk], A()) + p.s0[g]);
-        const A sx_ = p.smax[0], sy_ = p.smax[1];
-        from_acc(gox * s * sx_, &p.goff[2 * fk]);
-        from_acc(goy * s * sy_, &p.goff[2 * fk + 1]);
-        const A gl = (gox * (dx + p.prior[2 * k]) * sx_ + goy * (dy + p.prior[2 * k + 1]) * sy_) * s * (A(1) - s);
-        from_acc(gl, &p.gscale[fk]);
-        s0_sum += gl;
-      } else {
-        from_acc(gox, &p.goff[2 * fk]);
-        from_acc(goy, &p.goff[2 * fk + 1]);
-      }
+    for (int j = 0; j < 4; ++j) {
+      sw += c.bil[j] * D[j];
+      sx += c.ddx[j] * D[j];
+      sy += c.ddy[j] * D[j];
+    }
+    const A wk = to_acc(p.weight[i], A());
+    const A gox = wk * sx, goy = wk * sy;  // d loss / d offset (x, y)
+    from_acc(sw, &p.gweight[i]);
+    if (FUSED) {
+      const A dx = to_acc(p.off[2 * i], A()), dy = to_acc(p.off[2 * i + 1], A());
+      const A s = sigmoid(to_acc(p.scale[i], A()) + p.s0[g]);
+      const A sx_ = p.smax[0], sy_ = p.smax[1];
+      from_acc(gox * s * sx_, &p.goff[2 * i]);
+      from_acc(goy * s * sy_, &p.goff[2 * i + 1]);
+      gl = (gox * (dx + p.prior[2 * k]) * sx_ + goy * (dy + p.prior[2 * k + 1]) * sy_) * s * (A(1) - s);
+      from_acc(gl, &p.gscale[i]);
+    } else {
+      from_acc(gox, &p.goff[2 * i]);
+      from_acc(goy, &p.goff[2 * i + 1]);
     }
   }
   if (FUSED) {
-    red[threadIdx.x] = s0_sum;
+    red[threadIdx.x] = gl;
     __syncthreads();
     if (threadIdx.x < p.G) {
+      const int per_query = p.G * p.K;
       A s = A(0);
-      for (int m = threadIdx.x; m < static_cast<int>(blockDim.x); m += p.G) s += red[m];
+      for (int q = 0; q < static_cast<int>(blockDim.x) / per_query; ++q)
+        for (int kk = 0; kk < p.K; ++kk) s += red[q * per_query + threadIdx.x * p.K + kk];
       b.s0_part[static_cast<int64_t>(blockIdx.x) * p.G + threadIdx.x] = s;
     }
   }

@@ -112,10 +112,12 @@ static int run(char** argv) {
       if (fused) msdcn_gather_fill_kernel<T, F, A, true>(p, b); else msdcn_gather_fill_kernel<T, F, A, false>(p, b);
     });
     const int per_block = (kGatherThreads / 32) * (32 / p.L);
-    launch({unsigned((NG + per_block - 1) / per_block), 1, 1}, kGatherThreads,
-           [&] { msdcn_gather_pull_kernel<T, A, 4>(p.value, p.gout, b, NG, C, K); });
-    const int ep_threads = G * std::max(1, kGatherThreads / G);
-    const int64_t ep_blocks = (NG + ep_threads - 1) / ep_threads;
+    const bool group_major = split;  // the SPLIT argument picks the pull's block order here (the gather has no split)
+    const int64_t pull_blocks = group_major ? (N + per_block - 1) / per_block * G : (NG + per_block - 1) / per_block;
+    launch({unsigned(pull_blocks), 1, 1}, kGatherThreads,
+           [&] { msdcn_gather_pull_kernel<T, A, 2>(p.value, p.gout, b, NG, G, C, K, gather_row_magic(K), group_major); });
+    const int ep_threads = gather_epilogue_threads(G, K);
+    const int64_t ep_blocks = (items + ep_threads - 1) / ep_threads;
     s0p.assign(ep_blocks * G, NAN);
     b.s0_part = s0p.data();
     launch({unsigned(ep_blocks), 1, 1}, ep_threads, [&] {
