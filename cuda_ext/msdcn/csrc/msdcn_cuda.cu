@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstdlib>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <string>
@@ -224,6 +225,18 @@ void check_all(const at::Tensor& value, const at::Tensor& off, const at::Tensor&
   }
 }
 
+// An environment switch read by the launchers: its value, default when unset; anything outside allowed is an error.
+std::string env_choice(const char* name, const char* dflt, std::initializer_list<const char*> allowed) {
+  const char* e = std::getenv(name);
+  const std::string v = e ? e : dflt;
+  std::string all;
+  for (const char* a : allowed) {
+    if (v == a) return v;
+    all += std::string(all.empty() ? "" : ", ") + a;
+  }
+  TORCH_CHECK(false, name, " must be one of ", all, ", got ", v);
+}
+
 // True when the gather backward serves this shape: a bucket's lanes fit in one warp (C <= 256), a query's
 // items fit in one epilogue block (G*K <= 1024), and the corner indices (N*G*K*4) and buckets fit in int32.
 bool gather_serves(const at::Tensor& value, const at::Tensor& weight) {
@@ -264,26 +277,21 @@ std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool f
   fill_k<<<item_blocks, kGatherThreads, 0, stream>>>(p, b);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int per_block = (kGatherThreads / 32) * (32 / p.L);  // buckets per block
-  // Pull block order: FLOWDCN_MSDCN_PULL_ORDER=group (default: a block serves one group of a run of pixels) or
-  // pixel (a block serves consecutive (pixel, group) buckets); read once per process.
-  static const bool group_major = [] {
-    const char* e = std::getenv("FLOWDCN_MSDCN_PULL_ORDER");
-    const std::string v = e ? e : "group";
-    TORCH_CHECK(v == "group" || v == "pixel", "FLOWDCN_MSDCN_PULL_ORDER must be group or pixel, got ", v);
-    return v == "group";
-  }();
+  // Pull variants (benchmark switches, read once per process): FLOWDCN_MSDCN_PULL_ORDER=group (default; a block
+  // serves one group of a run of pixels) | pixel (consecutive (pixel, group) buckets); FLOWDCN_MSDCN_PULL_REDUCE=
+  // smem (default; the corner dots summed through shared memory) | shfl (a shuffle tree per contribution).
+  static const bool group_major = env_choice("FLOWDCN_MSDCN_PULL_ORDER", "group", {"group", "pixel"}) == "group";
+  static const bool smem_reduce = env_choice("FLOWDCN_MSDCN_PULL_REDUCE", "smem", {"smem", "shfl"}) == "smem";
   const int64_t pull_blocks = group_major ? (p.N + per_block - 1) / per_block * p.G : (NG + per_block - 1) / per_block;
-  // Contributions in flight per lane: FLOWDCN_MSDCN_PULL_UNROLL (1, 2, 4 or 8; read once per process). Default 1:
-  // on the H200 at XL 32^2 the pull took 1.00 / 1.10 / 1.33 / 1.80 ms with 1 / 2 / 4 / 8 (registers cost occupancy).
-  static const int unroll = [] {
-    const char* e = std::getenv("FLOWDCN_MSDCN_PULL_UNROLL");
-    const int u = e ? std::atoi(e) : 1;
-    TORCH_CHECK(u == 1 || u == 2 || u == 4 || u == 8, "FLOWDCN_MSDCN_PULL_UNROLL must be 1, 2, 4 or 8, got ", e);
-    return u;
-  }();
-  auto pull_k = unroll == 1 ? msdcn_gather_pull_kernel<T, A, 1> : unroll == 2 ? msdcn_gather_pull_kernel<T, A, 2>
-              : unroll == 8 ? msdcn_gather_pull_kernel<T, A, 8> : msdcn_gather_pull_kernel<T, A, 4>;
-  pull_k<<<pull_blocks, kGatherThreads, 0, stream>>>(p.value, p.gout, b, NG, p.G, p.C, p.K, gather_row_magic(p.K), group_major);
+  const uint64_t magic = gather_row_magic(p.K);
+  if (smem_reduce) {
+    const size_t smem = pull_smem_bytes(p.C, sizeof(A));
+    if (smem > 48 * 1024)  // only fp64 with C > 200: rare, so no attribute cache
+      C10_CUDA_CHECK(cudaFuncSetAttribute(msdcn_gather_pull_smem_kernel<T, A>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    msdcn_gather_pull_smem_kernel<T, A><<<pull_blocks, kGatherThreads, smem, stream>>>(p.value, p.gout, b, NG, p.G, p.C, p.K, magic, group_major);
+  } else {
+    msdcn_gather_pull_kernel<T, A, 1><<<pull_blocks, kGatherThreads, 0, stream>>>(p.value, p.gout, b, NG, p.G, p.C, p.K, magic, group_major);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int ep_threads = gather_epilogue_threads(p.G, p.K);
   const int64_t ep_blocks = (items + ep_threads - 1) / ep_threads;

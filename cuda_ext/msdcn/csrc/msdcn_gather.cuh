@@ -133,62 +133,80 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_fill_kernel(const
 
 // 4. pull: L = C/8 lanes per (pixel, group) bucket, 32/L buckets per warp (lanes beyond them idle), each
 // lane owns 8 channels. Buckets differ in length, so each warp runs to its longest bucket and the shorter
-// ones idle (the shuffles of the dot reduction need every lane of the warp). U contributions per
-// iteration: their grad_out loads are all in flight before the first is used.
+// ones idle (the dot reduction needs every lane of the warp).
 // group_major: block b serves group b % G for a run of consecutive pixels, so the grad_out rows it gathers
-// (queries near those pixels, one group) are shared between its buckets and stay in L1; otherwise a block
-// serves consecutive buckets (a pixel or two, all groups).
+// (queries near those pixels, one group) are shared between its buckets; otherwise a block serves
+// consecutive buckets (a pixel or two, all groups).
+template <typename T, typename A>
+struct PullLane {
+  int L, seg, sl, per_warp;
+  bool mine;          // this lane serves a bucket
+  int64_t ch;         // [N*G, C] offset of its 8 channels in the bucket's (pixel, group) row of value / grad_value
+  int beg, cnt, trip; // the bucket's entries [beg, beg + cnt); trip = the longest bucket of the warp
+  A v[kVec];          // value[pixel, group, its 8 channels]
+
+  __device__ __forceinline__ PullLane(const T* value, const GatherBufs<T, A>& b, int64_t NG, int G, int C, bool group_major) {
+    L = C / kVec;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    per_warp = 32 / L;
+    seg = lane / L;
+    sl = lane - seg * L;
+    const int64_t slot = static_cast<int64_t>(warp) * per_warp + seg;  // bucket of this lane within the block
+    const int64_t per_block = static_cast<int64_t>(blockDim.x >> 5) * per_warp;
+    int64_t bucket;
+    mine = seg < per_warp;
+    if (group_major) {
+      const int64_t pixel = (blockIdx.x / G) * per_block + slot;
+      bucket = pixel * G + blockIdx.x % G;
+      mine = mine && pixel < NG / G;
+    } else {
+      bucket = blockIdx.x * per_block + slot;
+      mine = mine && bucket < NG;
+    }
+    beg = cnt = 0;
+    if (mine) {
+      beg = b.start[bucket];
+      cnt = b.start[bucket + 1] - beg;
+    }
+    trip = cnt;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) trip = max(trip, __shfl_xor_sync(0xffffffffu, trip, o));
+    ch = bucket * C + sl * kVec;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) v[i] = A(0);
+    if (mine) load8(value + ch, v);
+  }
+
+  // grad_out[row of entry idx] for this lane's channels; row = idx / (4K), a multiply-shift when the launcher
+  // found a magic (4K <= 256).
+  __device__ __forceinline__ void load_gout(const T* gout, int idx, int K, int C, uint64_t row_magic, A* go) const {
+    const int64_t row = row_magic ? static_cast<int64_t>((static_cast<uint64_t>(idx) * row_magic) >> 40) : idx / (4 * K);
+    load8(gout + row * C + sl * kVec, go);
+  }
+};
+
+// Dot reduction by shuffles: per contribution, a tree over the bucket's L lanes into its lane 0. U contributions
+// per iteration: their grad_out loads are all in flight before the first is used.
 template <typename T, typename A, int U>
 __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_pull_kernel(const T* __restrict__ value, const T* __restrict__ gout,
                                                                           GatherBufs<T, A> b, int64_t NG, int G, int C, int K,
                                                                           uint64_t row_magic, bool group_major) {
-  const int L = C / kVec;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int per_warp = 32 / L;
-  const int seg = lane / L, sl = lane - seg * L;
-  const int64_t slot = static_cast<int64_t>(warp) * per_warp + seg;  // bucket of this lane within the block
-  const int64_t per_block = static_cast<int64_t>(blockDim.x >> 5) * per_warp;
-  int64_t bucket;
-  bool mine = seg < per_warp;
-  if (group_major) {
-    const int64_t pixel = (blockIdx.x / G) * per_block + slot;
-    bucket = pixel * G + blockIdx.x % G;
-    mine = mine && pixel < NG / G;
-  } else {
-    bucket = blockIdx.x * per_block + slot;
-    mine = mine && bucket < NG;
-  }
-  int beg = 0, cnt = 0;
-  if (mine) {
-    beg = b.start[bucket];
-    cnt = b.start[bucket + 1] - beg;
-  }
-  int trip = cnt;  // the warp's longest bucket
+  PullLane<T, A> P(value, b, NG, G, C, group_major);
+  A acc[kVec];
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) trip = max(trip, __shfl_xor_sync(0xffffffffu, trip, o));
-  const int64_t ch = bucket * C + sl * kVec;  // [N*G, C] row of the bucket = its (pixel, group) row of value
-  A v[kVec], acc[kVec];
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) {
-    v[i] = A(0);
-    acc[i] = A(0);
-  }
-  if (mine) load8(value + ch, v);
-  const int K4 = 4 * K;
-  for (int base = 0; base < trip; base += U) {
+  for (int i = 0; i < kVec; ++i) acc[i] = A(0);
+  for (int base = 0; base < P.trip; base += U) {
     int idx[U];
     A cw[U], go[U][kVec], d[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       idx[u] = -1;
       cw[u] = A(0);
-      if (base + u < cnt) {
-        const GatherEntry<A> e = b.entries[beg + base + u];
+      if (base + u < P.cnt) {
+        const GatherEntry<A> e = b.entries[P.beg + base + u];
         idx[u] = e.idx;
         cw[u] = e.cw;
-        // grad_out row (query, group) = idx / (4K): a multiply-shift when the launcher found a magic (4K <= 256)
-        const int64_t row = row_magic ? static_cast<int64_t>((static_cast<uint64_t>(e.idx) * row_magic) >> 40) : e.idx / K4;
-        load8(gout + row * C + sl * kVec, go[u]);
+        P.load_gout(gout, e.idx, K, C, row_magic, go[u]);
       } else {
 #pragma unroll
         for (int i = 0; i < kVec; ++i) go[u][i] = A(0);
@@ -199,25 +217,74 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_pull_kernel(const
       d[u] = A(0);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
-        d[u] += v[i] * go[u][i];
+        d[u] += P.v[i] * go[u][i];
         acc[i] += cw[u] * go[u][i];
       }
     }
     // Sum the L lanes' partial dots into lane 0 of the bucket (a tree that stops at the bucket's edge).
-    for (int o = 1; o < L; o <<= 1) {
+    for (int o = 1; o < P.L; o <<= 1) {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const A other = __shfl_down_sync(0xffffffffu, d[u], o);
-        if (sl + o < L) d[u] += other;
+        if (P.sl + o < P.L) d[u] += other;
       }
     }
-    if (sl == 0) {
+    if (P.sl == 0) {
 #pragma unroll
       for (int u = 0; u < U; ++u)
         if (idx[u] >= 0) b.dots[idx[u]] = d[u];
     }
   }
-  if (mine) store8(b.gvalue + ch, acc);
+  if (P.mine) store8(b.gvalue + P.ch, acc);
+}
+
+// Dot reduction through shared memory: a batch of L contributions per bucket, each lane writes its partial dot
+// of each (one store per lane and contribution), then lane l sums contribution l's L partials (one load per
+// lane and contribution) instead of log2(L) shuffle steps per contribution. Shared memory: a slab of L*L + 1
+// values per bucket (pull_smem_bytes).
+template <typename T, typename A>
+__global__ void __launch_bounds__(kGatherThreads) msdcn_gather_pull_smem_kernel(const T* __restrict__ value, const T* __restrict__ gout,
+                                                                               GatherBufs<T, A> b, int64_t NG, int G, int C, int K,
+                                                                               uint64_t row_magic, bool group_major) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  PullLane<T, A> P(value, b, NG, G, C, group_major);
+  const int L = P.L;
+  A* red = reinterpret_cast<A*>(smem_raw) + ((threadIdx.x >> 5) * P.per_warp + min(P.seg, P.per_warp - 1)) * (L * L + 1);
+  A acc[kVec];
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) acc[i] = A(0);
+  for (int base = 0; base < P.trip; base += L) {
+    int my_idx = -1;  // entry base + sl, whose dot this lane sums
+    for (int u = 0; u < L && base + u < P.trip; ++u) {
+      A d = A(0);
+      if (base + u < P.cnt) {
+        const GatherEntry<A> e = b.entries[P.beg + base + u];
+        if (u == P.sl) my_idx = e.idx;
+        A go[kVec];
+        P.load_gout(gout, e.idx, K, C, row_magic, go);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          d += P.v[i] * go[i];
+          acc[i] += e.cw * go[i];
+        }
+      }
+      if (P.seg < P.per_warp) red[u * L + P.sl] = d;
+    }
+    __syncwarp();
+    if (my_idx >= 0) {
+      A s = A(0);
+      for (int l = 0; l < L; ++l) s += red[P.sl * L + l];
+      b.dots[my_idx] = s;
+    }
+    __syncwarp();  // the slab is rewritten by the next batch
+  }
+  if (P.mine) store8(b.gvalue + P.ch, acc);
+}
+
+// Shared memory of a pull_smem block of kGatherThreads threads.
+inline size_t pull_smem_bytes(int C, size_t acc_bytes) {
+  const int L = C / kVec;
+  return static_cast<size_t>(kGatherThreads / 32) * (32 / L) * (L * L + 1) * acc_bytes;
 }
 
 // 5. epilogue: one thread per (query, group, point) item i, as the fields are laid out (coalesced loads and

@@ -114,8 +114,11 @@ static int run(char** argv) {
     const int per_block = (kGatherThreads / 32) * (32 / p.L);
     const bool group_major = split;  // the SPLIT argument picks the pull's block order here (the gather has no split)
     const int64_t pull_blocks = group_major ? (N + per_block - 1) / per_block * G : (NG + per_block - 1) / per_block;
-    launch({unsigned(pull_blocks), 1, 1}, kGatherThreads,
-           [&] { msdcn_gather_pull_kernel<T, A, 2>(p.value, p.gout, b, NG, G, C, K, gather_row_magic(K), group_major); });
+    // Q picks the dot reduction here: 1 shuffles (with 2 contributions per iteration), else shared memory.
+    launch({unsigned(pull_blocks), 1, 1}, kGatherThreads, [&] {
+      if (Q == 1) msdcn_gather_pull_kernel<T, A, 2>(p.value, p.gout, b, NG, G, C, K, gather_row_magic(K), group_major);
+      else msdcn_gather_pull_smem_kernel<T, A>(p.value, p.gout, b, NG, G, C, K, gather_row_magic(K), group_major);
+    });
     const int ep_threads = gather_epilogue_threads(G, K);
     const int64_t ep_blocks = (items + ep_threads - 1) / ep_threads;
     s0p.assign(ep_blocks * G, NAN);
