@@ -3,7 +3,8 @@
 #   bash bench/gpu_msdcn_session.sh [tests|bench|ncu|tiled|all]   (default all)
 # tiled: CUDA tests with the tiled backward off and on, then tiled vs untiled timings and a tile sweep.
 # gather: CUDA tests (gather backward, the default) and the scatter backward's kernel tests, gather vs scatter
-#   timings, a sweep of the pull kernel's unroll at XL, ncu of the gather kernels, then the op table.
+#   timings, pull variants at XL (VARIANTS: env assignments), ncu of the gather kernels, then the op table
+#   (OPTABLE=0 skips it).
 set -o pipefail
 what=${1:-all}
 OUT=${OUT:-/tmp/msdcn_out}; mkdir -p "$OUT"
@@ -35,7 +36,7 @@ if [ "$what" = gather ]; then
   echo "== pytest -m cuda test_msdcn_cuda.py, FLOWDCN_MSDCN_BWD=scatter"
   FLOWDCN_MSDCN_BWD=scatter timeout 200 python3 -m pytest -q -m cuda -p no:cacheprovider tests/cuda_ext/test_msdcn_cuda.py -k "not tiled" 2>&1 | tee "$OUT/tests_scatter.log" | tail -n 8
   timeout 300 python3 bench/msdcn_op.py --json "$OUT/bench_backwards.json" --no-op --no-ref --backwards 2>&1 | tee "$OUT/bench_backwards.log" | tail -n 8 | cut -c1-250
-  for v in FLOWDCN_MSDCN_PULL_UNROLL=2 FLOWDCN_MSDCN_PULL_ORDER=pixel; do
+  for v in ${VARIANTS:-FLOWDCN_MSDCN_PULL_REDUCE=shfl FLOWDCN_MSDCN_PULL_ORDER=pixel}; do
     env $v timeout 120 python3 bench/msdcn_op.py --json "$OUT/bench_${v#FLOWDCN_MSDCN_}.json" --no-op --no-ref --backwards --shapes XL --grids 32,64 2>&1 | tail -n 2 | cut -c1-60 | sed "s/^/$v: /"
   done
   cat > /tmp/ncu_drive.py <<'PY'
@@ -50,7 +51,7 @@ PY
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   timeout 200 $NCU -k regex:msdcn_gather --launch-skip 8 --launch-count 4 --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats python3 /tmp/ncu_drive.py > "$OUT/ncu_gather.txt" 2>&1
   grep -E "msdcn_|Duration|Registers Per|Achieved Occupancy|Memory Throughput|L1/TEX Hit|L2 Hit|DRAM Throughput|Compute \(SM\)|Warp Cycles Per Issued" "$OUT/ncu_gather.txt" | cut -c1-140 | head -n 48
-  timeout 300 python3 bench/msdcn_op.py --json "$OUT/bench_msdcn_op.json" --no-ref 2>&1 | tee "$OUT/bench.log" | tail -n 9
+  [ "${OPTABLE:-1}" = 1 ] && timeout 300 python3 bench/msdcn_op.py --json "$OUT/bench_msdcn_op.json" --no-ref 2>&1 | tee "$OUT/bench.log" | tail -n 9
   echo "== tests"; tail -n 3 "$OUT/tests_gather.log"; tail -n 2 "$OUT/tests_scatter.log"
   grep -E "^(FAILED|ERROR)" "$OUT/tests_gather.log" "$OUT/tests_scatter.log" | head -n 20
 fi
