@@ -237,65 +237,61 @@ std::string env_choice(const char* name, const char* dflt, std::initializer_list
   TORCH_CHECK(false, name, " must be one of ", all, ", got ", v);
 }
 
-// True when the gather backward serves this shape: a bucket's lanes fit in one warp (C <= 256), a query's
-// items fit in one epilogue block (G*K <= 1024), and the corner indices (N*G*K*4) and buckets fit in int32.
+// True when the gather backward serves this shape: a pixel's lanes fit in one warp (C <= 256), a query's
+// items fit in one epilogue block (G*K <= 1024), and the corner slots (N*G*K*4) and buckets fit in int32.
 bool gather_serves(const at::Tensor& value, const at::Tensor& weight) {
-  const int64_t N = value.size(0) * value.size(1) * value.size(2), G = value.size(3), C = value.size(4), K = weight.size(4);
-  return C / kVec <= 32 && G * K <= 1024 && N * G * K * 4 < (int64_t(1) << 31) - 1 && N * G < (int64_t(1) << 31) - 1;
+  const int64_t B = value.size(0), H = value.size(1), W = value.size(2), G = value.size(3), C = value.size(4), K = weight.size(4);
+  const int64_t limit = (int64_t(1) << 31) - 1;
+  return C / kVec <= 32 && G * K <= 1024 && B * H * W * G * K * 4 < limit && gather_buckets(B, H, W, G) < limit;
 }
 
 // The gather backward (msdcn_gather.cuh): count, scan, fill, pull, epilogue on the current stream.
 // Returns grad_value in the value's dtype and, when fused, the epilogue's per-block d/ds0 partials.
 template <typename T, typename F, typename A>
-std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor& value,
-                                                  const at::Tensor& gout, cudaStream_t stream) {
-  const int64_t NG = p.N * p.G, items = NG * p.K, E = 4 * items;
+std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor& value, cudaStream_t stream) {
+  const int64_t items = p.N * p.G * p.K, NB = gather_buckets(value.size(0), p.H, p.W, p.G);
   const auto iopt = value.options().dtype(at::kInt);
-  const auto adt = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto count = at::zeros({NG}, iopt);
-  auto start = at::empty({NG + 1}, iopt);
-  auto keyrank = at::empty({2, E}, iopt);
-  auto entries = at::empty({E * static_cast<int64_t>(sizeof(GatherEntry<A>))}, value.options().dtype(at::kByte));
-  auto dots = at::empty({E}, value.options().dtype(adt));
+  const auto aopt = value.options().dtype(value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  auto count = at::zeros({NB}, iopt);
+  auto start = at::empty({NB + 1}, iopt);
+  auto ints = at::empty({3, items}, iopt);  // key, rank, item
+  auto floats = at::empty({2, 4 * items}, aopt);  // cw, dots
   auto gvalue = at::empty_like(value);
   GatherBufs<T, A> b{};
   b.count = count.data_ptr<int>();
   b.start = start.data_ptr<int>();
-  b.key = keyrank.data_ptr<int>();
-  b.rank = b.key + E;
-  b.entries = reinterpret_cast<GatherEntry<A>*>(entries.data_ptr());
-  b.dots = reinterpret_cast<A*>(dots.data_ptr());
+  b.key = ints.data_ptr<int>();
+  b.rank = b.key + items;
+  b.item = b.rank + items;
+  b.cw = reinterpret_cast<A*>(floats.data_ptr());
+  b.dots = b.cw + 4 * items;
   b.gvalue = reinterpret_cast<T*>(gvalue.data_ptr());
   const int64_t item_blocks = (items + kGatherThreads - 1) / kGatherThreads;
   TORCH_CHECK(item_blocks < (int64_t(1) << 31), "msdcn_cuda: too many points for one launch: ", items);
   auto count_k = fused ? msdcn_gather_count_kernel<T, F, A, true> : msdcn_gather_count_kernel<T, F, A, false>;
   count_k<<<item_blocks, kGatherThreads, 0, stream>>>(p, b);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor scanned = start.narrow(0, 1, NG);
+  at::Tensor scanned = start.narrow(0, 1, NB);
   at::cumsum_out(scanned, count, 0, at::kInt);  // on the current stream
   auto fill_k = fused ? msdcn_gather_fill_kernel<T, F, A, true> : msdcn_gather_fill_kernel<T, F, A, false>;
   fill_k<<<item_blocks, kGatherThreads, 0, stream>>>(p, b);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int per_block = (kGatherThreads / 32) * (32 / p.L);  // buckets per block
-  // Pull variants (benchmark switches, read once per process): FLOWDCN_MSDCN_PULL_ORDER=group (default; a block
-  // serves one group of a run of pixels) | pixel (consecutive (pixel, group) buckets); FLOWDCN_MSDCN_PULL_REDUCE=
-  // smem (default; the corner dots summed through shared memory) | shfl (a shuffle tree per contribution).
+  // Pull block order (a benchmark switch, read once per process): FLOWDCN_MSDCN_PULL_ORDER=group (default; a block
+  // serves one group of a run of pixels) | pixel (consecutive (pixel, group) pairs).
   static const bool group_major = env_choice("FLOWDCN_MSDCN_PULL_ORDER", "group", {"group", "pixel"}) == "group";
-  static const bool smem_reduce = env_choice("FLOWDCN_MSDCN_PULL_REDUCE", "smem", {"smem", "shfl"}) == "smem";
+  const int per_block = (kGatherThreads / 32) * (32 / p.L);  // (pixel, group) pairs per block
+  const int64_t NG = p.N * p.G;
   const int64_t pull_blocks = group_major ? (p.N + per_block - 1) / per_block * p.G : (NG + per_block - 1) / per_block;
-  const uint64_t magic = gather_row_magic(p.K);
-  if (smem_reduce) {
-    const size_t smem = pull_smem_bytes(p.C, sizeof(A));
-    if (smem > 48 * 1024)  // only fp64 with C > 200: rare, so no attribute cache
-      C10_CUDA_CHECK(cudaFuncSetAttribute(msdcn_gather_pull_smem_kernel<T, A>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    msdcn_gather_pull_smem_kernel<T, A><<<pull_blocks, kGatherThreads, smem, stream>>>(p.value, p.gout, b, NG, p.G, p.C, p.K, magic, group_major);
-  } else {
-    msdcn_gather_pull_kernel<T, A, 1><<<pull_blocks, kGatherThreads, 0, stream>>>(p.value, p.gout, b, NG, p.G, p.C, p.K, magic, group_major);
-  }
+  TORCH_CHECK(pull_blocks < (int64_t(1) << 31), "msdcn_cuda: too many pixels for one launch: ", p.N);
+  const size_t smem = pull_smem_bytes(p.C, sizeof(A));
+  if (smem > 48 * 1024)  // only fp64 with C > 200: rare, so no attribute cache
+    C10_CUDA_CHECK(cudaFuncSetAttribute(msdcn_gather_pull_kernel<T, A>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  msdcn_gather_pull_kernel<T, A><<<pull_blocks, kGatherThreads, smem, stream>>>(p.value, p.gout, b, p.N, p.H, p.W, p.G, p.C, p.K,
+                                                                               gather_row_magic(p.K), group_major);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int ep_threads = gather_epilogue_threads(p.G, p.K);
   const int64_t ep_blocks = (items + ep_threads - 1) / ep_threads;
-  at::Tensor s0p = fused ? at::empty({ep_blocks, p.G}, value.options().dtype(adt)) : at::empty({0}, value.options().dtype(adt));
+  at::Tensor s0p = fused ? at::empty({ep_blocks, p.G}, aopt) : at::empty({0}, aopt);
   if (fused) b.s0_part = reinterpret_cast<A*>(s0p.data_ptr());
   auto ep_k = fused ? msdcn_gather_epilogue_kernel<T, F, A, true> : msdcn_gather_epilogue_kernel<T, F, A, false>;
   ep_k<<<ep_blocks, ep_threads, ep_threads * sizeof(A), stream>>>(p, b);
@@ -381,7 +377,7 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
     p.gweight = reinterpret_cast<F*>(gweight.data_ptr());
     if (fused) p.gscale = reinterpret_cast<F*>(gscale.data_ptr());
     if (gather) {
-      std::tie(gvalue, s0p) = gather_backward<T, F, A>(p, fused, value, gout, stream);
+      std::tie(gvalue, s0p) = gather_backward<T, F, A>(p, fused, value, stream);
       return;
     }
     p.gvalue = reinterpret_cast<A*>(gvalue.data_ptr());

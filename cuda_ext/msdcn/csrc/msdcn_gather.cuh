@@ -4,23 +4,26 @@
 // w * bil * grad_out[query] to an fp32 grad_value buffer with global atomics: N*G*K*4*C*4 bytes of atomic
 // payload (5.4 GB at XL 32^2), which bounds it by L2 atomic throughput, and it gathers the four corners'
 // values a second time for the dots <value[corner], grad_out[query]> that the field grads need.
-// Here the contributions are first bucketed by the pixel they land on (a counting sort on (pixel, group)),
-// then one pass over the buckets does both jobs: for every contribution of pixel p it gathers
-// grad_out[query] once, adds w * bil * grad_out into registers (grad_value[p] is written once, in the
-// value's dtype: no zero-fill, no fp32 buffer, no cast) and takes the dot with value[p], which sits in
-// registers for the whole bucket. The backward then reads grad_out as the forward reads value.
+// Here the sampling points are first bucketed by the grid cell they fall in (a counting sort on (cell, group);
+// cell = the lower corner (x0, y0), so x0, y0 in [-1, W-1] x [-1, H-1]), then one pass over the pixels does both
+// jobs: pixel p is corner j of the cells (x - j&1, y - j>>1), and for every point of those four cells it gathers
+// grad_out[query] once, adds w * bil_j * grad_out into registers (grad_value[p] is written once, in the value's
+// dtype: no zero-fill, no fp32 buffer, no cast) and takes the dot with value[p], which sits in registers for the
+// whole pixel. The backward then reads grad_out as the forward reads value. Bucketing points rather than their
+// four corners takes one integer atomic per point and writes one entry per point.
 //
-//   1. count:    per (query, group, point): geometry; per valid corner, rank = atomicAdd(count[pixel, group], 1)
-//                (integer atomics, one per corner instead of C/4 float4 atomics); key and rank are stored.
+//   1. count:    per (query, group, point) item: geometry; rank = atomicAdd(count[cell, group], 1); key and
+//                rank are stored.
 //   2. scan:     start = exclusive prefix sum of count (the host launcher, at::cumsum).
-//   3. fill:     entries[start[key] + rank] = (corner index, w * bil); corners outside the grid get dot = 0.
-//   4. pull:     per (pixel, group) bucket, L = C/8 lanes of 8 channels: grad_value and the corner dots.
-//   5. epilogue: per (query, group): the chain rule of the field grads from the four corner dots (as the
-//                scatter kernel's phase 2), d/ds0 reduced per block in a fixed order.
-// Indices inside a bucket follow the count kernel's atomic order, so grad_value's fp32 sums have no fixed
+//   3. fill:     entry start[key] + rank = (item, w * bil of its 4 corners); dots of corners outside the grid = 0.
+//   4. pull:     per (pixel, group), L = C/8 lanes of 8 channels: grad_value and the corner dots.
+//   5. epilogue: per item: the chain rule of the field grads from its four corner dots (as the scatter kernel's
+//                phase 2), d/ds0 reduced per block in a fixed order.
+// Entries inside a bucket follow the count kernel's atomic order, so grad_value's fp32 sums have no fixed
 // order (like the scatter kernel's); every other grad is computed in a fixed order.
-// The stored key decides where an entry goes and whether a dot is written, so the fill and epilogue
-// kernels, which recompute the geometry, can never disagree with the count kernel about an index.
+// The stored key alone decides where an entry goes and which corners are inside the grid (the pull visits
+// exactly those, the fill zeroes the dots of the others), so the fill and epilogue kernels, which recompute
+// the geometry for the weights, can never disagree with the count kernel about an index.
 #pragma once
 
 #include "msdcn_kernels.cuh"
@@ -29,24 +32,10 @@ namespace flowdcn {
 
 constexpr int kGatherThreads = 256;  // threads per block of the gather-backward kernels
 
-// One contribution of a bucket: the corner's flat index ((query * G + group) * K + point) * 4 + corner,
-// which names both the grad_out row (index / (4K)) and the dot slot, and its weight w_k * bilinear.
-template <typename A>
-struct GatherEntry {
-  int idx;
-  int pad;
-  A cw;
-};
-template <>
-struct __align__(8) GatherEntry<float> {
-  int idx;
-  float cw;
-};
-
-// Magic m with idx / (4K) == (idx * m) >> 40 for every idx < 2^31 when 4K <= 256 (the rounding error idx / 2^40
-// stays below 1 / (4K)); 0 = divide.
+// Magic m with i / K == (i * m) >> 40 for every i < 2^31 when K <= 256 (the rounding error i / 2^40 stays
+// below 1 / K); 0 = divide.
 inline uint64_t gather_row_magic(int K) {
-  const uint64_t d = 4 * static_cast<uint64_t>(K);
+  const uint64_t d = static_cast<uint64_t>(K);
   return d <= 256 ? ((uint64_t(1) << 40) + d - 1) / d : 0;
 }
 
@@ -56,255 +45,199 @@ inline int gather_epilogue_threads(int G, int K) {
   return per_query * (per_query < kGatherThreads ? kGatherThreads / per_query : 1);
 }
 
+// Buckets: one per (cell, group), cell (x0, y0) of image b at ((b * (H + 1) + y0 + 1) * (W + 1) + x0 + 1).
+inline int64_t gather_buckets(int64_t B, int64_t H, int64_t W, int64_t G) { return B * (H + 1) * (W + 1) * G; }
+
 template <typename T, typename A>
 struct GatherBufs {
-  int* count;              // [N*G] zeroed: contributions per (pixel, group) bucket
-  int* start;              // [N*G + 1] exclusive prefix sum of count (start[0] is written by the count kernel)
-  int* key;                // [E], E = N*G*K*4: bucket of each corner, -1 outside the grid
-  int* rank;               // [E]: position of the corner inside its bucket
-  GatherEntry<A>* entries; // [E] (the first start[N*G] are used)
-  A* dots;                 // [E]: <value[corner], grad_out[query]> over C (0 for corners outside the grid)
-  T* gvalue;               // [N, G, C] grad_value in the value's dtype
-  A* s0_part;              // FUSED: [blocks of the epilogue, G] per-block sums of d/ds0
+  int* count;   // [NB] zeroed: points per (cell, group) bucket, NB = gather_buckets(...)
+  int* start;   // [NB + 1] exclusive prefix sum of count (start[0] is written by the count kernel)
+  int* key;     // [items]: bucket of each item (query, group, point), -1 when no corner is inside the grid
+  int* rank;    // [items]: position of the item inside its bucket
+  int* item;    // [items]: the item of each entry (entries sorted by bucket; the first start[NB] are used)
+  A* cw;        // [items, 4]: w_k * bilinear weight of each entry's corners (0 outside the grid)
+  A* dots;      // [items, 4]: <value[corner], grad_out[query]> over C (0 for corners outside the grid)
+  T* gvalue;    // [N, G, C] grad_value in the value's dtype
+  A* s0_part;   // FUSED: [blocks of the epilogue, G] per-block sums of d/ds0
 };
 
-__device__ __forceinline__ void store_int4(int* p, const int* v) {
-  *reinterpret_cast<int4*>(p) = make_int4(v[0], v[1], v[2], v[3]);
+// Item i = (n * G + g) * K + k (the fields' layout) -> its query coordinates, group and point.
+struct ItemPos {
+  int64_t b, h, w;
+  int g, k;
+};
+template <typename T, typename F, typename A>
+__device__ __forceinline__ ItemPos item_pos(const MsdcnParams<T, F, A>& p, int64_t i) {
+  ItemPos r;
+  r.k = static_cast<int>(i % p.K);
+  const int64_t ng = i / p.K;
+  r.g = static_cast<int>(ng % p.G);
+  const int64_t n = ng / p.G;
+  r.w = n % p.W;
+  r.h = (n / p.W) % p.H;
+  r.b = n / (p.H * p.W);
+  return r;
 }
 
-// 1. count: one thread per (query, group, point) item i = (n * G + g) * K + k (the fields' layout).
+template <bool FUSED, typename T, typename F, typename A>
+__device__ __forceinline__ Corners<A> item_corners(const MsdcnParams<T, F, A>& p, int64_t i, const ItemPos& q) {
+  A ox, oy;
+  point_offset<FUSED>(p, i, q.g, q.k, ox, oy);
+  return corners(A(q.w) + ox, A(q.h) + oy, q.b, p.H, p.W, p.trunc);
+}
+
+// 1. count: one thread per item.
 template <typename T, typename F, typename A, bool FUSED>
 __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_count_kernel(const MsdcnParams<T, F, A> p, GatherBufs<T, A> b) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i == 0) b.start[0] = 0;
   if (i >= p.N * p.G * p.K) return;
-  const int k = static_cast<int>(i % p.K);
-  const int64_t ng = i / p.K;
-  const int g = static_cast<int>(ng % p.G);
-  const int64_t n = ng / p.G;
-  const int64_t w = n % p.W, h = (n / p.W) % p.H, bb = n / (p.H * p.W);
-  A ox, oy;
-  point_offset<FUSED>(p, i, g, k, ox, oy);
-  const Corners<A> c = corners(A(w) + ox, A(h) + oy, bb, p.H, p.W, p.trunc);
-  int key[4], rank[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    key[j] = -1;
-    rank[j] = 0;
-    if (c.any && c.ok[j]) {
-      key[j] = static_cast<int>(c.row[j] * p.G + g);  // the launcher checks N * G < 2^31
-      rank[j] = atomicAdd(b.count + key[j], 1);
-    }
+  const ItemPos q = item_pos(p, i);
+  const Corners<A> c = item_corners<FUSED>(p, i, q);
+  int key = -1, rank = 0;
+  if (c.any) {  // the launcher checks that the bucket count fits in int32
+    key = static_cast<int>(((q.b * (p.H + 1) + c.yi + 1) * (p.W + 1) + c.xi + 1) * p.G + q.g);
+    rank = atomicAdd(b.count + key, 1);
   }
-  store_int4(b.key + 4 * i, key);
-  store_int4(b.rank + 4 * i, rank);
+  b.key[i] = key;
+  b.rank[i] = rank;
 }
 
-// 3. fill: the same items; places each valid corner's entry, zeroes the dots of the others.
+// 3. fill: one thread per item; places its entry, zeroes the dots of its corners outside the grid.
 template <typename T, typename F, typename A, bool FUSED>
 __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_fill_kernel(const MsdcnParams<T, F, A> p, GatherBufs<T, A> b) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= p.N * p.G * p.K) return;
-  const int k = static_cast<int>(i % p.K);
-  const int64_t ng = i / p.K;
-  const int g = static_cast<int>(ng % p.G);
-  const int64_t n = ng / p.G;
-  const int64_t w = n % p.W, h = (n / p.W) % p.H, bb = n / (p.H * p.W);
-  A ox, oy;
-  point_offset<FUSED>(p, i, g, k, ox, oy);
-  const Corners<A> c = corners(A(w) + ox, A(h) + oy, bb, p.H, p.W, p.trunc);
+  const int key = b.key[i];
+  A* dots = b.dots + 4 * i;
+  if (key < 0) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) dots[j] = A(0);
+    return;
+  }
+  const int64_t pos = __ldg(b.start + key) + b.rank[i];
+  // Which corners are inside the grid follows from the stored cell alone (the pull visits exactly those).
+  const int64_t cell = key / p.G;
+  const int64_t x0 = cell % (p.W + 1) - 1, y0 = (cell / (p.W + 1)) % (p.H + 1) - 1;
+  const ItemPos q = item_pos(p, i);
+  const Corners<A> c = item_corners<FUSED>(p, i, q);
   const A wk = to_acc(p.weight[i], A());
-  const int4 key = *reinterpret_cast<const int4*>(b.key + 4 * i);
-  const int4 rank = *reinterpret_cast<const int4*>(b.rank + 4 * i);
-  const int keys[4] = {key.x, key.y, key.z, key.w}, ranks[4] = {rank.x, rank.y, rank.z, rank.w};
+  A* cw = b.cw + 4 * pos;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const int idx = static_cast<int>(4 * i + j);  // the launcher checks N * G * K * 4 < 2^31
-    if (keys[j] >= 0) {
-      GatherEntry<A> e{};
-      e.idx = idx;
-      e.cw = wk * c.bil[j];
-      b.entries[b.start[keys[j]] + ranks[j]] = e;
-    } else {
-      b.dots[idx] = A(0);
-    }
+    const int64_t x = x0 + (j & 1), y = y0 + (j >> 1);
+    const bool inside = x >= 0 && x < p.W && y >= 0 && y < p.H;
+    cw[j] = inside ? wk * c.bil[j] : A(0);
+    if (!inside) dots[j] = A(0);
   }
+  b.item[pos] = static_cast<int>(i);
 }
 
-// 4. pull: L = C/8 lanes per (pixel, group) bucket, 32/L buckets per warp (lanes beyond them idle), each
-// lane owns 8 channels. Buckets differ in length, so each warp runs to its longest bucket and the shorter
-// ones idle (the dot reduction needs every lane of the warp).
-// group_major: block b serves group b % G for a run of consecutive pixels, so the grad_out rows it gathers
-// (queries near those pixels, one group) are shared between its buckets; otherwise a block serves
-// consecutive buckets (a pixel or two, all groups).
+// 4. pull: L = C/8 lanes per (pixel, group), 32/L of them per warp (lanes beyond them idle), each lane owns 8
+// channels. Pixel (x, y) is corner j of cell (x - (j&1), y - (j>>1)); the four cells' lists are walked one
+// after another. Lists differ in length, so each warp runs to its longest and the shorter ones idle.
+// group_major: block b serves group b % G for a run of consecutive pixels, so the cells and grad_out rows it
+// reads (queries near those pixels, one group) are shared between its lanes; otherwise a block serves
+// consecutive (pixel, group) pairs (a pixel or two, all groups).
+// Corner dots: a batch of L entries per list, each lane writes its partial dot of each to shared memory, then
+// lane l sums entry l's L partials (one store and one load per lane and entry, instead of a log2(L) shuffle
+// tree per entry). Shared memory: a slab of L*L + 1 values per (pixel, group) (pull_smem_bytes).
 template <typename T, typename A>
-struct PullLane {
-  int L, seg, sl, per_warp;
-  bool mine;          // this lane serves a bucket
-  int64_t ch;         // [N*G, C] offset of its 8 channels in the bucket's (pixel, group) row of value / grad_value
-  int beg, cnt, trip; // the bucket's entries [beg, beg + cnt); trip = the longest bucket of the warp
-  A v[kVec];          // value[pixel, group, its 8 channels]
-
-  __device__ __forceinline__ PullLane(const T* value, const GatherBufs<T, A>& b, int64_t NG, int G, int C, bool group_major) {
-    L = C / kVec;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    per_warp = 32 / L;
-    seg = lane / L;
-    sl = lane - seg * L;
-    const int64_t slot = static_cast<int64_t>(warp) * per_warp + seg;  // bucket of this lane within the block
-    const int64_t per_block = static_cast<int64_t>(blockDim.x >> 5) * per_warp;
-    int64_t bucket;
-    mine = seg < per_warp;
-    if (group_major) {
-      const int64_t pixel = (blockIdx.x / G) * per_block + slot;
-      bucket = pixel * G + blockIdx.x % G;
-      mine = mine && pixel < NG / G;
-    } else {
-      bucket = blockIdx.x * per_block + slot;
-      mine = mine && bucket < NG;
+__global__ void __launch_bounds__(kGatherThreads) msdcn_gather_pull_kernel(const T* __restrict__ value, const T* __restrict__ gout,
+                                                                          GatherBufs<T, A> b, int64_t N, int64_t H, int64_t W, int G,
+                                                                          int C, int K, uint64_t row_magic, bool group_major) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int L = C / kVec;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int per_warp = 32 / L;
+  const int seg = lane / L, sl = lane - seg * L;
+  const int64_t slot = static_cast<int64_t>(warp) * per_warp + seg;  // (pixel, group) of this lane within the block
+  const int64_t per_block = static_cast<int64_t>(blockDim.x >> 5) * per_warp;
+  int64_t pixel;
+  int g;
+  if (group_major) {
+    pixel = (blockIdx.x / G) * per_block + slot;
+    g = blockIdx.x % G;
+  } else {
+    const int64_t pg = blockIdx.x * per_block + slot;
+    pixel = pg / G;
+    g = static_cast<int>(pg % G);
+  }
+  const bool mine = seg < per_warp && pixel < N;
+  const int64_t x = pixel % W, y = (pixel / W) % H, bimg = pixel / (H * W);
+  const int64_t ch = (pixel * G + g) * C + sl * kVec;  // this lane's channels of the (pixel, group) row
+  A v[kVec], acc[kVec];
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) {
+    v[i] = A(0);
+    acc[i] = A(0);
+  }
+  if (mine) load8(value + ch, v);
+  A* red = reinterpret_cast<A*>(smem_raw) + (warp * per_warp + min(seg, per_warp - 1)) * (L * L + 1);
+#pragma unroll 1
+  for (int j = 0; j < 4; ++j) {
+    int beg = 0, cnt = 0;
+    if (mine) {  // cell (x - (j&1), y - (j>>1)): its bucket always exists (cells start at -1)
+      const int64_t key = ((bimg * (H + 1) + y - (j >> 1) + 1) * (W + 1) + x - (j & 1) + 1) * G + g;
+      beg = b.start[key];
+      cnt = b.start[key + 1] - beg;
     }
-    beg = cnt = 0;
-    if (mine) {
-      beg = b.start[bucket];
-      cnt = b.start[bucket + 1] - beg;
-    }
-    trip = cnt;
+    int trip = cnt;  // the warp's longest list
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) trip = max(trip, __shfl_xor_sync(0xffffffffu, trip, o));
-    ch = bucket * C + sl * kVec;
+    for (int base = 0; base < trip; base += L) {
+      int my_dot = -1;  // dot slot of entry base + sl, which this lane sums
+      for (int u = 0; u < L && base + u < trip; ++u) {
+        A d = A(0);
+        if (base + u < cnt) {
+          const int e = beg + base + u;
+          const int it = b.item[e];
+          const A w = b.cw[4 * static_cast<int64_t>(e) + j];
+          if (u == sl) my_dot = 4 * it + j;
+          // grad_out row (query, group) = item / K: a multiply-shift when the launcher found a magic (K <= 256)
+          const int64_t row = row_magic ? static_cast<int64_t>((static_cast<uint64_t>(it) * row_magic) >> 40) : it / K;
+          A go[kVec];
+          load8(gout + row * C + sl * kVec, go);
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) v[i] = A(0);
-    if (mine) load8(value + ch, v);
-  }
-
-  // grad_out[row of entry idx] for this lane's channels; row = idx / (4K), a multiply-shift when the launcher
-  // found a magic (4K <= 256).
-  __device__ __forceinline__ void load_gout(const T* gout, int idx, int K, int C, uint64_t row_magic, A* go) const {
-    const int64_t row = row_magic ? static_cast<int64_t>((static_cast<uint64_t>(idx) * row_magic) >> 40) : idx / (4 * K);
-    load8(gout + row * C + sl * kVec, go);
-  }
-};
-
-// Dot reduction by shuffles: per contribution, a tree over the bucket's L lanes into its lane 0. U contributions
-// per iteration: their grad_out loads are all in flight before the first is used.
-template <typename T, typename A, int U>
-__global__ void __launch_bounds__(kGatherThreads) msdcn_gather_pull_kernel(const T* __restrict__ value, const T* __restrict__ gout,
-                                                                          GatherBufs<T, A> b, int64_t NG, int G, int C, int K,
-                                                                          uint64_t row_magic, bool group_major) {
-  PullLane<T, A> P(value, b, NG, G, C, group_major);
-  A acc[kVec];
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) acc[i] = A(0);
-  for (int base = 0; base < P.trip; base += U) {
-    int idx[U];
-    A cw[U], go[U][kVec], d[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      idx[u] = -1;
-      cw[u] = A(0);
-      if (base + u < P.cnt) {
-        const GatherEntry<A> e = b.entries[P.beg + base + u];
-        idx[u] = e.idx;
-        cw[u] = e.cw;
-        P.load_gout(gout, e.idx, K, C, row_magic, go[u]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) go[u][i] = A(0);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      d[u] = A(0);
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        d[u] += P.v[i] * go[u][i];
-        acc[i] += cw[u] * go[u][i];
-      }
-    }
-    // Sum the L lanes' partial dots into lane 0 of the bucket (a tree that stops at the bucket's edge).
-    for (int o = 1; o < P.L; o <<= 1) {
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const A other = __shfl_down_sync(0xffffffffu, d[u], o);
-        if (P.sl + o < P.L) d[u] += other;
-      }
-    }
-    if (P.sl == 0) {
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (idx[u] >= 0) b.dots[idx[u]] = d[u];
-    }
-  }
-  if (P.mine) store8(b.gvalue + P.ch, acc);
-}
-
-// Dot reduction through shared memory: a batch of L contributions per bucket, each lane writes its partial dot
-// of each (one store per lane and contribution), then lane l sums contribution l's L partials (one load per
-// lane and contribution) instead of log2(L) shuffle steps per contribution. Shared memory: a slab of L*L + 1
-// values per bucket (pull_smem_bytes).
-template <typename T, typename A>
-__global__ void __launch_bounds__(kGatherThreads) msdcn_gather_pull_smem_kernel(const T* __restrict__ value, const T* __restrict__ gout,
-                                                                               GatherBufs<T, A> b, int64_t NG, int G, int C, int K,
-                                                                               uint64_t row_magic, bool group_major) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  PullLane<T, A> P(value, b, NG, G, C, group_major);
-  const int L = P.L;
-  A* red = reinterpret_cast<A*>(smem_raw) + ((threadIdx.x >> 5) * P.per_warp + min(P.seg, P.per_warp - 1)) * (L * L + 1);
-  A acc[kVec];
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) acc[i] = A(0);
-  for (int base = 0; base < P.trip; base += L) {
-    int my_idx = -1;  // entry base + sl, whose dot this lane sums
-    for (int u = 0; u < L && base + u < P.trip; ++u) {
-      A d = A(0);
-      if (base + u < P.cnt) {
-        const GatherEntry<A> e = b.entries[P.beg + base + u];
-        if (u == P.sl) my_idx = e.idx;
-        A go[kVec];
-        P.load_gout(gout, e.idx, K, C, row_magic, go);
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) {
-          d += P.v[i] * go[i];
-          acc[i] += e.cw * go[i];
+          for (int i = 0; i < kVec; ++i) {
+            d += v[i] * go[i];
+            acc[i] += w * go[i];
+          }
         }
+        if (seg < per_warp) red[u * L + sl] = d;
       }
-      if (P.seg < P.per_warp) red[u * L + P.sl] = d;
+      __syncwarp();
+      if (my_dot >= 0) {
+        A s = A(0);
+        for (int l = 0; l < L; ++l) s += red[sl * L + l];
+        b.dots[my_dot] = s;
+      }
+      __syncwarp();  // the slab is rewritten by the next batch
     }
-    __syncwarp();
-    if (my_idx >= 0) {
-      A s = A(0);
-      for (int l = 0; l < L; ++l) s += red[P.sl * L + l];
-      b.dots[my_idx] = s;
-    }
-    __syncwarp();  // the slab is rewritten by the next batch
   }
-  if (P.mine) store8(b.gvalue + P.ch, acc);
+  if (mine) store8(b.gvalue + ch, acc);
 }
 
-// Shared memory of a pull_smem block of kGatherThreads threads.
+// Shared memory of a pull block of kGatherThreads threads.
 inline size_t pull_smem_bytes(int C, size_t acc_bytes) {
   const int L = C / kVec;
   return static_cast<size_t>(kGatherThreads / 32) * (32 / L) * (L * L + 1) * acc_bytes;
 }
 
-// 5. epilogue: one thread per (query, group, point) item i, as the fields are laid out (coalesced loads and
-// stores). blockDim is a multiple of G*K, so a block holds whole queries and thread tid serves group
-// (tid / K) % G; d/ds0 is summed over the block's items in a fixed order.
+// 5. epilogue: one thread per item, as the fields are laid out (coalesced loads and stores). blockDim is a
+// multiple of G*K, so a block holds whole queries and thread tid serves group (tid / K) % G; d/ds0 is summed
+// over the block's items in a fixed order.
 template <typename T, typename F, typename A, bool FUSED>
 __global__ void __launch_bounds__(1024) msdcn_gather_epilogue_kernel(const MsdcnParams<T, F, A> p, GatherBufs<T, A> b) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* red = reinterpret_cast<A*>(smem_raw);  // [blockDim.x]
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int k = static_cast<int>(threadIdx.x % p.K), g = static_cast<int>((threadIdx.x / p.K) % p.G);
   A gl = A(0);
   if (i < p.N * p.G * p.K) {
-    const int64_t n = i / (static_cast<int64_t>(p.G) * p.K);
-    const int64_t w = n % p.W, h = (n / p.W) % p.H, bb = n / (p.H * p.W);
+    const ItemPos q = item_pos(p, i);
     A D[4];  // corner dots; 0 for corners outside the grid (fill kernel)
     load4(b.dots + 4 * i, D);
-    A ox, oy;
-    point_offset<FUSED>(p, i, g, k, ox, oy);
-    const Corners<A> c = corners(A(w) + ox, A(h) + oy, bb, p.H, p.W, p.trunc);
+    const Corners<A> c = item_corners<FUSED>(p, i, q);
     A sw = A(0), sx = A(0), sy = A(0);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -317,11 +250,11 @@ __global__ void __launch_bounds__(1024) msdcn_gather_epilogue_kernel(const Msdcn
     from_acc(sw, &p.gweight[i]);
     if (FUSED) {
       const A dx = to_acc(p.off[2 * i], A()), dy = to_acc(p.off[2 * i + 1], A());
-      const A s = sigmoid(to_acc(p.scale[i], A()) + p.s0[g]);
+      const A s = sigmoid(to_acc(p.scale[i], A()) + p.s0[q.g]);
       const A sx_ = p.smax[0], sy_ = p.smax[1];
       from_acc(gox * s * sx_, &p.goff[2 * i]);
       from_acc(goy * s * sy_, &p.goff[2 * i + 1]);
-      gl = (gox * (dx + p.prior[2 * k]) * sx_ + goy * (dy + p.prior[2 * k + 1]) * sy_) * s * (A(1) - s);
+      gl = (gox * (dx + p.prior[2 * q.k]) * sx_ + goy * (dy + p.prior[2 * q.k + 1]) * sy_) * s * (A(1) - s);
       from_acc(gl, &p.gscale[i]);
     } else {
       from_acc(gox, &p.goff[2 * i]);

@@ -187,6 +187,7 @@ struct Corners {
   int64_t row[4];  // pixel index (b*H + y)*W + x of each corner, valid only where ok[c]
   A bil[4];        // bilinear weight
   A ddx[4], ddy[4];  // derivative of bil w.r.t. px, py
+  int64_t xi, yi;  // lower corner (floor or trunc), in [-1, W-1] x [-1, H-1], valid only where any
   bool ok[4];
   bool any;
 };
@@ -209,6 +210,8 @@ __device__ __forceinline__ Corners<A> corners(A px, A py, int64_t b, int64_t H, 
   c.bil[3] = lx * ly; c.ddx[3] = ly;  c.ddy[3] = lx;
   if (c.any) {
     const int64_t xi = static_cast<int64_t>(fx), yi = static_cast<int64_t>(fy);  // in [-1, W-1] / [-1, H-1]
+    c.xi = xi;
+    c.yi = yi;
     const int64_t r00 = (b * H + yi) * W + xi;
     c.row[0] = r00; c.row[1] = r00 + 1; c.row[2] = r00 + W; c.row[3] = r00 + W + 1;
   }

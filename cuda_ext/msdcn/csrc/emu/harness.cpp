@@ -93,32 +93,27 @@ static int run(char** argv) {
     });
   } else if (mode == 3) {
     // The launcher's sequence (msdcn_cuda.cu gather_backward), with the prefix sum on the host.
-    const int64_t NG = N * G, items = NG * K, E = 4 * items;
-    std::vector<int> count(NG, 0), start(NG + 1, -7), keyrank(2 * E, -7);
-    std::vector<GatherEntry<A>> entries(E);
-    for (auto& e : entries) { e.idx = -7; e.cw = A(NAN); }  // garbage: every used entry must be written
-    std::vector<A> dots(E, A(NAN));
+    const int64_t items = N * G * K, NB = gather_buckets(B, H, W, G);
+    std::vector<int> count(NB, 0), start(NB + 1, -7), ints(3 * items, -7);
+    std::vector<A> floats(8 * items, A(NAN));  // garbage: every used entry and dot must be written
     std::vector<T> gv(N * G * C);
     for (auto& x : gv) from_f64(NAN, x);
     GatherBufs<T, A> b{};
-    b.count = count.data(); b.start = start.data(); b.key = keyrank.data(); b.rank = keyrank.data() + E;
-    b.entries = entries.data(); b.dots = dots.data(); b.gvalue = gv.data();
+    b.count = count.data(); b.start = start.data(); b.key = ints.data(); b.rank = b.key + items; b.item = b.rank + items;
+    b.cw = floats.data(); b.dots = b.cw + 4 * items; b.gvalue = gv.data();
     const unsigned item_blocks = unsigned((items + kGatherThreads - 1) / kGatherThreads);
     launch({item_blocks, 1, 1}, kGatherThreads, [&] {
       if (fused) msdcn_gather_count_kernel<T, F, A, true>(p, b); else msdcn_gather_count_kernel<T, F, A, false>(p, b);
     });
-    for (int64_t i = 0; i < NG; ++i) start[i + 1] = start[i] + count[i];
+    for (int64_t i = 0; i < NB; ++i) start[i + 1] = start[i] + count[i];
     launch({item_blocks, 1, 1}, kGatherThreads, [&] {
       if (fused) msdcn_gather_fill_kernel<T, F, A, true>(p, b); else msdcn_gather_fill_kernel<T, F, A, false>(p, b);
     });
     const int per_block = (kGatherThreads / 32) * (32 / p.L);
     const bool group_major = split;  // the SPLIT argument picks the pull's block order here (the gather has no split)
-    const int64_t pull_blocks = group_major ? (N + per_block - 1) / per_block * G : (NG + per_block - 1) / per_block;
-    // Q picks the dot reduction here: 1 shuffles (with 2 contributions per iteration), else shared memory.
-    launch({unsigned(pull_blocks), 1, 1}, kGatherThreads, [&] {
-      if (Q == 1) msdcn_gather_pull_kernel<T, A, 2>(p.value, p.gout, b, NG, G, C, K, gather_row_magic(K), group_major);
-      else msdcn_gather_pull_smem_kernel<T, A>(p.value, p.gout, b, NG, G, C, K, gather_row_magic(K), group_major);
-    });
+    const int64_t pull_blocks = group_major ? (N + per_block - 1) / per_block * G : (N * G + per_block - 1) / per_block;
+    launch({unsigned(pull_blocks), 1, 1}, kGatherThreads,
+           [&] { msdcn_gather_pull_kernel<T, A>(p.value, p.gout, b, N, H, W, G, C, K, gather_row_magic(K), group_major); });
     const int ep_threads = gather_epilogue_threads(G, K);
     const int64_t ep_blocks = (items + ep_threads - 1) / ep_threads;
     s0p.assign(ep_blocks * G, NAN);
