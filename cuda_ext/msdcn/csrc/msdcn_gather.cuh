@@ -108,13 +108,11 @@ template <typename T, typename F, typename A, bool FUSED>
 __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_fill_kernel(const MsdcnParams<T, F, A> p, GatherBufs<T, A> b) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= p.N * p.G * p.K) return;
+  // All four dots start at 0 (one coalesced 16-byte store); the pull overwrites those of corners inside the grid.
+  const A zero[4] = {A(0), A(0), A(0), A(0)};
+  store4(b.dots + 4 * i, zero);
   const int key = b.key[i];
-  A* dots = b.dots + 4 * i;
-  if (key < 0) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) dots[j] = A(0);
-    return;
-  }
+  if (key < 0) return;
   const int64_t pos = __ldg(b.start + key) + b.rank[i];
   // Which corners are inside the grid follows from the stored cell alone (the pull visits exactly those).
   const int64_t cell = key / p.G;
@@ -122,20 +120,19 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_fill_kernel(const
   const ItemPos q = item_pos(p, i);
   const Corners<A> c = item_corners<FUSED>(p, i, q);
   const A wk = to_acc(p.weight[i], A());
-  A* cw = b.cw + 4 * pos;
+  A cw[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int64_t x = x0 + (j & 1), y = y0 + (j >> 1);
-    const bool inside = x >= 0 && x < p.W && y >= 0 && y < p.H;
-    cw[j] = inside ? wk * c.bil[j] : A(0);
-    if (!inside) dots[j] = A(0);
+    cw[j] = (x >= 0 && x < p.W && y >= 0 && y < p.H) ? wk * c.bil[j] : A(0);
   }
+  store4(b.cw + 4 * pos, cw);
   b.item[pos] = static_cast<int>(i);
 }
 
 // 4. pull: L = C/8 lanes per (pixel, group), 32/L of them per warp (lanes beyond them idle), each lane owns 8
-// channels. Pixel (x, y) is corner j of cell (x - (j&1), y - (j>>1)); the four cells' lists are walked one
-// after another. Lists differ in length, so each warp runs to its longest and the shorter ones idle.
+// channels. Pixel (x, y) is corner j of cell (x - (j&1), y - (j>>1)); the four cells' lists are walked as one.
+// Walks differ in length, so each warp runs to its longest and the shorter ones idle.
 // group_major: block b serves group b % G for a run of consecutive pixels, so the cells and grad_out rows it
 // reads (queries near those pixels, one group) are shared between its lanes; otherwise a block serves
 // consecutive (pixel, group) pairs (a pixel or two, all groups).
@@ -174,46 +171,59 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_pull_kernel(const
   }
   if (mine) load8(value + ch, v);
   A* red = reinterpret_cast<A*>(smem_raw) + (warp * per_warp + min(seg, per_warp - 1)) * (L * L + 1);
-#pragma unroll 1
-  for (int j = 0; j < 4; ++j) {
-    int beg = 0, cnt = 0;
-    if (mine) {  // cell (x - (j&1), y - (j>>1)): its bucket always exists (cells start at -1)
-      const int64_t key = ((bimg * (H + 1) + y - (j >> 1) + 1) * (W + 1) + x - (j & 1) + 1) * G + g;
-      beg = b.start[key];
-      cnt = b.start[key + 1] - beg;
-    }
-    int trip = cnt;  // the warp's longest list
+  // The four cells' lists, walked as one: (b0, c0) is the list being read (its next entry and how many are
+  // left), j its corner; the others queue behind it in plain registers (no indexed arrays: no local memory).
+  int b0 = 0, c0 = 0, b1 = 0, c1 = 0, b2 = 0, c2 = 0, b3 = 0, c3 = 0;
+  if (mine) {  // cell (x - (j&1), y - (j>>1)): its bucket always exists (cells start at -1)
+    const int64_t k00 = ((bimg * (H + 1) + y + 1) * (W + 1) + x + 1) * G + g, row = (W + 1) * G;
+    b0 = b.start[k00];
+    c0 = b.start[k00 + 1] - b0;
+    b1 = b.start[k00 - G];
+    c1 = b.start[k00 - G + 1] - b1;
+    b2 = b.start[k00 - row];
+    c2 = b.start[k00 - row + 1] - b2;
+    b3 = b.start[k00 - row - G];
+    c3 = b.start[k00 - row - G + 1] - b3;
+  }
+  const int total = c0 + c1 + c2 + c3;
+  int trip = total;  // the warp's longest walk
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) trip = max(trip, __shfl_xor_sync(0xffffffffu, trip, o));
-    for (int base = 0; base < trip; base += L) {
-      int my_dot = -1;  // dot slot of entry base + sl, which this lane sums
-      for (int u = 0; u < L && base + u < trip; ++u) {
-        A d = A(0);
-        if (base + u < cnt) {
-          const int e = beg + base + u;
-          const int it = b.item[e];
-          const A w = b.cw[4 * static_cast<int64_t>(e) + j];
-          if (u == sl) my_dot = 4 * it + j;
-          // grad_out row (query, group) = item / K: a multiply-shift when the launcher found a magic (K <= 256)
-          const int64_t row = row_magic ? static_cast<int64_t>((static_cast<uint64_t>(it) * row_magic) >> 40) : it / K;
-          A go[kVec];
-          load8(gout + row * C + sl * kVec, go);
-#pragma unroll
-          for (int i = 0; i < kVec; ++i) {
-            d += v[i] * go[i];
-            acc[i] += w * go[i];
-          }
+  for (int o = 16; o > 0; o >>= 1) trip = max(trip, __shfl_xor_sync(0xffffffffu, trip, o));
+  int j = 0, done = 0;
+  for (int base = 0; base < trip; base += L) {
+    int my_dot = -1;  // dot slot of entry base + sl, which this lane sums
+    for (int u = 0; u < L && base + u < trip; ++u) {
+      A d = A(0);
+      if (done < total) {
+        while (c0 == 0) {  // next non-empty list
+          b0 = b1; c0 = c1; b1 = b2; c1 = c2; b2 = b3; c2 = c3; c3 = 0;
+          ++j;
         }
-        if (seg < per_warp) red[u * L + sl] = d;
+        const int e = b0++;
+        --c0;
+        ++done;
+        const int it = b.item[e];
+        const A w = b.cw[4 * static_cast<int64_t>(e) + j];
+        if (u == sl) my_dot = 4 * it + j;
+        // grad_out row (query, group) = item / K: a multiply-shift when the launcher found a magic (K <= 256)
+        const int64_t row = row_magic ? static_cast<int64_t>((static_cast<uint64_t>(it) * row_magic) >> 40) : it / K;
+        A go[kVec];
+        load8(gout + row * C + sl * kVec, go);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          d += v[i] * go[i];
+          acc[i] += w * go[i];
+        }
       }
-      __syncwarp();
-      if (my_dot >= 0) {
-        A s = A(0);
-        for (int l = 0; l < L; ++l) s += red[sl * L + l];
-        b.dots[my_dot] = s;
-      }
-      __syncwarp();  // the slab is rewritten by the next batch
+      if (seg < per_warp) red[u * L + sl] = d;
     }
+    __syncwarp();
+    if (my_dot >= 0) {
+      A s = A(0);
+      for (int l = 0; l < L; ++l) s += red[sl * L + l];
+      b.dots[my_dot] = s;
+    }
+    __syncwarp();  // the slab is rewritten by the next batch
   }
   if (mine) store8(b.gvalue + ch, acc);
 }

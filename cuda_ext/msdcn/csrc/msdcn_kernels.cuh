@@ -124,6 +124,12 @@ __device__ __forceinline__ void atomic_add4(double* p, const double* v) {
   for (int i = 0; i < 4; ++i) atomicAdd(p + i, v[i]);
 }
 
+__device__ __forceinline__ void store4(float* p, const float* v) { *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]); }
+__device__ __forceinline__ void store4(double* p, const double* v) {
+  reinterpret_cast<double2*>(p)[0] = make_double2(v[0], v[1]);
+  reinterpret_cast<double2*>(p)[1] = make_double2(v[2], v[3]);
+}
+
 // grad_value accumulates in an fp32 (fp64) buffer; sm_90 has 16-byte vector float atomics.
 __device__ __forceinline__ void atomic_add8(float* p, const float* v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
