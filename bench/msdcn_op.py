@@ -150,7 +150,7 @@ def sweep_launch(G, C, K, H) -> dict:
 
 
 def diagnose(G, C, K, H) -> dict:
-    """Kernel times from the profiler, and fwd+bwd with the grad_value atomics switched off (their share)."""
+    """Kernel times from the profiler, and the scatter backward's fwd+bwd with its grad_value atomics switched off (their share)."""
     from torch.profiler import ProfilerActivity, profile
 
     sets = [with_grad(make_inputs(BATCH, H, H, G, C, K, s)) for s in range(2)]
@@ -167,9 +167,13 @@ def diagnose(G, C, K, H) -> dict:
     msdcn_cuda._L1_PREF_BWD = not l1
     out[f"l1_pref_{not l1}_fwdbwd_ms"] = cuda_time(ours_fwdbwd, sets)
     msdcn_cuda._L1_PREF_BWD = l1
+    saved = msdcn_cuda._BACKWARD
+    msdcn_cuda.set_backward("scatter")  # the atomics' share: only the scatter backward has them
+    out["scatter_fwdbwd_ms"] = cuda_time(ours_fwdbwd, sets)
     msdcn_cuda._DIAG_SKIP_VALUE_GRAD = True
-    out["no_value_atomics_fwdbwd_ms"] = cuda_time(ours_fwdbwd, sets)
+    out["scatter_no_value_atomics_fwdbwd_ms"] = cuda_time(ours_fwdbwd, sets)
     msdcn_cuda._DIAG_SKIP_VALUE_GRAD = False
+    msdcn_cuda.set_backward(saved)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(10):
             ours_fwdbwd(*sets[i % 2])
@@ -334,7 +338,7 @@ def main() -> None:
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference timings")
     ap.add_argument("--block", action="store_true", help="also time one FlowDCN-XL block vs one SiT-XL block")
     ap.add_argument("--sweep", action="store_true", help="pick threads per block and rounds at the XL 32² shape first")
-    ap.add_argument("--diagnose", action="store_true", help="kernel times and the share of the grad_value atomics")
+    ap.add_argument("--diagnose", action="store_true", help="kernel times, launch variants, the scatter backward's atomics share")
     ap.add_argument("--tiled", action="store_true", help="compare the tiled and untiled backward (XL and B, all grids)")
     ap.add_argument("--tile-sweep", action="store_true", help="time tile shapes and halo radii of the tiled backward at XL 32² and 64²")
     ap.add_argument("--backwards", action="store_true", help="compare the gather and scatter backward (XL and B, all grids)")

@@ -51,15 +51,17 @@ if _TILED_MODE not in _TILED_MODES:
     raise ValueError(f"FLOWDCN_MSDCN_TILED_MODE must be one of {sorted(_TILED_MODES)}, got {_TILED_MODE!r}")
 _TILE = [int(x) for x in os.environ.get("FLOWDCN_MSDCN_TILE", "8x8").lower().split("x")]
 _TILE_RADIUS = int(os.environ.get("FLOWDCN_MSDCN_TILE_RADIUS", "2"))
-# Backward algorithm for grad_value (csrc/msdcn_gather.cuh): "gather" buckets the contributions by pixel
-# (integer counting sort) and sums each pixel's in registers, taking the corner dots in the same pass;
-# "scatter" adds every contribution to an fp32 buffer with float atomics (msdcn_backward_kernel). The
-# tiled backward (a scatter variant, off by default) takes precedence when switched on.
+# Backward algorithm: "gather" (csrc/msdcn_gather.cuh) buckets the sampling points by grid cell (an integer
+# counting sort), then sums each pixel's grad_value in registers from the four cells it is a corner of, taking
+# the corner dots in the same pass; "scatter" adds every contribution to an fp32 buffer with float atomics
+# (msdcn_backward_kernel; also where the gather one does not serve a shape: C > 256, G*K > 1024, > 2^31 slots).
+# Measured on an H200, XL fwd+bwd 2.00 vs 2.48 ms at 32^2 (bench/RESULTS.md). The tiled backward (a scatter
+# variant, off by default) takes precedence when switched on.
 _BACKWARDS = ("gather", "scatter")
 _BACKWARD = os.environ.get("FLOWDCN_MSDCN_BWD", "gather")
 if _BACKWARD not in _BACKWARDS:
     raise ValueError(f"FLOWDCN_MSDCN_BWD must be one of {_BACKWARDS}, got {_BACKWARD!r}")
-# Benchmark diagnostic only: the backward leaves grad_value zero (to measure the atomics' share).
+# Benchmark diagnostic only: the scatter backward leaves grad_value zero (to measure the atomics' share).
 _DIAG_SKIP_VALUE_GRAD = False
 
 
