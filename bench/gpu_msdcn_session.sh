@@ -11,6 +11,19 @@ OUT=${OUT:-/tmp/msdcn_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD FLOWDCN_EXT_DIR=${FLOWDCN_EXT_DIR:-/tmp/flowdcn_ext}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+# Writes /tmp/ncu_drive.py (three fused XL 32² fwd+bwd calls) and sets NCU to the Nsight Compute binary.
+ncu_driver() {
+  cat > /tmp/ncu_drive.py <<'PY'
+import sys, torch
+sys.path.insert(0, "bench")
+from msdcn_op import make_inputs, with_grad, ours_fwdbwd
+a = with_grad(make_inputs(32, 32, 32, 16, 72, 9, 0))
+for _ in range(3):
+    ours_fwdbwd(*a)
+torch.cuda.synchronize()
+PY
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+}
 t0=$(date +%s)
 python3 - <<'PY' 2>&1 | tee "$OUT/build.log" | tail -n 25
 import time
@@ -39,16 +52,7 @@ if [ "$what" = gather ]; then
   for v in ${VARIANTS:-FLOWDCN_MSDCN_PULL_ORDER=pixel}; do
     env $v timeout 120 python3 bench/msdcn_op.py --json "$OUT/bench_${v#FLOWDCN_MSDCN_}.json" --no-op --no-ref --backwards --shapes XL --grids 32,64 2>&1 | tail -n 2 | cut -c1-60 | sed "s/^/$v: /"
   done
-  cat > /tmp/ncu_drive.py <<'PY'
-import sys, torch
-sys.path.insert(0, "bench")
-from msdcn_op import make_inputs, with_grad, ours_fwdbwd
-a = with_grad(make_inputs(32, 32, 32, 16, 72, 9, 0))
-for _ in range(3):
-    ours_fwdbwd(*a)
-torch.cuda.synchronize()
-PY
-  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  ncu_driver
   timeout 200 $NCU -k regex:msdcn_gather --launch-skip 8 --launch-count 4 --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats python3 /tmp/ncu_drive.py > "$OUT/ncu_gather.txt" 2>&1
   grep -E "msdcn_|Duration|Registers Per|Achieved Occupancy|Memory Throughput|L1/TEX Hit|L2 Hit|DRAM Throughput|Compute \(SM\)|Warp Cycles Per Issued" "$OUT/ncu_gather.txt" | cut -c1-140 | head -n 48
   [ "${OPTABLE:-1}" = 1 ] && timeout 300 python3 bench/msdcn_op.py --json "$OUT/bench_msdcn_op.json" --no-ref 2>&1 | tee "$OUT/bench.log" | tail -n 9
@@ -56,16 +60,7 @@ PY
   grep -E "^(FAILED|ERROR)" "$OUT/tests_gather.log" "$OUT/tests_scatter.log" | head -n 20
 fi
 if [ "$what" = all ] || [ "$what" = ncu ]; then
-  cat > /tmp/ncu_drive.py <<'PY'
-import sys, torch
-sys.path.insert(0, "bench")
-from msdcn_op import make_inputs, with_grad, ours_fwdbwd
-a = with_grad(make_inputs(32, 32, 32, 16, 72, 9, 0))
-for _ in range(3):
-    ours_fwdbwd(*a)
-torch.cuda.synchronize()
-PY
-  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  ncu_driver
   timeout 240 $NCU -k regex:msdcn --launch-skip 2 --launch-count 2 --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats python3 /tmp/ncu_drive.py > "$OUT/ncu.txt" 2>&1
   grep -E "msdcn_|Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Memory Throughput|L1/TEX Hit|L2 Hit|DRAM Throughput|Compute \(SM\)|Warp Cycles Per Issued|Block Limit|Stall|One or More" "$OUT/ncu.txt" | cut -c1-150 | head -n 60
 fi

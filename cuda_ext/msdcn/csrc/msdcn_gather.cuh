@@ -103,7 +103,8 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_count_kernel(cons
   b.rank[i] = rank;
 }
 
-// 3. fill: one thread per item; places its entry, zeroes the dots of its corners outside the grid.
+// 3. fill: one thread per item; places its entry and zeroes its four dots (the pull then writes those of its
+// corners inside the grid).
 template <typename T, typename F, typename A, bool FUSED>
 __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_fill_kernel(const MsdcnParams<T, F, A> p, GatherBufs<T, A> b) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -136,7 +137,7 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_fill_kernel(const
 // group_major: block b serves group b % G for a run of consecutive pixels, so the cells and grad_out rows it
 // reads (queries near those pixels, one group) are shared between its lanes; otherwise a block serves
 // consecutive (pixel, group) pairs (a pixel or two, all groups).
-// Corner dots: a batch of L entries per list, each lane writes its partial dot of each to shared memory, then
+// Corner dots: a batch of L entries of the walk, each lane writes its partial dot of each to shared memory, then
 // lane l sums entry l's L partials (one store and one load per lane and entry, instead of a log2(L) shuffle
 // tree per entry). Shared memory: a slab of L*L + 1 values per (pixel, group) (pull_smem_bytes).
 template <typename T, typename A>
@@ -248,28 +249,7 @@ __global__ void __launch_bounds__(1024) msdcn_gather_epilogue_kernel(const Msdcn
     A D[4];  // corner dots; 0 for corners outside the grid (fill kernel)
     load4(b.dots + 4 * i, D);
     const Corners<A> c = item_corners<FUSED>(p, i, q);
-    A sw = A(0), sx = A(0), sy = A(0);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      sw += c.bil[j] * D[j];
-      sx += c.ddx[j] * D[j];
-      sy += c.ddy[j] * D[j];
-    }
-    const A wk = to_acc(p.weight[i], A());
-    const A gox = wk * sx, goy = wk * sy;  // d loss / d offset (x, y)
-    from_acc(sw, &p.gweight[i]);
-    if (FUSED) {
-      const A dx = to_acc(p.off[2 * i], A()), dy = to_acc(p.off[2 * i + 1], A());
-      const A s = sigmoid(to_acc(p.scale[i], A()) + p.s0[q.g]);
-      const A sx_ = p.smax[0], sy_ = p.smax[1];
-      from_acc(gox * s * sx_, &p.goff[2 * i]);
-      from_acc(goy * s * sy_, &p.goff[2 * i + 1]);
-      gl = (gox * (dx + p.prior[2 * q.k]) * sx_ + goy * (dy + p.prior[2 * q.k + 1]) * sy_) * s * (A(1) - s);
-      from_acc(gl, &p.gscale[i]);
-    } else {
-      from_acc(gox, &p.goff[2 * i]);
-      from_acc(goy, &p.goff[2 * i + 1]);
-    }
+    gl = point_field_grads<FUSED>(p, i, q.g, q.k, c, D);
   }
   if (FUSED) {
     red[threadIdx.x] = gl;

@@ -224,6 +224,37 @@ __device__ __forceinline__ Corners<A> corners(A px, A py, int64_t b, int64_t H, 
   return c;
 }
 
+// Field grads of point fk (group g, point k) from its four corner dots D = <value[corner], grad_out[query]>
+// (0 for corners outside the grid) and its corner geometry c: stores grad of the weight and of the offsets (or,
+// FUSED, of delta and scale_logit) and returns d/dlogit (FUSED; 0 otherwise) for the caller's d/ds0 sum.
+template <bool FUSED, typename T, typename F, typename A>
+__device__ __forceinline__ A point_field_grads(const MsdcnParams<T, F, A>& p, int64_t fk, int g, int k, const Corners<A>& c,
+                                               const A* D) {
+  A sw = A(0), sx = A(0), sy = A(0);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    sw += c.bil[j] * D[j];
+    sx += c.ddx[j] * D[j];
+    sy += c.ddy[j] * D[j];
+  }
+  const A wk = to_acc(p.weight[fk], A());
+  const A gox = wk * sx, goy = wk * sy;  // d loss / d offset (x, y)
+  from_acc(sw, &p.gweight[fk]);
+  if (!FUSED) {
+    from_acc(gox, &p.goff[2 * fk]);
+    from_acc(goy, &p.goff[2 * fk + 1]);
+    return A(0);
+  }
+  const A dx = to_acc(p.off[2 * fk], A()), dy = to_acc(p.off[2 * fk + 1], A());
+  const A s = sigmoid(to_acc(p.scale[fk], A()) + p.s0[g]);
+  const A sx_ = p.smax[0], sy_ = p.smax[1];
+  from_acc(gox * s * sx_, &p.goff[2 * fk]);
+  from_acc(goy * s * sy_, &p.goff[2 * fk + 1]);
+  const A gl = (gox * (dx + p.prior[2 * k]) * sx_ + goy * (dy + p.prior[2 * k + 1]) * sy_) * s * (A(1) - s);
+  from_acc(gl, &p.gscale[fk]);
+  return gl;
+}
+
 // ---------------------------------------------------------------- per-point geometry in shared memory
 // The L lanes of a (query, group) need the same corner rows and weights for every point; computing
 // them once per (query, group, point) instead of once per lane removes ~40% of the forward's
@@ -410,29 +441,8 @@ __global__ void __launch_bounds__(MAXT, MINB) msdcn_backward_kernel(const MsdcnP
       A ox, oy;
       point_offset<FUSED>(p, fk, ig, ik, ox, oy);
       const Corners<A> c = corners(A(w2) + ox, A(h2) + oy, b2, p.H, p.W, p.trunc);
-      A sw = A(0), sx = A(0), sy = A(0);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {  // D[j] is 0 for corners outside the grid
-        sw += c.bil[j] * D[j];
-        sx += c.ddx[j] * D[j];
-        sy += c.ddy[j] * D[j];
-      }
-      const A wk = to_acc(p.weight[fk], A());
-      const A gox = wk * sx, goy = wk * sy;  // d loss / d offset (x, y)
-      from_acc(sw, &p.gweight[fk]);
-      if (FUSED) {
-        const A dx = to_acc(p.off[2 * fk], A()), dy = to_acc(p.off[2 * fk + 1], A());
-        const A s = sigmoid(to_acc(p.scale[fk], A()) + p.s0[ig]);
-        const A sx_ = p.smax[0], sy_ = p.smax[1];
-        from_acc(gox * s * sx_, &p.goff[2 * fk]);
-        from_acc(goy * s * sy_, &p.goff[2 * fk + 1]);
-        const A gl = (gox * (dx + p.prior[2 * ik]) * sx_ + goy * (dy + p.prior[2 * ik + 1]) * sy_) * s * (A(1) - s);
-        from_acc(gl, &p.gscale[fk]);
-        gl_buf[it] = gl;
-      } else {
-        from_acc(gox, &p.goff[2 * fk]);
-        from_acc(goy, &p.goff[2 * fk + 1]);
-      }
+      const A gl = point_field_grads<FUSED>(p, fk, ig, ik, c, D);  // D[j] is 0 for corners outside the grid
+      if (FUSED) gl_buf[it] = gl;
     }
     __syncthreads();  // geo, partials and gl_buf are rewritten by the next round
     if (FUSED && tid < p.G) {

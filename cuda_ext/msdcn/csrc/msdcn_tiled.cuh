@@ -280,29 +280,7 @@ __global__ void __launch_bounds__(MAXT, MINB) msdcn_backward_tiled_kernel(const 
       A ox, oy;
       point_offset<FUSED>(p, fk, g, ik, ox, oy);
       const Corners<A> c = corners(A(x2) + ox, A(y2) + oy, b, p.H, p.W, p.trunc);
-      A sw = A(0), sx = A(0), sy = A(0);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        sw += c.bil[j] * D[j];
-        sx += c.ddx[j] * D[j];
-        sy += c.ddy[j] * D[j];
-      }
-      const A wk = to_acc(p.weight[fk], A());
-      const A gox = wk * sx, goy = wk * sy;
-      from_acc(sw, &p.gweight[fk]);
-      if (FUSED) {
-        const A dx = to_acc(p.off[2 * fk], A()), dy = to_acc(p.off[2 * fk + 1], A());
-        const A s = sigmoid(to_acc(p.scale[fk], A()) + p.s0[g]);
-        const A sx_ = p.smax[0], sy_ = p.smax[1];
-        from_acc(gox * s * sx_, &p.goff[2 * fk]);
-        from_acc(goy * s * sy_, &p.goff[2 * fk + 1]);
-        const A gl = (gox * (dx + p.prior[2 * ik]) * sx_ + goy * (dy + p.prior[2 * ik + 1]) * sy_) * s * (A(1) - s);
-        from_acc(gl, &p.gscale[fk]);
-        s0_sum += gl;
-      } else {
-        from_acc(gox, &p.goff[2 * fk]);
-        from_acc(goy, &p.goff[2 * fk + 1]);
-      }
+      s0_sum += point_field_grads<FUSED>(p, fk, g, ik, c, D);
     }
     __syncthreads();  // geometry, dots, buckets and staged grad_out are rewritten by the next round
   }
