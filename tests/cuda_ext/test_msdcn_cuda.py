@@ -593,6 +593,13 @@ EMU_CASES = [(0, (8, 8), 0, True, 2), (1, (8, 8), 2, True, 2), (2, (8, 8), 2, Tr
              (2, (2, 3), 6, True, 2), (3, (8, 8), 0, True, 2), (3, (8, 8), 0, False, 2)]
 
 
+def test_emulated_gather_row_division_is_exact(emu_harness):
+    """The gather pull's multiply-shift i / K is exact for all i < 2^31 (edges, multiples of K, random), K in 1..300."""
+    res = subprocess.run([str(emu_harness), "divcheck"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith("ok ")
+
+
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 def test_emulated_tiled_backward_matches_reference(emu_harness, tmp_path, rounding):
     """Tiles and halos of all kinds on a 19x23 grid with offsets up to ~10 px (in and out of window and grid)."""

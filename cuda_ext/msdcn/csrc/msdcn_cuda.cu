@@ -239,6 +239,7 @@ std::string env_choice(const char* name, const char* dflt, std::initializer_list
 
 // True when the gather backward serves this shape: a pixel's lanes fit in one warp (C <= 256), a query's
 // items fit in one epilogue block (G*K <= 1024), and the corner slots (N*G*K*4) and buckets fit in int32.
+// (Every backward also needs G * C/8 <= 512, checked by geometry() first and by cuda.supports() in Python.)
 bool gather_serves(const at::Tensor& value, const at::Tensor& weight) {
   const int64_t B = value.size(0), H = value.size(1), W = value.size(2), G = value.size(3), C = value.size(4), K = weight.size(4);
   const int64_t limit = (int64_t(1) << 31) - 1;
@@ -276,7 +277,7 @@ std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool f
   auto fill_k = fused ? msdcn_gather_fill_kernel<T, F, A, true> : msdcn_gather_fill_kernel<T, F, A, false>;
   fill_k<<<item_blocks, kGatherThreads, 0, stream>>>(p, b);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // Pull block order (a benchmark switch, read once per process): FLOWDCN_MSDCN_PULL_ORDER=group (default; a block
+  // Pull block order (a benchmark switch, read on first use): FLOWDCN_MSDCN_PULL_ORDER=group (default; a block
   // serves one group of a run of pixels) | pixel (consecutive (pixel, group) pairs).
   static const bool group_major = env_choice("FLOWDCN_MSDCN_PULL_ORDER", "group", {"group", "pixel"}) == "group";
   const int per_block = (kGatherThreads / 32) * (32 / p.L);  // (pixel, group) pairs per block
@@ -284,7 +285,7 @@ std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool f
   const int64_t pull_blocks = group_major ? (p.N + per_block - 1) / per_block * p.G : (NG + per_block - 1) / per_block;
   TORCH_CHECK(pull_blocks < (int64_t(1) << 31), "msdcn_cuda: too many pixels for one launch: ", p.N);
   const size_t smem = pull_smem_bytes(p.C, sizeof(A));
-  if (smem > 48 * 1024)  // only fp64 with C > 200: rare, so no attribute cache
+  if (smem > 48 * 1024)  // only fp64 with C >= 224: rare, so no attribute cache
     C10_CUDA_CHECK(cudaFuncSetAttribute(msdcn_gather_pull_kernel<T, A>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   msdcn_gather_pull_kernel<T, A><<<pull_blocks, kGatherThreads, smem, stream>>>(p.value, p.gout, b, p.N, p.H, p.W, p.G, p.C, p.K,
                                                                                gather_row_magic(p.K), group_major);

@@ -32,11 +32,17 @@ namespace flowdcn {
 
 constexpr int kGatherThreads = 256;  // threads per block of the gather-backward kernels
 
-// Magic m with i / K == (i * m) >> 40 for every i < 2^31 when K <= 256 (the rounding error i / 2^40 stays
-// below 1 / K); 0 = divide.
+// Magic m = ceil(2^40 / K) with i / K == floor(i * m / 2^40) for every i < 2^31 when K <= 256 (the rounding error
+// i / 2^40 stays below 1 / K); 0 = divide.
 inline uint64_t gather_row_magic(int K) {
   const uint64_t d = static_cast<uint64_t>(K);
   return d <= 256 ? ((uint64_t(1) << 40) + d - 1) / d : 0;
+}
+
+// i / K for 0 <= i < 2^31 (the grad_out row of item i). i * m needs up to 71 bits, so it is formed as the high
+// half of the 128-bit product (i * 2^24) * m, which is floor(i * m / 2^40) exactly.
+__device__ __forceinline__ int64_t gather_row(int i, int K, uint64_t magic) {
+  return magic ? static_cast<int64_t>(__umul64hi(static_cast<uint64_t>(i) << 24, magic)) : i / K;
 }
 
 // Threads of an epilogue block: whole queries (a multiple of G*K), about kGatherThreads.
@@ -206,8 +212,7 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_pull_kernel(const
         const int it = b.item[e];
         const A w = b.cw[4 * static_cast<int64_t>(e) + j];
         if (u == sl) my_dot = 4 * it + j;
-        // grad_out row (query, group) = item / K: a multiply-shift when the launcher found a magic (K <= 256)
-        const int64_t row = row_magic ? static_cast<int64_t>((static_cast<uint64_t>(it) * row_magic) >> 40) : it / K;
+        const int64_t row = gather_row(it, K, row_magic);  // grad_out row (query, group) of the item
         A go[kVec];
         load8(gout + row * C + sl * kVec, go);
 #pragma unroll

@@ -43,6 +43,9 @@ inline std::vector<double> shfl_buf;
 inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
 template <class T> T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
+inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
+  return static_cast<unsigned long long>((static_cast<unsigned __int128>(a) * b) >> 64);
+}
 // Warp shuffle: every lane of the warp must call it (as the kernels' full-mask shuffles require on a GPU).
 // mode 0: from lane + delta (down), 1: lane - delta (up), 2: lane ^ delta (xor); out-of-warp sources keep v.
 template <class T> T shfl_impl(T v, int delta, int mode) {

@@ -144,7 +144,31 @@ static int run(char** argv) {
   return 0;
 }
 
+// harness divcheck: gather_row(i, K, gather_row_magic(K)) == i / K for K in [1, 300] (magic up to 256, division
+// beyond) at the edges of [0, 2^31) and around multiples of K, plus pseudo-random i.
+static int divcheck() {
+  int64_t checks = 0;
+  uint64_t lcg = 12345;
+  for (int K = 1; K <= 300; ++K) {
+    const uint64_t magic = gather_row_magic(K);
+    std::vector<int64_t> is;
+    for (int64_t d = 0; d < 4096; ++d) { is.push_back(d); is.push_back(2147483647 - d); }
+    for (int64_t q = 2147483647 / K; q > 2147483647 / K - 64 && q >= 0; --q)
+      for (int64_t e = -1; e <= 1; ++e) is.push_back(q * K + e);
+    for (int r = 0; r < 20000; ++r) { lcg = lcg * 6364136223846793005ull + 1442695040888963407ull; is.push_back(int64_t(lcg >> 33)); }
+    for (int64_t i : is) {
+      if (i < 0 || i > 2147483647) continue;
+      const int64_t got = gather_row(static_cast<int>(i), K, magic);
+      ++checks;
+      if (got != i / K) { std::fprintf(stderr, "gather_row(%lld, %d) = %lld, want %lld\n", (long long)i, K, (long long)got, (long long)(i / K)); return 1; }
+    }
+  }
+  std::printf("ok %lld checks\n", (long long)checks);
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc == 2 && std::string(argv[1]) == "divcheck") return divcheck();
   if (argc != 18) { std::fprintf(stderr, "usage: harness DIR MODE FUSED TRUNC SPLIT B H W G C K TH TW R Q ROUNDS DTYPE\n"); return 2; }
   const std::string dt = argv[17];
   if (dt == "f64") return run<double, double, double>(argv);
