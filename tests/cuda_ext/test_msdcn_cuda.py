@@ -463,6 +463,28 @@ def test_backward_kinds_fp64_match_reference(cuda_mod, backward_kind, kind, shap
 
 
 @cuda
+def test_gather_backward_beyond_2_24_rows(cuda_mod, backward_kind):
+    """N*G > 2^24 grad_out rows (the range where a 64-bit multiply-shift row division overflowed): the gather backward
+    of the last image equals the scatter backward's, which divides nothing."""
+    B, H, W, G, C, K = 2, 2900, 2900, 2, 8, 3  # N*G = 33.6M rows > 2^24
+    free, _ = torch.cuda.mem_get_info()
+    if free < 8 * 2**30:
+        pytest.skip(f"needs 8 GiB free, {free / 2**30:.1f} GiB available")
+    gen = torch.Generator(device="cuda").manual_seed(43)
+    value = torch.randn(B, H, W, G, C, device="cuda", generator=gen)
+    offsets = (torch.rand(B, H, W, G, K, 2, device="cuda", generator=gen) - 0.5) * 6
+    weights = torch.randn(B, H, W, G, K, device="cuda", generator=gen)
+    grad = torch.randn(B, H, W, G, C, device="cuda", generator=gen)
+    got = {}
+    for kind in ("gather", "scatter"):
+        backward_kind(kind)
+        got[kind] = [t[-1].cpu() for t in torch.ops.flowdcn.msdcn_cuda_backward(grad, value, offsets, weights, "floor")]
+    assert B * H * W * G > 2**24
+    for name, a, b in zip(("value", "offsets", "weights"), got["gather"], got["scatter"]):
+        assert rel_err(a, b) < 1e-5, name  # fp32: summation order only
+
+
+@cuda
 @pytest.mark.parametrize("field_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("C", [72, 64, 8])
 def test_gather_bf16_equals_scatter(cuda_mod, backward_kind, field_dtype, C):
