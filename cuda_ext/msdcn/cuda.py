@@ -10,7 +10,8 @@ eager calls run the same implementations through a thin autograd.Function, which
 Dtypes are taken as they come (autocast gives bf16 value and fields): value bf16/fp16/fp32/fp64, fields
 of the value's dtype or fp32 (other mixes are cast to fp32 here). Coordinates and sums are fp32 (fp64
 for fp64 values), grad_value is summed in fp32 (registers of the gather backward, or an fp32 atomic
-buffer), every grad is returned in its input's dtype. C need not be a multiple of 8: other C are zero-padded here (a copy; C % 8 == 0 is the fast path).
+buffer), every grad is returned in its input's dtype. C need not be a multiple of 8: other C are
+zero-padded here (a copy; C % 8 == 0 is the fast path).
 """
 from __future__ import annotations
 

@@ -369,7 +369,6 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
     const int S = (4 * static_cast<int>(K)) | 1;
     const size_t per_query = static_cast<size_t>(G * K) * (sizeof(PointGeo<A>) + sizeof(A)) + static_cast<size_t>(G * L) * S * sizeof(A);
     const Geometry geo = geometry(value, weight, threads, rounds, per_query);
-    s0p = fused ? at::empty({geo.blocks, geo.G}, value.options().dtype(adt)) : at::empty({0}, value.options().dtype(adt));
     auto p = make_params<T, F, A>(geo, value, off, scale, weight, prior, s0, smax, fused, trunc);
     p.gout = reinterpret_cast<const T*>(gout.data_ptr());
     p.skip_value_grad = skip_value_grad;
@@ -382,6 +381,7 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
       return;
     }
     p.gvalue = reinterpret_cast<A*>(gvalue.data_ptr());
+    s0p = fused ? at::empty({geo.blocks, geo.G}, value.options().dtype(adt)) : at::empty({0}, value.options().dtype(adt));
     if (fused) p.s0_part = reinterpret_cast<A*>(s0p.data_ptr());
     const bool tiled = variant == 1 || variant == 2, sorted = variant == 2;
     TileShape ts{};
