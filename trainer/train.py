@@ -101,8 +101,9 @@ def _run(cfg: TrainConfig, config_dict: dict, stop_flag: StopFlag) -> int:
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS refuses deterministic mode without it
         if on_gpu:
-            dist.print0("[deterministic] GPU: the MSDCN CUDA backward (fp32 atomics) and grid_sample's backward have no "
-                        "deterministic kernel; they warn instead of failing, and runs are bitwise repeatable on CPU only")
+            dist.print0("[deterministic] GPU: the MSDCN CUDA backward (grad_value summed in atomic order) and "
+                        "grid_sample's backward have no deterministic kernel; they warn instead of failing, and runs are "
+                        "bitwise repeatable on CPU only")
     # Set both ways: run() may be called again. On GPUs warn_only, so that the CPU smoke presets (deterministic: true)
     # also run there instead of failing at the first backward.
     torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=on_gpu)
