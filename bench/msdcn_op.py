@@ -9,11 +9,13 @@ device-to-device copy bandwidth. Optionally times one FlowDCN-XL block against o
     python bench/msdcn_op.py --json bench_msdcn.json [--block] [--sweep] [--diagnose]
     python bench/msdcn_op.py --no-op --no-ref --tile-sweep --tiled   # tiled backward: sweep, then vs untiled
     python bench/msdcn_op.py --no-op --no-ref --backwards            # gather vs scatter backward
+    python bench/msdcn_op.py --no-op --no-ref --backwards --pull-vecs 1,2,3,4   # and each gather pull width
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -234,21 +236,32 @@ def compare_tiled(G, C, K, H) -> dict:
     return out
 
 
-def compare_backward(G, C, K, H) -> dict:
-    """fwd+bwd ms (eager, CUDA graph) and kernel times of the gather and the scatter backward."""
+def compare_backward(G, C, K, H, pull_vecs=()) -> dict:
+    """fwd+bwd ms (eager, CUDA graph) and kernel times of the gather and the scatter backward; then the gather backward
+    with each pull width in pull_vecs that divides C/8 (FLOWDCN_MSDCN_PULL_VEC runs of 8 channels per lane)."""
     sets = [with_grad(make_inputs(BATCH, H, H, G, C, K, s)) for s in range(2 if H < 64 else 1)]
-    saved = msdcn_cuda._BACKWARD
+    saved, saved_vec = msdcn_cuda._BACKWARD, os.environ.get("FLOWDCN_MSDCN_PULL_VEC")
     out = {}
-    for kind in ("gather", "scatter"):
+    runs = [("gather", "gather", None), ("scatter", "scatter", None)]
+    runs += [(f"gather_v{v}", "gather", str(v)) for v in pull_vecs if (C // 8) % v == 0]
+    for key, kind, vec in runs:
         msdcn_cuda.set_backward(kind)
-        out[f"{kind}_fwdbwd_ms"] = cuda_time(ours_fwdbwd, sets)
-        out[f"{kind}_graph_fwdbwd_ms"] = graph_time(ours_fwdbwd, sets[0])
-        out[f"{kind}_kernels_ms"] = kernel_times(sets)
+        if vec is None:
+            os.environ.pop("FLOWDCN_MSDCN_PULL_VEC", None)
+        else:
+            os.environ["FLOWDCN_MSDCN_PULL_VEC"] = vec  # read by the launcher on every call
+        out[f"{key}_fwdbwd_ms"] = cuda_time(ours_fwdbwd, sets)
+        out[f"{key}_graph_fwdbwd_ms"] = graph_time(ours_fwdbwd, sets[0])
+        out[f"{key}_kernels_ms"] = kernel_times(sets)
         torch.cuda.reset_peak_memory_stats()
         ours_fwdbwd(*sets[0])
         torch.cuda.synchronize()
-        out[f"{kind}_peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
+        out[f"{key}_peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
     msdcn_cuda.set_backward(saved)
+    if saved_vec is None:
+        os.environ.pop("FLOWDCN_MSDCN_PULL_VEC", None)
+    else:
+        os.environ["FLOWDCN_MSDCN_PULL_VEC"] = saved_vec
     print(f"  gather vs scatter G={G} C={C} {H}²: {json.dumps(out)}", flush=True)
     return out
 
@@ -342,6 +355,7 @@ def main() -> None:
     ap.add_argument("--tiled", action="store_true", help="compare the tiled and untiled backward (XL and B, all grids)")
     ap.add_argument("--tile-sweep", action="store_true", help="time tile shapes and halo radii of the tiled backward at XL 32² and 64²")
     ap.add_argument("--backwards", action="store_true", help="compare the gather and scatter backward (XL and B, all grids)")
+    ap.add_argument("--pull-vecs", default="", help="with --backwards: also time these gather pull widths, e.g. 1,2,3,4")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of XL,B")
     ap.add_argument("--grids", default=",".join(map(str, GRIDS)), help="comma-separated subset of 16,32,64")
     ap.add_argument("--no-op", action="store_true", help="skip the main op table (with --tiled / --tile-sweep)")
@@ -366,7 +380,8 @@ def main() -> None:
     if args.tiled:
         result["tiled"] = {f"{name}_{h}": compare_tiled(*SHAPES[name], h) for name in SHAPES for h in GRIDS}
     if args.backwards:
-        result["backwards"] = {f"{name}_{h}": compare_backward(*SHAPES[name], h) for name in SHAPES for h in GRIDS}
+        vecs = tuple(int(v) for v in args.pull_vecs.split(",") if v)
+        result["backwards"] = {f"{name}_{h}": compare_backward(*SHAPES[name], h, vecs) for name in SHAPES for h in GRIDS}
     result["op"] = [] if args.no_op else bench_op(bw, with_ref=not args.no_ref)
     if args.block:
         result["block"] = bench_blocks()
@@ -400,6 +415,14 @@ def main() -> None:
             cells = [f"{r[m + '_fwdbwd_ms']:.3f} / {r[m + '_graph_fwdbwd_ms']:.3f} ({r[m + '_peak_GB']:.2f} GB)" for m in ("gather", "scatter")]
             ks = ", ".join(f"{k.split('<')[0].split('(')[0][-28:]} {v:.3f}" for k, v in r["gather_kernels_ms"].items())
             print(f"| {name} | {h}² | " + " | ".join(cells) + f" | {ks} |")
+        widths = [(key, k[len("gather_v"):-len("_fwdbwd_ms")]) for key, r in result["backwards"].items() for k in r
+                  if k.startswith("gather_v") and k.endswith("_fwdbwd_ms")]
+        if widths:
+            print("\nGather pull widths (runs of 8 channels per lane): fwd+bwd ms eager / CUDA graph, pull kernel ms")
+            for key, v in widths:
+                r = result["backwards"][key]
+                pull = next((t for k, t in r[f"gather_v{v}_kernels_ms"].items() if "pull" in k), float("nan"))
+                print(f"  {key} V={v}: {r[f'gather_v{v}_fwdbwd_ms']:.3f} / {r[f'gather_v{v}_graph_fwdbwd_ms']:.3f}, pull {pull:.3f}")
     if args.block:
         print("\n| grid | FlowDCN-XL block fwd+bwd (ms) | SiT-XL block fwd+bwd (ms) |\n|---|---|---|")
         for r in result["block"]:

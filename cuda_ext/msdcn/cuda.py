@@ -161,7 +161,7 @@ def _prep_value(value: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def _prep_grad(grad_out: torch.Tensor, value: torch.Tensor, pad: int) -> torch.Tensor:
     """grad_out in value's dtype, padded like value, aligned."""
-    g = grad_out.to(value.dtype)
+    g = grad_out if grad_out.dtype == value.dtype else grad_out.to(value.dtype)
     if pad:
         g = F.pad(g, (0, pad))
     return _aligned(g)
@@ -231,36 +231,62 @@ def _bwd_flags():
     return (*_LAUNCH["backward"], _SPLIT_BWD, _LEAN_BWD, _L1_PREF_BWD, _DIAG_SKIP_VALUE_GRAD, variant, *_TILE, _TILE_RADIUS)
 
 
+def _finish(grad: torch.Tensor, like: torch.Tensor | torch.dtype) -> torch.Tensor:
+    """A kernel's grad in the dtype of the input it belongs to (no call when it already is)."""
+    dtype = like if isinstance(like, torch.dtype) else like.dtype
+    return grad if grad.dtype == dtype else grad.to(dtype)
+
+
+def _grad_value(gv: torch.Tensor, value: torch.Tensor | torch.dtype, C: int) -> torch.Tensor:
+    """grad_value in value's dtype and channels (the scatter buffer is fp32; padded channels are dropped)."""
+    if gv.shape[-1] != C:
+        gv = gv[..., :C].contiguous()
+    return _finish(gv, value)
+
+
 def _plain_backward_impl(grad_out, value, offsets, weights, rounding):
     """(grad_value, grad_offsets, grad_weights), each in its input's dtype."""
     v, C = _prep_value(value)
-    g = _prep_grad(grad_out, v, v.shape[-1] - C)
     off, w = _fields(v, offsets, weights)
+    g = _prep_grad(grad_out, v, v.shape[-1] - C)
     e = _empty(v)
     gv, goff, _, gw, _ = _module(v.device).backward(g, v, off, e, w, e, e, e, False, rounding == "trunc", *_bwd_flags())
-    gv = gv[..., :C].to(value.dtype).contiguous()  # fp32 accumulation buffer -> value dtype
-    return gv, goff.to(offsets.dtype), gw.to(weights.dtype)
+    return _grad_value(gv, value, C), _finish(goff, offsets), _finish(gw, weights)
 
 
-def _deform_forward(value, delta, scale_logit, weights, prior, s0, s_max, rounding):
-    """out = msdcn(value, (delta + prior)·σ(scale_logit + s0)·S_max, weights), the field computed in the kernel."""
+def _deform_prep(value, delta, scale_logit, weights, prior, s0, s_max):
+    """The fused op's inputs as the kernels take them: (v, C, delta, scale_logit, weights, prior, s0, s_max)."""
     v, C = _prep_value(value)
-    d, s, w = _fields(v, delta, scale_logit, weights)
-    p, z, m = _consts(v, prior, s0, s_max)
+    return (v, C, *_fields(v, delta, scale_logit, weights), *_consts(v, prior, s0, s_max))
+
+
+def _deform_forward_prepped(v, C, d, s, w, p, z, m, rounding):
     out = _module(v.device).forward(v, d, s, w, p, z, m, True, rounding == "trunc", *_LAUNCH["forward"])
     return out[..., :C].contiguous() if out.shape[-1] != C else out   # the fake impl promises a contiguous output
 
 
+def _deform_forward(value, delta, scale_logit, weights, prior, s0, s_max, rounding):
+    """out = msdcn(value, (delta + prior)·σ(scale_logit + s0)·S_max, weights), the field computed in the kernel."""
+    return _deform_forward_prepped(*_deform_prep(value, delta, scale_logit, weights, prior, s0, s_max), rounding)
+
+
+def _deform_backward_prepped(grad_out, v, C, d, s, w, p, z, m, rounding):
+    """Backward kernels on prepared inputs (_deform_prep): (g_value, g_delta, g_scale_logit, g_weights, g_s0) as the
+    launcher returns them (g_value fp32 from the scatter kernel, g_s0 in the accumulation dtype)."""
+    g = _prep_grad(grad_out, v, v.shape[-1] - C)
+    return _module(v.device).backward(g, v, d, s, w, p, z, m, True, rounding == "trunc", *_bwd_flags())
+
+
 def _deform_backward_impl(grad_out, value, delta, scale_logit, weights, prior, s0, s_max, rounding):
     """(grad_value, grad_delta, grad_scale_logit, grad_weights, grad_s0), each in its input's dtype."""
-    v, C = _prep_value(value)
-    g = _prep_grad(grad_out, v, v.shape[-1] - C)
-    d, s, w = _fields(v, delta, scale_logit, weights)
-    p, z, m = _consts(v, prior, s0, s_max)
-    gv, gd, gs, gw, s0_part = _module(v.device).backward(g, v, d, s, w, p, z, m, True, rounding == "trunc", *_bwd_flags())
-    gv = gv[..., :C].to(value.dtype).contiguous()
-    gs0 = s0_part.sum(0).to(device=s0.device, dtype=s0.dtype)  # per-block partials -> [G]
-    return gv, gd.to(delta.dtype), gs.to(scale_logit.dtype), gw.to(weights.dtype), gs0
+    prepped = _deform_prep(value, delta, scale_logit, weights, prior, s0, s_max)
+    gv, gd, gs, gw, gs0 = _deform_backward_prepped(grad_out, *prepped, rounding)
+    return (_grad_value(gv, value, prepped[1]), _finish(gd, delta), _finish(gs, scale_logit), _finish(gw, weights),
+            _s0_grad(gs0, s0))
+
+
+def _s0_grad(gs0: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
+    return gs0 if (gs0.dtype == s0.dtype and gs0.device == s0.device) else gs0.to(device=s0.device, dtype=s0.dtype)
 
 
 # ---------------------------------------------------------------- torch.library ops (what torch.compile sees)
@@ -350,19 +376,25 @@ class _PlainFn(torch.autograd.Function):
 
 
 class _DeformFn(torch.autograd.Function):
-    """Eager autograd wrapper of the fused op (same implementation as flowdcn::msdcn_deform_cuda)."""
+    """Eager autograd wrapper of the fused op (same kernels as flowdcn::msdcn_deform_cuda). The inputs are prepared
+    (aligned, fields in one dtype, constants on the device) once in forward and saved prepared, so backward goes
+    straight to the kernels: at 16² the host's Python is a visible part of a fwd+bwd."""
 
     @staticmethod
     def forward(ctx, value, delta, scale_logit, weights, prior, s0, s_max, rounding):
-        ctx.save_for_backward(value, delta, scale_logit, weights, prior, s0, s_max)
-        ctx.rounding = rounding
-        return _deform_forward(value, delta, scale_logit, weights, prior, s0, s_max, rounding)
+        v, C, d, s, w, p, z, m = _deform_prep(value, delta, scale_logit, weights, prior, s0, s_max)
+        ctx.save_for_backward(v, d, s, w, p, z, m, s0)
+        ctx.meta = (C, rounding, value.dtype, delta.dtype, scale_logit.dtype, weights.dtype)
+        return _deform_forward_prepped(v, C, d, s, w, p, z, m, rounding)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        gv, gd, gs, gw, gs0 = _deform_backward_impl(grad_out, *ctx.saved_tensors, ctx.rounding)
-        return gv, gd, gs, gw, None, gs0, None, None
+        v, d, s, w, p, z, m, s0 = ctx.saved_tensors
+        C, rounding, vdt, ddt, sdt, wdt = ctx.meta
+        gv, gd, gs, gw, gs0 = _deform_backward_prepped(grad_out, v, C, d, s, w, p, z, m, rounding)
+        return (_grad_value(gv, vdt, C), _finish(gd, ddt), _finish(gs, sdt), _finish(gw, wdt), None, _s0_grad(gs0, s0),
+                None, None)
 
 
 # ---------------------------------------------------------------- public entry points

@@ -464,8 +464,8 @@ def test_backward_kinds_fp64_match_reference(cuda_mod, backward_kind, kind, shap
 
 @cuda
 def test_gather_backward_beyond_2_24_rows(cuda_mod, backward_kind):
-    """N*G > 2^24 grad_out rows (the range where a 64-bit multiply-shift row division overflowed): the gather backward
-    of the last image equals the scatter backward's, which divides nothing."""
+    """N*G > 2^24 grad_out rows (where an earlier multiply-shift row division overflowed; the rows are now stored per
+    entry and scaled in 64 bits): the gather backward of the last image equals the scatter backward's."""
     B, H, W, G, C, K = 2, 2900, 2900, 2, 8, 3  # N*G = 33.6M rows > 2^24
     free, _ = torch.cuda.mem_get_info()
     if free < 8 * 2**30:
@@ -502,6 +502,35 @@ def test_gather_bf16_equals_scatter(cuda_mod, backward_kind, field_dtype, C):
         assert grads["gather"][j].dtype == inputs[i].dtype, name
         assert torch.isfinite(grads["gather"][j]).all(), name
         assert rel_err(grads["gather"][j], grads["scatter"][j]) < 1e-2, name
+
+
+@cuda
+@pytest.mark.parametrize("C,vec", [(72, "1"), (72, "3"), (64, "1"), (64, "2"), (64, "4"), (24, "3")])
+def test_gather_pull_runs_per_lane_bf16(cuda_mod, backward_kind, monkeypatch, C, vec):
+    """Every pull width (FLOWDCN_MSDCN_PULL_VEC runs of 8 channels per lane) gives the scatter backward's grads in bf16."""
+    shape = (2, 13, 11, 4, C, 9)
+    inputs = make_deform(shape, dtype=torch.bfloat16, field_dtype=torch.float32, seed=87)
+    gy = torch.randn(shape[:5]).to(torch.bfloat16).cuda()
+    grads = {}
+    for kind in ("gather", "scatter"):
+        backward_kind(kind)
+        monkeypatch.setenv("FLOWDCN_MSDCN_PULL_VEC", vec)
+        a = [t.clone().requires_grad_(i in (0, 1, 2, 3, 5)) for i, t in enumerate(inputs)]
+        torch.autograd.backward(cuda_mod.msdcn_deform(*a), gy)
+        grads[kind] = [a[i].grad for i in (0, 1, 2, 3, 5)]
+    for j, name in enumerate(("value", "delta", "scale_logit", "weights", "s0")):
+        assert torch.isfinite(grads["gather"][j]).all(), name
+        assert rel_err(grads["gather"][j], grads["scatter"][j]) < 1e-2, name
+
+
+@cuda
+def test_gather_pull_rejects_a_width_that_does_not_divide(cuda_mod, backward_kind, monkeypatch):
+    """FLOWDCN_MSDCN_PULL_VEC=3 at C=64 (8 runs of 8 channels) is an error naming the switch, not a wrong result."""
+    backward_kind("gather")
+    monkeypatch.setenv("FLOWDCN_MSDCN_PULL_VEC", "3")
+    value, offsets, weights = make_inputs((1, 4, 4, 2, 64, 3), seed=5)
+    with pytest.raises(RuntimeError, match="FLOWDCN_MSDCN_PULL_VEC"):
+        torch.ops.flowdcn.msdcn_cuda_backward(torch.randn_like(value), value, offsets, weights, "floor")
 
 
 # ---------------------------------------------------------------- tiled backward (shared-memory grad_value window)
@@ -593,12 +622,16 @@ def emu_harness(tmp_path_factory):
     return exe
 
 
-def run_emulated(exe, tmp, tensors, mode, fused, rounding, shape, tile=(8, 8), radius=2, split=True, q=2, rounds=3, dtype="f64"):
-    """Write the inputs (as fp64), run the harness's kernels in dtype, return (g_value, g_off, g_weight, g_scale, s0 sums)."""
+def run_emulated(exe, tmp, tensors, mode, fused, rounding, shape, tile=(8, 8), radius=2, split=True, q=2, rounds=3, dtype="f64",
+                 vec=0):
+    """Write the inputs (as fp64), run the harness's kernels in dtype, return (g_value, g_off, g_weight, g_scale, s0 sums).
+
+    vec: runs of 8 channels per lane of the gather pull (mode 3); 0 = the launcher's choice (1 in fp64, 3 for C=72 else).
+    """
     B, H, W, G, C, K = shape
     for name, t in tensors.items():
         t.double().contiguous().numpy().tofile(tmp / f"{name}.bin")
-    args = [exe, tmp, mode, int(fused), int(rounding == "trunc"), int(split), B, H, W, G, C, K, *tile, radius, q, rounds, dtype]
+    args = [exe, tmp, mode, int(fused), int(rounding == "trunc"), int(split), B, H, W, G, C, K, *tile, radius, q, rounds, dtype, vec]
     res = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
 
@@ -615,11 +648,20 @@ EMU_CASES = [(0, (8, 8), 0, True), (1, (8, 8), 2, True), (2, (8, 8), 2, True), (
              (2, (2, 3), 6, True), (3, (8, 8), 0, True), (3, (8, 8), 0, False)]
 
 
-def test_emulated_gather_row_division_is_exact(emu_harness):
-    """The gather pull's multiply-shift i / K is exact for all i < 2^31 (edges, multiples of K, random), K in 1..300."""
-    res = subprocess.run([str(emu_harness), "divcheck"], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.startswith("ok ")
+@pytest.mark.parametrize("C,vec", [(24, 1), (24, 3), (48, 2), (64, 4), (64, 2)])
+def test_emulated_gather_pull_runs_per_lane(emu_harness, tmp_path, C, vec):
+    """The gather pull with V runs of 8 channels per lane (C/(8V) lanes per pixel, 1 to 8 of them) in fp64, both block
+    orders, against the reference: every lane-to-channel mapping and dot-reduction width the launcher can pick."""
+    shape = (2, 7, 9, 2, C, 5)
+    value, offsets, weights = make_inputs(shape, seed=101 + C + vec, spread=3.0, device="cpu")
+    grad = torch.randn_like(value)
+    want = msdcn_ref_backward(grad, value, offsets, weights, "floor")
+    tensors = {"value": value, "off": offsets, "weight": weights, "gout": grad}
+    for split in (True, False):
+        got = run_emulated(emu_harness, tmp_path, tensors, 3, False, "floor", shape, split=split, vec=vec)
+        for name, g, w in zip(("value", "offsets", "weights"), got, want):
+            assert torch.isfinite(g).all(), (split, name)
+            assert rel_err(g, w) < 1e-11, (split, name)
 
 
 @pytest.mark.parametrize("rounding", ROUNDINGS)
@@ -646,11 +688,14 @@ def test_emulated_tiled_deform_backward_matches_reference(emu_harness, tmp_path)
     out = msdcn_ref(leaves[0], deform_offsets_ref(leaves[1], leaves[2], prior, leaves[4], s_max), leaves[3])
     (out * grad).sum().backward()
     tensors = {"value": value, "off": delta, "weight": weights, "gout": grad, "scale": scale, "prior": prior, "s0": s0, "smax": s_max}
-    for mode, tile, radius in ((0, (8, 8), 0), (2, (8, 8), 2), (1, (8, 8), 2), (2, (5, 4), 0), (3, (8, 8), 0)):
-        gv, gd, gw, gs, gs0 = run_emulated(emu_harness, tmp_path, tensors, mode, True, "floor", shape, tile, radius, q=1, rounds=2)
+    # mode 3 twice: the pull with 1 and with 3 runs of 8 channels per lane (9 and 3 lanes per pixel)
+    for mode, tile, radius, vec in ((0, (8, 8), 0, 0), (2, (8, 8), 2, 0), (1, (8, 8), 2, 0), (2, (5, 4), 0, 0), (3, (8, 8), 0, 1),
+                                    (3, (8, 8), 0, 3)):
+        gv, gd, gw, gs, gs0 = run_emulated(emu_harness, tmp_path, tensors, mode, True, "floor", shape, tile, radius, q=1, rounds=2,
+                                           vec=vec)
         for name, g, leaf in (("value", gv, 0), ("delta", gd, 1), ("weights", gw, 3), ("scale_logit", gs, 2), ("s0", gs0, 4)):
-            assert torch.isfinite(g).all(), (mode, name)
-            assert rel_err(g, leaves[leaf].grad) < 1e-10, (mode, tile, radius, name)
+            assert torch.isfinite(g).all(), (mode, vec, name)
+            assert rel_err(g, leaves[leaf].grad) < 1e-10, (mode, tile, radius, vec, name)
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])

@@ -248,22 +248,26 @@ bool gather_serves(const at::Tensor& value, const at::Tensor& weight) {
 
 // The gather backward (msdcn_gather.cuh): count, scan, fill, pull, epilogue on the current stream.
 // Returns grad_value in the value's dtype and, when fused, the epilogue's per-block d/ds0 partials.
+// One int32 workspace holds count, start and the per-item key, rank and entry rows; one float workspace the
+// entries' corner weights and dots (fewer allocations: at 16² the host's launch path is most of the time).
 template <typename T, typename F, typename A>
 std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor& value, cudaStream_t stream) {
   const int64_t items = p.N * p.G * p.K, NB = gather_buckets(value.size(0), p.H, p.W, p.G);
-  const auto iopt = value.options().dtype(at::kInt);
   const auto aopt = value.options().dtype(value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  auto count = at::zeros({NB}, iopt);
-  auto start = at::empty({NB + 1}, iopt);
-  auto ints = at::empty({3, items}, iopt);  // key, rank, item
-  auto floats = at::empty({2, 4 * items}, aopt);  // cw, dots
+  // Runs of 8 channels per pull lane: FLOWDCN_MSDCN_PULL_VEC = auto (default) | 1..4 (a benchmark switch, read per call).
+  const std::string vec_env = env_choice("FLOWDCN_MSDCN_PULL_VEC", "auto", {"auto", "1", "2", "3", "4"});
+  const int V = pull_vec(p.C, sizeof(A), vec_env == "auto" ? 0 : std::stoi(vec_env));
+  TORCH_CHECK((p.C / kVec) % V == 0 && pull_lanes(p.C, V) <= 32, "FLOWDCN_MSDCN_PULL_VEC=", V, " does not divide C/8 = ", p.C / kVec);
+  auto ints = at::empty({NB + (NB + 1) + 3 * items}, value.options().dtype(at::kInt));  // count, start, key, rank, row
+  ints.narrow(0, 0, NB).zero_();
+  auto floats = at::empty({8 * items}, aopt);  // cw [items, 4], dots [items, 4]
   auto gvalue = at::empty_like(value);
   GatherBufs<T, A> b{};
-  b.count = count.data_ptr<int>();
-  b.start = start.data_ptr<int>();
-  b.key = ints.data_ptr<int>();
+  b.count = ints.data_ptr<int>();
+  b.start = b.count + NB;
+  b.key = b.start + NB + 1;
   b.rank = b.key + items;
-  b.item = b.rank + items;
+  b.row = b.rank + items;
   b.cw = reinterpret_cast<A*>(floats.data_ptr());
   b.dots = b.cw + 4 * items;
   b.gvalue = reinterpret_cast<T*>(gvalue.data_ptr());
@@ -272,23 +276,21 @@ std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool f
   auto count_k = fused ? msdcn_gather_count_kernel<T, F, A, true> : msdcn_gather_count_kernel<T, F, A, false>;
   count_k<<<item_blocks, kGatherThreads, 0, stream>>>(p, b);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor scanned = start.narrow(0, 1, NB);
-  at::cumsum_out(scanned, count, 0, at::kInt);  // on the current stream
+  at::Tensor scanned = ints.narrow(0, NB + 1, NB);  // start[1:]
+  at::cumsum_out(scanned, ints.narrow(0, 0, NB), 0, at::kInt);  // on the current stream
   auto fill_k = fused ? msdcn_gather_fill_kernel<T, F, A, true> : msdcn_gather_fill_kernel<T, F, A, false>;
   fill_k<<<item_blocks, kGatherThreads, 0, stream>>>(p, b);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // Pull block order (a benchmark switch, read on first use): FLOWDCN_MSDCN_PULL_ORDER=group (default; a block
   // serves one group of a run of pixels) | pixel (consecutive (pixel, group) pairs).
   static const bool group_major = env_choice("FLOWDCN_MSDCN_PULL_ORDER", "group", {"group", "pixel"}) == "group";
-  const int per_block = (kGatherThreads / 32) * (32 / p.L);  // (pixel, group) pairs per block
-  const int64_t NG = p.N * p.G;
-  const int64_t pull_blocks = group_major ? (p.N + per_block - 1) / per_block * p.G : (NG + per_block - 1) / per_block;
-  TORCH_CHECK(pull_blocks < (int64_t(1) << 31), "msdcn_cuda: too many pixels for one launch: ", p.N);
-  const size_t smem = pull_smem_bytes(p.C, sizeof(A));
+  const int64_t blocks = pull_blocks(p.N, p.G, p.C, V, group_major);
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "msdcn_cuda: too many pixels for one launch: ", p.N);
+  const size_t smem = pull_smem_bytes(p.C, V, sizeof(A));
+  auto pull_k = pull_kernel<T, A>(V);
   if (smem > 48 * 1024)  // only fp64 with C >= 224: rare, so no attribute cache
-    C10_CUDA_CHECK(cudaFuncSetAttribute(msdcn_gather_pull_kernel<T, A>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  msdcn_gather_pull_kernel<T, A><<<pull_blocks, kGatherThreads, smem, stream>>>(p.value, p.gout, b, p.N, p.H, p.W, p.G, p.C, p.K,
-                                                                               gather_row_magic(p.K), group_major);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(pull_k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  pull_k<<<blocks, kGatherThreads, smem, stream>>>(p.value, p.gout, b, p.N, p.H, p.W, p.G, p.C, group_major);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int ep_threads = gather_epilogue_threads(p.G, p.K);
   const int64_t ep_blocks = (items + ep_threads - 1) / ep_threads;
@@ -328,7 +330,7 @@ at::Tensor msdcn_forward(const at::Tensor& value, const at::Tensor& off, const a
 // variant: 0 scatter (fp32 atomics), 1 tiled scatter with an atomic window, 2 tiled with a sorted window,
 // 3 gather (msdcn_gather.cuh; the scatter kernel runs where the gather one does not serve the shape).
 // Returns [grad_value (value's dtype from the gather variant, else the fp32/fp64 accumulation buffer),
-//          grad_off (or delta), grad_scale (fused, else empty), grad_weight, s0 partials [blocks, G] (fused, else empty)].
+//          grad_off (or delta), grad_scale (fused, else empty), grad_weight, d/ds0 [G] in fp32/fp64 (fused, else empty)].
 std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor& value, const at::Tensor& off,
                                        const at::Tensor& scale, const at::Tensor& weight, const at::Tensor& prior,
                                        const at::Tensor& s0, const at::Tensor& smax, bool fused, bool trunc,
@@ -409,7 +411,8 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
     kernel<<<geo.blocks, geo.threads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {gvalue, goff, gscale, gweight, s0p};
+  // d/ds0: the blocks' partials summed here (one reduction on the stream, no Python call for it).
+  return {gvalue, goff, gscale, gweight, fused ? s0p.sum(0) : s0p};
 }
 
 }  // namespace flowdcn

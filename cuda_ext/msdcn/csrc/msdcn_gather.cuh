@@ -15,10 +15,12 @@
 //   1. count:    per (query, group, point) item: geometry; rank = atomicAdd(count[cell, group], 1); key and
 //                rank are stored.
 //   2. scan:     start = exclusive prefix sum of count (the host launcher, at::cumsum).
-//   3. fill:     entry start[key] + rank = (item, w * bil of its 4 corners); dots of corners outside the grid = 0.
-//   4. pull:     per (pixel, group), L = C/8 lanes of 8 channels: grad_value and the corner dots.
-//   5. epilogue: per item: the chain rule of the field grads from its four corner dots (as the scatter kernel's
-//                phase 2), d/ds0 reduced per block in a fixed order.
+//   3. fill:     entry e = start[key] + rank: the item's grad_out row (query, group) and w * bil of its 4 corners;
+//                the entry's 4 dots are zeroed (the pull overwrites those of corners inside the grid).
+//   4. pull:     per (pixel, group), C / (8 V) lanes of V runs of 8 channels: grad_value and the corner dots,
+//                stored by entry (consecutive lanes of a walk write neighbouring dots).
+//   5. epilogue: per item: its entry (start[key] + rank) and the chain rule of the field grads from the entry's
+//                four dots (as the scatter kernel's phase 2), d/ds0 reduced per block in a fixed order.
 // Entries inside a bucket follow the count kernel's atomic order, so grad_value's fp32 sums have no fixed
 // order (like the scatter kernel's); every other grad is computed in a fixed order.
 // The stored key alone decides where an entry goes and which corners are inside the grid (the pull visits
@@ -31,19 +33,6 @@
 namespace flowdcn {
 
 constexpr int kGatherThreads = 256;  // threads per block of the gather-backward kernels
-
-// Magic m = ceil(2^40 / K) with i / K == floor(i * m / 2^40) for every i < 2^31 when K <= 256 (the rounding error
-// i / 2^40 stays below 1 / K); 0 = divide.
-inline uint64_t gather_row_magic(int K) {
-  const uint64_t d = static_cast<uint64_t>(K);
-  return d <= 256 ? ((uint64_t(1) << 40) + d - 1) / d : 0;
-}
-
-// i / K for 0 <= i < 2^31 (the grad_out row of item i). i * m needs up to 71 bits, so it is formed as the high
-// half of the 128-bit product (i * 2^24) * m, which is floor(i * m / 2^40) exactly.
-__device__ __forceinline__ int64_t gather_row(int i, int K, uint64_t magic) {
-  return magic ? static_cast<int64_t>(__umul64hi(static_cast<uint64_t>(i) << 24, magic)) : i / K;
-}
 
 // Threads of an epilogue block: whole queries (a multiple of G*K), about kGatherThreads.
 inline int gather_epilogue_threads(int G, int K) {
@@ -60,9 +49,9 @@ struct GatherBufs {
   int* start;   // [NB + 1] exclusive prefix sum of count (start[0] is written by the count kernel)
   int* key;     // [items]: bucket of each item (query, group, point), -1 when no corner is inside the grid
   int* rank;    // [items]: position of the item inside its bucket
-  int* item;    // [items]: the item of each entry (entries sorted by bucket; the first start[NB] are used)
+  int* row;     // [items]: grad_out row (query, group) of each entry (entries sorted by bucket; the first start[NB] used)
   A* cw;        // [items, 4]: w_k * bilinear weight of each entry's corners (0 outside the grid)
-  A* dots;      // [items, 4]: <value[corner], grad_out[query]> over C (0 for corners outside the grid)
+  A* dots;      // [items, 4]: <value[corner], grad_out[query]> over C of each entry's corners (0 outside the grid)
   T* gvalue;    // [N, G, C] grad_value in the value's dtype
   A* s0_part;   // FUSED: [blocks of the epilogue, G] per-block sums of d/ds0
 };
@@ -109,15 +98,12 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_count_kernel(cons
   b.rank[i] = rank;
 }
 
-// 3. fill: one thread per item; places its entry and zeroes its four dots (the pull then writes those of its
-// corners inside the grid).
+// 3. fill: one thread per item with a bucket; places its entry (grad_out row, corner weights) and zeroes the entry's
+// four dots (the pull then writes those of its corners inside the grid).
 template <typename T, typename F, typename A, bool FUSED>
 __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_fill_kernel(const MsdcnParams<T, F, A> p, GatherBufs<T, A> b) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= p.N * p.G * p.K) return;
-  // All four dots start at 0 (one coalesced 16-byte store); the pull overwrites those of corners inside the grid.
-  const A zero[4] = {A(0), A(0), A(0), A(0)};
-  store4(b.dots + 4 * i, zero);
   const int key = b.key[i];
   if (key < 0) return;
   const int64_t pos = __ldg(b.start + key) + b.rank[i];
@@ -134,27 +120,57 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_fill_kernel(const
     cw[j] = (x >= 0 && x < p.W && y >= 0 && y < p.H) ? wk * c.bil[j] : A(0);
   }
   store4(b.cw + 4 * pos, cw);
-  b.item[pos] = static_cast<int>(i);
+  const A zero[4] = {A(0), A(0), A(0), A(0)};
+  store4(b.dots + 4 * pos, zero);
+  b.row[pos] = static_cast<int>(i / p.K);  // < N * G <= 2^31 (gather_serves)
 }
 
-// 4. pull: L = C/8 lanes per (pixel, group), 32/L of them per warp (lanes beyond them idle), each lane owns 8
-// channels. Pixel (x, y) is corner j of cell (x - (j&1), y - (j>>1)); the four cells' lists are walked as one.
+// Pull geometry. A (pixel, group) row of C channels is served by C / (8 V) lanes, each holding V runs of 8
+// channels: run u of lane l is channels [(u * lanes + l) * 8, +8), so each 16-byte load instruction of a pixel's lanes
+// covers one contiguous span. More runs per lane spread a walk entry's fixed cost (entry loads, address, loop,
+// dot slot) over more channels and leave fewer lanes of a warp idle (C = 72: V = 3 -> 10 pixels of 3 lanes use
+// 30 of 32 lanes; V = 1 -> 3 pixels of 9 lanes use 27), at the price of registers (2 * 8 V accumulators).
+constexpr int kPullMaxVec = 4;
+// The runs per lane the launcher uses: requested (1..4, must divide C/8), or 0 = automatic: the largest of
+// 3, 2, 1 dividing C/8 (1 for fp64 accumulation, whose registers are twice as wide).
+inline int pull_vec(int C, size_t acc_bytes, int requested) {
+  const int L = C / kVec;
+  if (requested > 0) return requested;
+  if (acc_bytes > 4) return 1;
+  return L % 3 == 0 ? 3 : L % 2 == 0 ? 2 : 1;
+}
+inline int pull_lanes(int C, int V) { return C / (kVec * V); }
+// (pixel, group) pairs of a pull block of kGatherThreads threads.
+inline int pull_per_block(int C, int V) { return (kGatherThreads / 32) * (32 / pull_lanes(C, V)); }
+// Shared memory of a pull block: a slab of lanes^2 + 1 values per (pixel, group).
+inline size_t pull_smem_bytes(int C, int V, size_t acc_bytes) {
+  const int lanes = pull_lanes(C, V);
+  return static_cast<size_t>(pull_per_block(C, V)) * (lanes * lanes + 1) * acc_bytes;
+}
+// Blocks of a pull launch. group_major: block b serves group b % G for a run of consecutive pixels.
+inline int64_t pull_blocks(int64_t N, int G, int C, int V, bool group_major) {
+  const int per_block = pull_per_block(C, V);
+  return group_major ? (N + per_block - 1) / per_block * G : (N * G + per_block - 1) / per_block;
+}
+
+// 4. pull: `lanes` = C / (8 V) lanes per (pixel, group), 32 / lanes of them per warp (lanes beyond them idle).
+// Pixel (x, y) is corner j of cell (x - (j&1), y - (j>>1)); the four cells' lists are walked as one.
 // Walks differ in length, so each warp runs to its longest and the shorter ones idle.
 // group_major: block b serves group b % G for a run of consecutive pixels, so the cells and grad_out rows it
 // reads (queries near those pixels, one group) are shared between its lanes; otherwise a block serves
 // consecutive (pixel, group) pairs (a pixel or two, all groups).
-// Corner dots: a batch of L entries of the walk, each lane writes its partial dot of each to shared memory, then
-// lane l sums entry l's L partials (one store and one load per lane and entry, instead of a log2(L) shuffle
-// tree per entry). Shared memory: a slab of L*L + 1 values per (pixel, group) (pull_smem_bytes).
-template <typename T, typename A>
+// Corner dots: a batch of `lanes` entries of the walk, each lane writes its partial dot of each to shared memory,
+// then lane l sums entry l's partials (one store and one load per lane and entry, instead of a shuffle tree per
+// entry) and stores the dot at the entry (consecutive entries of a list: neighbouring addresses).
+template <typename T, typename A, int V>
 __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_pull_kernel(const T* __restrict__ value, const T* __restrict__ gout,
                                                                           GatherBufs<T, A> b, int64_t N, int64_t H, int64_t W, int G,
-                                                                          int C, int K, uint64_t row_magic, bool group_major) {
+                                                                          int C, bool group_major) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int L = C / kVec;
+  const int lanes = C / (kVec * V);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int per_warp = 32 / L;
-  const int seg = lane / L, sl = lane - seg * L;
+  const int per_warp = 32 / lanes;
+  const int seg = lane / lanes, sl = lane - seg * lanes;
   const int64_t slot = static_cast<int64_t>(warp) * per_warp + seg;  // (pixel, group) of this lane within the block
   const int64_t per_block = static_cast<int64_t>(blockDim.x >> 5) * per_warp;
   int64_t pixel;
@@ -169,15 +185,21 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_pull_kernel(const
   }
   const bool mine = seg < per_warp && pixel < N;
   const int64_t x = pixel % W, y = (pixel / W) % H, bimg = pixel / (H * W);
-  const int64_t ch = (pixel * G + g) * C + sl * kVec;  // this lane's channels of the (pixel, group) row
-  A v[kVec], acc[kVec];
+  const int64_t ch = (pixel * G + g) * C + sl * kVec;  // this lane's first run of the (pixel, group) row
+  const int run = lanes * kVec;                        // channels between a lane's runs
+  A v[V][kVec], acc[V][kVec];
 #pragma unroll
-  for (int i = 0; i < kVec; ++i) {
-    v[i] = A(0);
-    acc[i] = A(0);
+  for (int u = 0; u < V; ++u)
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      v[u][i] = A(0);
+      acc[u][i] = A(0);
+    }
+  if (mine) {
+#pragma unroll
+    for (int u = 0; u < V; ++u) load8(value + ch + u * run, v[u]);
   }
-  if (mine) load8(value + ch, v);
-  A* red = reinterpret_cast<A*>(smem_raw) + (warp * per_warp + min(seg, per_warp - 1)) * (L * L + 1);
+  A* red = reinterpret_cast<A*>(smem_raw) + (warp * per_warp + min(seg, per_warp - 1)) * (lanes * lanes + 1);
   // The four cells' lists, walked as one: (b0, c0) is the list being read (its next entry and how many are
   // left), j its corner; the others queue behind it in plain registers (no indexed arrays: no local memory).
   int b0 = 0, c0 = 0, b1 = 0, c1 = 0, b2 = 0, c2 = 0, b3 = 0, c3 = 0;
@@ -197,52 +219,64 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_pull_kernel(const
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) trip = max(trip, __shfl_xor_sync(0xffffffffu, trip, o));
   int j = 0, done = 0;
-  for (int base = 0; base < trip; base += L) {
-    int my_dot = -1;  // dot slot of entry base + sl, which this lane sums
-    for (int u = 0; u < L && base + u < trip; ++u) {
+  for (int base = 0; base < trip; base += lanes) {
+    int64_t my_dot = -1;  // dot slot of entry base + sl, which this lane sums
+    for (int u = 0; u < lanes && base + u < trip; ++u) {
       A d = A(0);
       if (done < total) {
         while (c0 == 0) {  // next non-empty list
           b0 = b1; c0 = c1; b1 = b2; c1 = c2; b2 = b3; c2 = c3; c3 = 0;
           ++j;
         }
-        const int e = b0++;
+        const int64_t e = b0++;
         --c0;
         ++done;
-        const int it = b.item[e];
-        const A w = b.cw[4 * static_cast<int64_t>(e) + j];
-        if (u == sl) my_dot = 4 * it + j;
-        const int64_t row = gather_row(it, K, row_magic);  // grad_out row (query, group) of the item
-        A go[kVec];
-        load8(gout + row * C + sl * kVec, go);
+        const A w = b.cw[4 * e + j];
+        if (u == sl) my_dot = 4 * e + j;
+        const T* src = gout + static_cast<int64_t>(b.row[e]) * C + sl * kVec;
+        A go[V][kVec];
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) {
-          d += v[i] * go[i];
-          acc[i] += w * go[i];
-        }
+        for (int r = 0; r < V; ++r) load8(src + r * run, go[r]);  // all V loads in flight before the math
+#pragma unroll
+        for (int r = 0; r < V; ++r)
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) {
+            d += v[r][i] * go[r][i];
+            acc[r][i] += w * go[r][i];
+          }
       }
-      if (seg < per_warp) red[u * L + sl] = d;
+      if (seg < per_warp) red[u * lanes + sl] = d;
     }
     __syncwarp();
     if (my_dot >= 0) {
       A s = A(0);
-      for (int l = 0; l < L; ++l) s += red[sl * L + l];
+      for (int l = 0; l < lanes; ++l) s += red[sl * lanes + l];
       b.dots[my_dot] = s;
     }
     __syncwarp();  // the slab is rewritten by the next batch
   }
-  if (mine) store8(b.gvalue + ch, acc);
+  if (mine) {
+#pragma unroll
+    for (int u = 0; u < V; ++u) store8(b.gvalue + ch + u * run, acc[u]);
+  }
 }
 
-// Shared memory of a pull block of kGatherThreads threads.
-inline size_t pull_smem_bytes(int C, size_t acc_bytes) {
-  const int L = C / kVec;
-  return static_cast<size_t>(kGatherThreads / 32) * (32 / L) * (L * L + 1) * acc_bytes;
+// The pull kernel with V runs per lane (V in 1..kPullMaxVec).
+template <typename T, typename A>
+using PullKernel = void (*)(const T*, const T*, GatherBufs<T, A>, int64_t, int64_t, int64_t, int, int, bool);
+template <typename T, typename A>
+PullKernel<T, A> pull_kernel(int V) {
+  switch (V) {
+    case 1: return msdcn_gather_pull_kernel<T, A, 1>;
+    case 2: return msdcn_gather_pull_kernel<T, A, 2>;
+    case 3: return msdcn_gather_pull_kernel<T, A, 3>;
+    default: return msdcn_gather_pull_kernel<T, A, 4>;
+  }
 }
 
-// 5. epilogue: one thread per item, as the fields are laid out (coalesced loads and stores). blockDim is a
-// multiple of G*K, so a block holds whole queries and thread tid serves group (tid / K) % G; d/ds0 is summed
-// over the block's items in a fixed order.
+// 5. epilogue: one thread per item, as the fields are laid out (coalesced loads and stores of the fields; the
+// entry's dots are one 16-byte load). blockDim is a multiple of G*K, so a block holds whole queries and thread tid
+// serves group (tid / K) % G; d/ds0 is summed over the block's items in a fixed order.
 template <typename T, typename F, typename A, bool FUSED>
 __global__ void __launch_bounds__(1024) msdcn_gather_epilogue_kernel(const MsdcnParams<T, F, A> p, GatherBufs<T, A> b) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -251,8 +285,9 @@ __global__ void __launch_bounds__(1024) msdcn_gather_epilogue_kernel(const Msdcn
   A gl = A(0);
   if (i < p.N * p.G * p.K) {
     const ItemPos q = item_pos(p, i);
-    A D[4];  // corner dots; 0 for corners outside the grid (fill kernel)
-    load4(b.dots + 4 * i, D);
+    A D[4] = {A(0), A(0), A(0), A(0)};  // corner dots; 0 for corners outside the grid (fill kernel) or no bucket
+    const int key = b.key[i];
+    if (key >= 0) load4(b.dots + 4 * (static_cast<int64_t>(__ldg(b.start + key)) + b.rank[i]), D);
     const Corners<A> c = item_corners<FUSED>(p, i, q);
     gl = point_field_grads<FUSED>(p, i, q.g, q.k, c, D);
   }

@@ -1,9 +1,10 @@
 // CPU emulation harness: runs the MSDCN backward kernels of ../ (untiled, both tiled modes, gather) on the
 // CPU, one std::thread per CUDA thread (cuda_emu.h), so their index and synchronisation logic is tested
 // without a GPU (tests/cuda_ext/test_msdcn_cuda.py builds it with g++). Not part of the extension build.
-//   harness DIR MODE FUSED TRUNC SPLIT B H W G C K TH TW R Q ROUNDS DTYPE   (DTYPE: f64 | f32 | bf16)
+//   harness DIR MODE FUSED TRUNC SPLIT B H W G C K TH TW R Q ROUNDS DTYPE VEC   (DTYPE: f64 | f32 | bf16)
 // MODE 0: untiled kernel (Q queries x ROUNDS per block); 1: tiled, atomic window; 2: tiled, sorted window
-// (tile TH x TW, radius R); 3: gather (count, prefix sum here on the host, fill, pull, epilogue). Inputs DIR/{value,off,weight,gout[,scale,prior,s0,smax]}.bin (float64 in the
+// (tile TH x TW, radius R); 3: gather (count, prefix sum here on the host, fill, pull with VEC runs of 8 channels
+// per lane (0: the launcher's choice), epilogue). Inputs DIR/{value,off,weight,gout[,scale,prior,s0,smax]}.bin (float64 in the
 // op's layouts, converted to the kernel's types); outputs DIR/{gvalue,goff,gweight,gscale,s0p}.bin (float64).
 #include "cuda_emu.h"
 #include <cstdio>
@@ -68,6 +69,7 @@ static int run(char** argv) {
   int64_t B = std::atoll(argv[6]), H = std::atoll(argv[7]), W = std::atoll(argv[8]);
   int G = std::atoi(argv[9]), C = std::atoi(argv[10]), K = std::atoi(argv[11]);
   int TH = std::atoi(argv[12]), TW = std::atoi(argv[13]), R = std::atoi(argv[14]), Q = std::atoi(argv[15]), RO = std::atoi(argv[16]);
+  const int vec = std::atoi(argv[18]);  // gather pull: runs of 8 channels per lane, 0 = the launcher's automatic choice
   const int64_t N = B * H * W;
   auto value = rd<T>(dir, "value", N * G * C), gout = rd<T>(dir, "gout", N * G * C);
   auto off = rd<F>(dir, "off", N * G * K * 2), weight = rd<F>(dir, "weight", N * G * K);
@@ -99,7 +101,7 @@ static int run(char** argv) {
     std::vector<T> gv(N * G * C);
     for (auto& x : gv) from_f64(NAN, x);
     GatherBufs<T, A> b{};
-    b.count = count.data(); b.start = start.data(); b.key = ints.data(); b.rank = b.key + items; b.item = b.rank + items;
+    b.count = count.data(); b.start = start.data(); b.key = ints.data(); b.rank = b.key + items; b.row = b.rank + items;
     b.cw = floats.data(); b.dots = b.cw + 4 * items; b.gvalue = gv.data();
     const unsigned item_blocks = unsigned((items + kGatherThreads - 1) / kGatherThreads);
     launch({item_blocks, 1, 1}, kGatherThreads, [&] {
@@ -109,11 +111,10 @@ static int run(char** argv) {
     launch({item_blocks, 1, 1}, kGatherThreads, [&] {
       if (fused) msdcn_gather_fill_kernel<T, F, A, true>(p, b); else msdcn_gather_fill_kernel<T, F, A, false>(p, b);
     });
-    const int per_block = (kGatherThreads / 32) * (32 / p.L);
+    const int V = pull_vec(C, sizeof(A), vec);
     const bool group_major = split;  // the SPLIT argument picks the pull's block order here (the gather has no split)
-    const int64_t pull_blocks = group_major ? (N + per_block - 1) / per_block * G : (N * G + per_block - 1) / per_block;
-    launch({unsigned(pull_blocks), 1, 1}, kGatherThreads,
-           [&] { msdcn_gather_pull_kernel<T, A>(p.value, p.gout, b, N, H, W, G, C, K, gather_row_magic(K), group_major); });
+    launch({unsigned(pull_blocks(N, G, C, V, group_major)), 1, 1}, kGatherThreads,
+           [&] { pull_kernel<T, A>(V)(p.value, p.gout, b, N, H, W, G, C, group_major); });
     const int ep_threads = gather_epilogue_threads(G, K);
     const int64_t ep_blocks = (items + ep_threads - 1) / ep_threads;
     s0p.assign(ep_blocks * G, NAN);
@@ -144,32 +145,8 @@ static int run(char** argv) {
   return 0;
 }
 
-// harness divcheck: gather_row(i, K, gather_row_magic(K)) == i / K for K in [1, 300] (magic up to 256, division
-// beyond) at the edges of [0, 2^31) and around multiples of K, plus pseudo-random i.
-static int divcheck() {
-  int64_t checks = 0;
-  uint64_t lcg = 12345;
-  for (int K = 1; K <= 300; ++K) {
-    const uint64_t magic = gather_row_magic(K);
-    std::vector<int64_t> is;
-    for (int64_t d = 0; d < 4096; ++d) { is.push_back(d); is.push_back(2147483647 - d); }
-    for (int64_t q = 2147483647 / K; q > 2147483647 / K - 64 && q >= 0; --q)
-      for (int64_t e = -1; e <= 1; ++e) is.push_back(q * K + e);
-    for (int r = 0; r < 20000; ++r) { lcg = lcg * 6364136223846793005ull + 1442695040888963407ull; is.push_back(int64_t(lcg >> 33)); }
-    for (int64_t i : is) {
-      if (i < 0 || i > 2147483647) continue;
-      const int64_t got = gather_row(static_cast<int>(i), K, magic);
-      ++checks;
-      if (got != i / K) { std::fprintf(stderr, "gather_row(%lld, %d) = %lld, want %lld\n", (long long)i, K, (long long)got, (long long)(i / K)); return 1; }
-    }
-  }
-  std::printf("ok %lld checks\n", (long long)checks);
-  return 0;
-}
-
 int main(int argc, char** argv) {
-  if (argc == 2 && std::string(argv[1]) == "divcheck") return divcheck();
-  if (argc != 18) { std::fprintf(stderr, "usage: harness DIR MODE FUSED TRUNC SPLIT B H W G C K TH TW R Q ROUNDS DTYPE\n"); return 2; }
+  if (argc != 19) { std::fprintf(stderr, "usage: harness DIR MODE FUSED TRUNC SPLIT B H W G C K TH TW R Q ROUNDS DTYPE VEC\n"); return 2; }
   const std::string dt = argv[17];
   if (dt == "f64") return run<double, double, double>(argv);
   if (dt == "f32") return run<float, float, float>(argv);
