@@ -3,7 +3,8 @@
 #   bash bench/gpu_msdcn_session.sh [tests|bench|ncu|tiled|all]   (default all)
 # tiled: CUDA tests with the tiled backward off and on, then tiled vs untiled timings and a tile sweep.
 # gather: CUDA tests (gather backward, the default) and the scatter backward's kernel tests, gather vs scatter
-#   timings, pull variants at XL (VARIANTS: env assignments), ncu of the gather kernels, then the op table
+#   timings and pull widths (PULL_VECS, default 1,2,3,4), pull variants at XL (VARIANTS: env assignments), ncu of
+#   the gather kernels, then the op table
 #   (OPTABLE=0 skips it).
 set -o pipefail
 what=${1:-all}
@@ -48,7 +49,7 @@ if [ "$what" = gather ]; then
   timeout 300 python3 -m pytest -q -m cuda -p no:cacheprovider tests/cuda_ext -rs 2>&1 | tee "$OUT/tests_gather.log" | tail -n 30
   echo "== pytest -m cuda test_msdcn_cuda.py, FLOWDCN_MSDCN_BWD=scatter"
   FLOWDCN_MSDCN_BWD=scatter timeout 200 python3 -m pytest -q -m cuda -p no:cacheprovider tests/cuda_ext/test_msdcn_cuda.py 2>&1 | tee "$OUT/tests_scatter.log" | tail -n 8
-  timeout 300 python3 bench/msdcn_op.py --json "$OUT/bench_backwards.json" --no-op --no-ref --backwards 2>&1 | tee "$OUT/bench_backwards.log" | tail -n 8 | cut -c1-250
+  timeout 300 python3 bench/msdcn_op.py --json "$OUT/bench_backwards.json" --no-op --no-ref --backwards --pull-vecs "${PULL_VECS:-1,2,3,4}" 2>&1 | tee "$OUT/bench_backwards.log" | tail -n 22 | cut -c1-250
   for v in ${VARIANTS:-FLOWDCN_MSDCN_PULL_ORDER=pixel}; do
     env $v timeout 120 python3 bench/msdcn_op.py --json "$OUT/bench_${v#FLOWDCN_MSDCN_}.json" --no-op --no-ref --backwards --shapes XL --grids 32,64 2>&1 | tail -n 2 | cut -c1-60 | sed "s/^/$v: /"
   done

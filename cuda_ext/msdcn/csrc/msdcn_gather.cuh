@@ -15,17 +15,18 @@
 //   1. count:    per (query, group, point) item: geometry; rank = atomicAdd(count[cell, group], 1); key and
 //                rank are stored.
 //   2. scan:     start = exclusive prefix sum of count (the host launcher, at::cumsum).
-//   3. fill:     entry e = start[key] + rank: the item's grad_out row (query, group) and w * bil of its 4 corners;
-//                the entry's 4 dots are zeroed (the pull overwrites those of corners inside the grid).
+//   3. fill:     entry e = start[key] + rank: the item's grad_out row (query, group) and w * bil of its 4 corners.
 //   4. pull:     per (pixel, group), C / (8 V) lanes of V runs of 8 channels: grad_value and the corner dots,
 //                stored by entry (consecutive lanes of a walk write neighbouring dots).
 //   5. epilogue: per item: its entry (start[key] + rank) and the chain rule of the field grads from the entry's
-//                four dots (as the scatter kernel's phase 2), d/ds0 reduced per block in a fixed order.
+//                dots of corners inside the grid (as the scatter kernel's phase 2), d/ds0 reduced per block in a
+//                fixed order.
 // Entries inside a bucket follow the count kernel's atomic order, so grad_value's fp32 sums have no fixed
 // order (like the scatter kernel's); every other grad is computed in a fixed order.
-// The stored key alone decides where an entry goes and which corners are inside the grid (the pull visits
-// exactly those, the fill zeroes the dots of the others), so the fill and epilogue kernels, which recompute
-// the geometry for the weights, can never disagree with the count kernel about an index.
+// The stored key alone decides where an entry goes and which corners are inside the grid (the pull visits and
+// writes the dots of exactly those, the fill and the epilogue give the others weight and dot 0), so the fill and
+// epilogue kernels, which recompute the geometry for the weights, can never disagree with the count kernel about an
+// index or a corner.
 #pragma once
 
 #include "msdcn_kernels.cuh"
@@ -51,7 +52,7 @@ struct GatherBufs {
   int* rank;    // [items]: position of the item inside its bucket
   int* row;     // [items]: grad_out row (query, group) of each entry (entries sorted by bucket; the first start[NB] used)
   A* cw;        // [items, 4]: w_k * bilinear weight of each entry's corners (0 outside the grid)
-  A* dots;      // [items, 4]: <value[corner], grad_out[query]> over C of each entry's corners (0 outside the grid)
+  A* dots;      // [items, 4]: <value[corner], grad_out[query]> over C of each entry's corners (unwritten outside the grid)
   T* gvalue;    // [N, G, C] grad_value in the value's dtype
   A* s0_part;   // FUSED: [blocks of the epilogue, G] per-block sums of d/ds0
 };
@@ -81,6 +82,21 @@ __device__ __forceinline__ Corners<A> item_corners(const MsdcnParams<T, F, A>& p
   return corners(A(q.w) + ox, A(q.h) + oy, q.b, p.H, p.W, p.trunc);
 }
 
+// Corners of bucket `key`'s cell that lie inside the grid, bit j for corner (x0 + (j&1), y0 + (j>>1)). The fill and
+// the epilogue both take it from the stored key (never from recomputed coordinates), as the pull's walk does.
+template <typename T, typename F, typename A>
+__device__ __forceinline__ unsigned cell_inside(const MsdcnParams<T, F, A>& p, int key) {
+  const int64_t cell = key / p.G;
+  const int64_t x0 = cell % (p.W + 1) - 1, y0 = (cell / (p.W + 1)) % (p.H + 1) - 1;
+  unsigned m = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int64_t x = x0 + (j & 1), y = y0 + (j >> 1);
+    m |= (x >= 0 && x < p.W && y >= 0 && y < p.H) ? (1u << j) : 0u;
+  }
+  return m;
+}
+
 // 1. count: one thread per item.
 template <typename T, typename F, typename A, bool FUSED>
 __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_count_kernel(const MsdcnParams<T, F, A> p, GatherBufs<T, A> b) {
@@ -98,8 +114,8 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_count_kernel(cons
   b.rank[i] = rank;
 }
 
-// 3. fill: one thread per item with a bucket; places its entry (grad_out row, corner weights) and zeroes the entry's
-// four dots (the pull then writes those of its corners inside the grid).
+// 3. fill: one thread per item with a bucket; places its entry (grad_out row, corner weights). The entry's dots are
+// written by the pull for its corners inside the grid; the others are never written, and the epilogue ignores them.
 template <typename T, typename F, typename A, bool FUSED>
 __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_fill_kernel(const MsdcnParams<T, F, A> p, GatherBufs<T, A> b) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -107,21 +123,14 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_fill_kernel(const
   const int key = b.key[i];
   if (key < 0) return;
   const int64_t pos = __ldg(b.start + key) + b.rank[i];
-  // Which corners are inside the grid follows from the stored cell alone (the pull visits exactly those).
-  const int64_t cell = key / p.G;
-  const int64_t x0 = cell % (p.W + 1) - 1, y0 = (cell / (p.W + 1)) % (p.H + 1) - 1;
+  const unsigned inside = cell_inside(p, key);  // the corners the pull visits
   const ItemPos q = item_pos(p, i);
   const Corners<A> c = item_corners<FUSED>(p, i, q);
   const A wk = to_acc(p.weight[i], A());
   A cw[4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int64_t x = x0 + (j & 1), y = y0 + (j >> 1);
-    cw[j] = (x >= 0 && x < p.W && y >= 0 && y < p.H) ? wk * c.bil[j] : A(0);
-  }
+  for (int j = 0; j < 4; ++j) cw[j] = (inside >> j) & 1 ? wk * c.bil[j] : A(0);
   store4(b.cw + 4 * pos, cw);
-  const A zero[4] = {A(0), A(0), A(0), A(0)};
-  store4(b.dots + 4 * pos, zero);
   b.row[pos] = static_cast<int>(i / p.K);  // < N * G <= 2^31 (gather_serves)
 }
 
@@ -285,9 +294,15 @@ __global__ void __launch_bounds__(1024) msdcn_gather_epilogue_kernel(const Msdcn
   A gl = A(0);
   if (i < p.N * p.G * p.K) {
     const ItemPos q = item_pos(p, i);
-    A D[4] = {A(0), A(0), A(0), A(0)};  // corner dots; 0 for corners outside the grid (fill kernel) or no bucket
+    A D[4] = {A(0), A(0), A(0), A(0)};  // corner dots; 0 for corners outside the grid, and for items without a bucket
     const int key = b.key[i];
-    if (key >= 0) load4(b.dots + 4 * (static_cast<int64_t>(__ldg(b.start + key)) + b.rank[i]), D);
+    if (key >= 0) {
+      A e[4];
+      load4(b.dots + 4 * (static_cast<int64_t>(__ldg(b.start + key)) + b.rank[i]), e);
+      const unsigned inside = cell_inside(p, key);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) D[j] = (inside >> j) & 1 ? e[j] : A(0);  // a select: outside dots were never written
+    }
     const Corners<A> c = item_corners<FUSED>(p, i, q);
     gl = point_field_grads<FUSED>(p, i, q.g, q.k, c, D);
   }
