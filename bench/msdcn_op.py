@@ -416,7 +416,7 @@ def main() -> None:
             ks = ", ".join(f"{k.split('<')[0].split('(')[0][-28:]} {v:.3f}" for k, v in r["gather_kernels_ms"].items())
             print(f"| {name} | {h}² | " + " | ".join(cells) + f" | {ks} |")
         widths = [(key, k[len("gather_v"):-len("_fwdbwd_ms")]) for key, r in result["backwards"].items() for k in r
-                  if k.startswith("gather_v") and k.endswith("_fwdbwd_ms")]
+                  if k.startswith("gather_v") and k.endswith("_fwdbwd_ms") and "_graph_" not in k]
         if widths:
             print("\nGather pull widths (runs of 8 channels per lane): fwd+bwd ms eager / CUDA graph, pull kernel ms")
             for key, v in widths:

@@ -222,13 +222,31 @@ def set_backward(kind: str) -> None:
     _BACKWARD = kind
 
 
-def _bwd_flags():
-    """Launch shape and variant of the backward (0 scatter, 1/2 tiled scatter, 3 gather; see msdcn_cuda.cu)."""
+_PULL_VECS = ("auto", "1", "2", "3", "4")
+
+
+def _pull_vec(C: int) -> int:
+    """Runs of 8 channels per lane of the gather pull (csrc/msdcn_gather.cuh), 0 = the launcher's choice (the first of
+    3, 4, 2, 1 that divides C/8). FLOWDCN_MSDCN_PULL_VEC=auto|1|2|3|4 is a benchmark switch, read on every call."""
+    v = os.environ.get("FLOWDCN_MSDCN_PULL_VEC", "auto")
+    if v not in _PULL_VECS:
+        raise ValueError(f"FLOWDCN_MSDCN_PULL_VEC must be one of {_PULL_VECS}, got {v!r}")
+    if v == "auto":
+        return 0
+    n = int(v)
+    if (C // 8) % n:
+        raise ValueError(f"FLOWDCN_MSDCN_PULL_VEC={n} must divide C/8 = {C // 8} (C={C}): use auto or a divisor")
+    return n
+
+
+def _bwd_flags(C: int):
+    """Launch shape and variant of the backward (0 scatter, 1/2 tiled scatter, 3 gather; see msdcn_cuda.cu), for C channels."""
     if _TILED_BWD:
         variant = _TILED_MODES[_TILED_MODE]
     else:
         variant = 3 if _BACKWARD == "gather" else 0
-    return (*_LAUNCH["backward"], _SPLIT_BWD, _LEAN_BWD, _L1_PREF_BWD, _DIAG_SKIP_VALUE_GRAD, variant, *_TILE, _TILE_RADIUS)
+    vec = _pull_vec(C) if variant == 3 else 0
+    return (*_LAUNCH["backward"], _SPLIT_BWD, _LEAN_BWD, _L1_PREF_BWD, _DIAG_SKIP_VALUE_GRAD, variant, *_TILE, _TILE_RADIUS, vec)
 
 
 def _finish(grad: torch.Tensor, like: torch.Tensor | torch.dtype) -> torch.Tensor:
@@ -250,7 +268,7 @@ def _plain_backward_impl(grad_out, value, offsets, weights, rounding):
     off, w = _fields(v, offsets, weights)
     g = _prep_grad(grad_out, v, v.shape[-1] - C)
     e = _empty(v)
-    gv, goff, _, gw, _ = _module(v.device).backward(g, v, off, e, w, e, e, e, False, rounding == "trunc", *_bwd_flags())
+    gv, goff, _, gw, _ = _module(v.device).backward(g, v, off, e, w, e, e, e, False, rounding == "trunc", *_bwd_flags(v.shape[-1]))
     return _grad_value(gv, value, C), _finish(goff, offsets), _finish(gw, weights)
 
 
@@ -274,7 +292,7 @@ def _deform_backward_prepped(grad_out, v, C, d, s, w, p, z, m, rounding):
     """Backward kernels on prepared inputs (_deform_prep): (g_value, g_delta, g_scale_logit, g_weights, g_s0) as the
     launcher returns them (g_value fp32 from the scatter kernel, g_s0 in the accumulation dtype)."""
     g = _prep_grad(grad_out, v, v.shape[-1] - C)
-    return _module(v.device).backward(g, v, d, s, w, p, z, m, True, rounding == "trunc", *_bwd_flags())
+    return _module(v.device).backward(g, v, d, s, w, p, z, m, True, rounding == "trunc", *_bwd_flags(v.shape[-1]))
 
 
 def _deform_backward_impl(grad_out, value, delta, scale_logit, weights, prior, s0, s_max, rounding):

@@ -529,8 +529,24 @@ def test_gather_pull_rejects_a_width_that_does_not_divide(cuda_mod, backward_kin
     backward_kind("gather")
     monkeypatch.setenv("FLOWDCN_MSDCN_PULL_VEC", "3")
     value, offsets, weights = make_inputs((1, 4, 4, 2, 64, 3), seed=5)
-    with pytest.raises(RuntimeError, match="FLOWDCN_MSDCN_PULL_VEC"):
+    with pytest.raises(ValueError, match="FLOWDCN_MSDCN_PULL_VEC=3 must divide C/8 = 8"):
         torch.ops.flowdcn.msdcn_cuda_backward(torch.randn_like(value), value, offsets, weights, "floor")
+
+
+def test_pull_width_switch_is_validated(monkeypatch):
+    """The pull-width switch (read per call, no GPU needed): auto -> 0, a divisor of C/8 -> itself, else a ValueError."""
+    from cuda_ext.msdcn import cuda as cuda_backend
+
+    monkeypatch.delenv("FLOWDCN_MSDCN_PULL_VEC", raising=False)
+    assert cuda_backend._pull_vec(72) == 0
+    for value, C, want in (("auto", 64, 0), ("3", 72, 3), ("1", 72, 1), ("4", 64, 4), ("2", 64, 2)):
+        monkeypatch.setenv("FLOWDCN_MSDCN_PULL_VEC", value)
+        assert cuda_backend._pull_vec(C) == want, (value, C)
+    for value, C, msg in (("3", 64, "must divide C/8 = 8"), ("2", 72, "must divide C/8 = 9"), ("7", 72, "must be one of"),
+                          ("0", 72, "must be one of")):
+        monkeypatch.setenv("FLOWDCN_MSDCN_PULL_VEC", value)
+        with pytest.raises(ValueError, match=msg):
+            cuda_backend._pull_vec(C)
 
 
 # ---------------------------------------------------------------- tiled backward (shared-memory grad_value window)
@@ -626,7 +642,7 @@ def run_emulated(exe, tmp, tensors, mode, fused, rounding, shape, tile=(8, 8), r
                  vec=0):
     """Write the inputs (as fp64), run the harness's kernels in dtype, return (g_value, g_off, g_weight, g_scale, s0 sums).
 
-    vec: runs of 8 channels per lane of the gather pull (mode 3); 0 = the launcher's choice (1 in fp64, 3 for C=72 else).
+    vec: runs of 8 channels per lane of the gather pull (mode 3); 0 = the launcher's choice (always 1 in fp64).
     """
     B, H, W, G, C, K = shape
     for name, t in tensors.items():

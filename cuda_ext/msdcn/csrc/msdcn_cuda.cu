@@ -251,13 +251,14 @@ bool gather_serves(const at::Tensor& value, const at::Tensor& weight) {
 // One int32 workspace holds count, start and the per-item key, rank and entry rows; one float workspace the
 // entries' corner weights and dots (fewer allocations: at 16² the host's launch path is most of the time).
 template <typename T, typename F, typename A>
-std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor& value, cudaStream_t stream) {
+std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor& value, int64_t pull_vec_req,
+                                                  cudaStream_t stream) {
   const int64_t items = p.N * p.G * p.K, NB = gather_buckets(value.size(0), p.H, p.W, p.G);
   const auto aopt = value.options().dtype(value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  // Runs of 8 channels per pull lane: FLOWDCN_MSDCN_PULL_VEC = auto (default) | 1..4 (a benchmark switch, read per call).
-  const std::string vec_env = env_choice("FLOWDCN_MSDCN_PULL_VEC", "auto", {"auto", "1", "2", "3", "4"});
-  const int V = pull_vec(p.C, sizeof(A), vec_env == "auto" ? 0 : std::stoi(vec_env));
-  TORCH_CHECK((p.C / kVec) % V == 0 && pull_lanes(p.C, V) <= 32, "FLOWDCN_MSDCN_PULL_VEC=", V, " does not divide C/8 = ", p.C / kVec);
+  // Runs of 8 channels per pull lane (requested by cuda.py from FLOWDCN_MSDCN_PULL_VEC, which it validates; 0 = auto).
+  TORCH_CHECK(pull_vec_req >= 0 && pull_vec_req <= kPullMaxVec, "msdcn_cuda: pull runs per lane must be in [0, ", kPullMaxVec, "], got ", pull_vec_req);
+  const int V = pull_vec(p.C, sizeof(A), static_cast<int>(pull_vec_req));
+  TORCH_CHECK((p.C / kVec) % V == 0, "msdcn_cuda: pull runs per lane (FLOWDCN_MSDCN_PULL_VEC) ", V, " must divide C/8 = ", p.C / kVec);
   auto ints = at::empty({NB + (NB + 1) + 3 * items}, value.options().dtype(at::kInt));  // count, start, key, rank, row
   ints.narrow(0, 0, NB).zero_();
   auto floats = at::empty({8 * items}, aopt);  // cw [items, 4], dots [items, 4]
@@ -328,14 +329,16 @@ at::Tensor msdcn_forward(const at::Tensor& value, const at::Tensor& off, const a
 }
 
 // variant: 0 scatter (fp32 atomics), 1 tiled scatter with an atomic window, 2 tiled with a sorted window,
-// 3 gather (msdcn_gather.cuh; the scatter kernel runs where the gather one does not serve the shape).
+// 3 gather (msdcn_gather.cuh; the scatter kernel runs where the gather one does not serve the shape); pull_vec_req: the
+// gather pull's runs of 8 channels per lane, 0 = automatic (pull_vec()).
 // Returns [grad_value (value's dtype from the gather variant, else the fp32/fp64 accumulation buffer),
 //          grad_off (or delta), grad_scale (fused, else empty), grad_weight, d/ds0 [G] in fp32/fp64 (fused, else empty)].
 std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor& value, const at::Tensor& off,
                                        const at::Tensor& scale, const at::Tensor& weight, const at::Tensor& prior,
                                        const at::Tensor& s0, const at::Tensor& smax, bool fused, bool trunc,
                                        int64_t threads, int64_t rounds, bool split, bool lean, bool l1_pref,
-                                       bool skip_value_grad, int64_t variant, int64_t tile_h, int64_t tile_w, int64_t radius) {
+                                       bool skip_value_grad, int64_t variant, int64_t tile_h, int64_t tile_w, int64_t radius,
+                                       int64_t pull_vec_req) {
   check_all(value, off, scale, weight, prior, s0, smax, fused);
   check_cuda(gout, "grad_out", value);
   TORCH_CHECK(gout.sizes() == value.sizes() && gout.scalar_type() == value.scalar_type(),
@@ -379,7 +382,7 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
     p.gweight = reinterpret_cast<F*>(gweight.data_ptr());
     if (fused) p.gscale = reinterpret_cast<F*>(gscale.data_ptr());
     if (gather) {
-      std::tie(gvalue, s0p) = gather_backward<T, F, A>(p, fused, value, stream);
+      std::tie(gvalue, s0p) = gather_backward<T, F, A>(p, fused, value, pull_vec_req, stream);
       return;
     }
     p.gvalue = reinterpret_cast<A*>(gvalue.data_ptr());

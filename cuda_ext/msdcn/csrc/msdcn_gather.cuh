@@ -49,7 +49,7 @@ struct GatherBufs {
   int* count;   // [NB] zeroed: points per (cell, group) bucket, NB = gather_buckets(...)
   int* start;   // [NB + 1] exclusive prefix sum of count (start[0] is written by the count kernel)
   int* key;     // [items]: bucket of each item (query, group, point), -1 when no corner is inside the grid
-  int* rank;    // [items]: position of the item inside its bucket
+  int* rank;    // [items]: position of the item inside its bucket; after the fill, the item's entry (start + rank)
   int* row;     // [items]: grad_out row (query, group) of each entry (entries sorted by bucket; the first start[NB] used)
   A* cw;        // [items, 4]: w_k * bilinear weight of each entry's corners (0 outside the grid)
   A* dots;      // [items, 4]: <value[corner], grad_out[query]> over C of each entry's corners (unwritten outside the grid)
@@ -132,6 +132,7 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_fill_kernel(const
   for (int j = 0; j < 4; ++j) cw[j] = (inside >> j) & 1 ? wk * c.bil[j] : A(0);
   store4(b.cw + 4 * pos, cw);
   b.row[pos] = static_cast<int>(i / p.K);  // < N * G <= 2^31 (gather_serves)
+  b.rank[i] = static_cast<int>(pos);       // from here on: the item's entry (the epilogue reads it coalesced)
 }
 
 // Pull geometry. A (pixel, group) row of C channels is served by C / (8 V) lanes, each holding V runs of 8
@@ -140,13 +141,14 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_fill_kernel(const
 // dot slot) over more channels and leave fewer lanes of a warp idle (C = 72: V = 3 -> 10 pixels of 3 lanes use
 // 30 of 32 lanes; V = 1 -> 3 pixels of 9 lanes use 27), at the price of registers (2 * 8 V accumulators).
 constexpr int kPullMaxVec = 4;
-// The runs per lane the launcher uses: requested (1..4, must divide C/8), or 0 = automatic: the largest of
-// 3, 2, 1 dividing C/8 (1 for fp64 accumulation, whose registers are twice as wide).
+// The runs per lane the launcher uses: requested (1..4, must divide C/8), or 0 = automatic: the first of 3, 4, 2, 1
+// dividing C/8 (1 for fp64 accumulation, whose registers are twice as wide). Measured on an H200 (bench/RESULTS.md):
+// XL (C=72) pull 0.77 ms with 3 vs 1.00 with 1 at 32²; B (C=64) 0.45 with 4, 0.46 with 2, 0.57 with 1.
 inline int pull_vec(int C, size_t acc_bytes, int requested) {
   const int L = C / kVec;
   if (requested > 0) return requested;
   if (acc_bytes > 4) return 1;
-  return L % 3 == 0 ? 3 : L % 2 == 0 ? 2 : 1;
+  return L % 3 == 0 ? 3 : L % 4 == 0 ? 4 : L % 2 == 0 ? 2 : 1;
 }
 inline int pull_lanes(int C, int V) { return C / (kVec * V); }
 // (pixel, group) pairs of a pull block of kGatherThreads threads.
@@ -298,7 +300,7 @@ __global__ void __launch_bounds__(1024) msdcn_gather_epilogue_kernel(const Msdcn
     const int key = b.key[i];
     if (key >= 0) {
       A e[4];
-      load4(b.dots + 4 * (static_cast<int64_t>(__ldg(b.start + key)) + b.rank[i]), e);
+      load4(b.dots + 4 * static_cast<int64_t>(b.rank[i]), e);  // rank[i] holds the entry since the fill
       const unsigned inside = cell_inside(p, key);
 #pragma unroll
       for (int j = 0; j < 4; ++j) D[j] = (inside >> j) & 1 ? e[j] : A(0);  // a select: outside dots were never written
