@@ -198,3 +198,58 @@ def test_kernel_availability_checks_do_not_break_compiled_graphs(monkeypatch):
     assert explained.graph_count == 1
     assert len(builds) == 2, "both availability checks must run (once each, in plain Python)"
     assert torch.equal(torch.compile(f, backend="eager", fullgraph=True)(torch.ones(3)), torch.full((3,), 7.0))
+
+
+def _call_args(text: str, start: int) -> list[str]:
+    """Top-level comma-separated arguments of the call whose '(' is at text[start]."""
+    depth, args, cur, i, in_str = 0, [], [], start, False
+    while True:
+        ch = text[i]
+        if in_str:
+            cur.append(ch)
+            if ch == "\\":
+                cur.append(text[i + 1])
+                i += 1
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+            cur.append(ch)
+        elif ch in "([{":
+            depth += 1
+            if depth > 1:
+                cur.append(ch)
+        elif ch in ")]}":
+            depth -= 1
+            if depth == 0:
+                args.append("".join(cur).strip())
+                return args
+            cur.append(ch)
+        elif ch == "," and depth == 1:
+            args.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+
+
+def test_torch_checks_pass_one_prebuilt_message():
+    """Every TORCH_CHECK in csrc/ passes one message: a string literal or errmsg(...) (numbers via std::to_string).
+    On the GPU machine a TORCH_CHECK given a number (c10::str's ostringstream in extension code) crashed the process
+    with SIGSEGV instead of raising; this keeps such a check from coming back."""
+    import re
+
+    checked = 0
+    for src in build.source_files():
+        if src.suffix not in (".cu", ".cpp", ".cuh", ".h"):
+            continue
+        text = src.read_text()
+        for m in re.finditer(r"\bTORCH_CHECK\s*\(", text):
+            args = _call_args(text, m.end() - 1)
+            checked += 1
+            where = f"{src.name}:{text.count(chr(10), 0, m.start()) + 1}"
+            assert len(args) <= 2, f"{where}: TORCH_CHECK with {len(args) - 1} message pieces; use errmsg(...)"
+            if len(args) == 2:
+                msg = args[1]
+                assert msg.startswith("errmsg(") or re.fullmatch(r'"(?:[^"\\]|\\.)*"', msg), f"{where}: message {msg[:60]!r}"
+    assert checked >= 20  # the launchers' checks were found

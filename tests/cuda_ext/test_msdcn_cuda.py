@@ -533,6 +533,45 @@ def test_gather_pull_rejects_a_width_that_does_not_divide(cuda_mod, backward_kin
         torch.ops.flowdcn.msdcn_cuda_backward(torch.randn_like(value), value, offsets, weights, "floor")
 
 
+_LAUNCHER_ERRORS = r"""
+import sys, torch
+from cuda_ext.msdcn import cuda
+cuda.require()
+mod = cuda._module()
+v = torch.randn(1, 4, 4, 2, 64, device="cuda", dtype=torch.float64)
+o = torch.randn(1, 4, 4, 2, 3, 2, device="cuda", dtype=torch.float64)
+w = torch.randn(1, 4, 4, 2, 3, device="cuda", dtype=torch.float64)
+e = torch.empty(0, device="cuda", dtype=torch.float64)
+launch = [256, 1, True, True, True, False]
+cases = {  # (variant, tile_h, tile_w, radius, pull_vec) -> the message the launcher must raise
+    (7, 8, 8, 2, 0): "backward variant must be 0 (scatter), 1 (tiled, atomic window), 2 (tiled, sorted window) or 3 (gather), got 7",
+    (3, 8, 8, 2, 9): "pull runs per lane must be in [0, 4], got 9",
+    (3, 8, 8, 2, 3): "pull runs per lane (FLOWDCN_MSDCN_PULL_VEC) 3 must divide C/8 = 8",
+    (1, 0, 8, 2, 0): "tile must be >= 1x1 and <= 4096 queries, got 0x8",
+}
+for args, want in cases.items():
+    try:
+        mod.backward(torch.randn_like(v), v, o, e, w, e, e, e, False, False, *launch, *args)
+    except RuntimeError as exc:
+        assert want in str(exc), (args, str(exc)[:300])
+    else:
+        raise AssertionError(f"no error for {args}")
+print("ok", len(cases))
+"""
+
+
+@cuda
+def test_launcher_checks_raise_with_numbers_in_the_message(cuda_mod):
+    """The launchers' own checks raise RuntimeError with their numbers in the text, in a child process: on the GPU
+    machine a TORCH_CHECK formatting a number killed the process (SIGSEGV) before errmsg() built the messages."""
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _LAUNCHER_ERRORS], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 0, f"rc {res.returncode}: {res.stderr[-1500:]}"
+    assert res.stdout.strip() == "ok 4"
+
+
 def test_pull_width_switch_is_validated(monkeypatch):
     """The pull-width switch (read per call, no GPU needed): auto -> 0, a divisor of C/8 -> itself, else a ValueError."""
     from cuda_ext.msdcn import cuda as cuda_backend

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "msdcn_kernels.cuh"
@@ -21,6 +22,24 @@
 namespace flowdcn {
 namespace {
 
+
+// Error text built without iostreams. On the GPU machine (torch 2.11+cu130), a TORCH_CHECK given a number, which
+// c10::str formats with an ostringstream in this extension's code, killed the process with SIGSEGV instead of raising,
+// in the nvcc- and the g++-compiled units alike (strings, std::to_string and libtorch's own checks were fine; likely
+// two libstdc++ locale states in one process). So every TORCH_CHECK here passes one string made by errmsg:
+// std::to_string for numbers, c10::toString for dtypes, Device::str() for devices (formatted inside libc10).
+inline std::string err_piece(const char* s) { return s; }
+inline std::string err_piece(const std::string& s) { return s; }
+inline std::string err_piece(at::ScalarType t) { return c10::toString(t); }
+inline std::string err_piece(const c10::Device& d) { return d.str(); }
+template <typename N, typename = std::enable_if_t<std::is_arithmetic_v<N>>>
+inline std::string err_piece(N n) { return std::to_string(n); }
+template <typename... Args>
+std::string errmsg(const Args&... args) {
+  std::string out;
+  ((out += err_piece(args)), ...);
+  return out;
+}
 
 struct Geometry {
   int64_t N, H, W;
@@ -39,19 +58,20 @@ Geometry geometry(const at::Tensor& value, const at::Tensor& weight, int64_t tar
   g.G = static_cast<int>(value.size(3));
   g.C = static_cast<int>(value.size(4));
   g.K = static_cast<int>(weight.size(4));
-  TORCH_CHECK(g.C % kVec == 0, "msdcn_cuda: C must be a multiple of 8, got ", g.C);
+  TORCH_CHECK(g.C % kVec == 0, errmsg("msdcn_cuda: C must be a multiple of 8, got ", g.C));
   g.L = g.C / kVec;
   const int gl = g.G * g.L;
-  TORCH_CHECK(gl <= kMaxThreads, "msdcn_cuda: G * C / 8 must be <= ", kMaxThreads, " (one block holds a whole query), got ", gl);
-  TORCH_CHECK(target_threads > 0 && target_threads <= kMaxThreads, "msdcn_cuda: threads per block must be in [1, ", kMaxThreads, "], got ", target_threads);
+  TORCH_CHECK(gl <= kMaxThreads, errmsg("msdcn_cuda: G * C / 8 must be <= ", kMaxThreads, " (one block holds a whole query), got ", gl));
+  TORCH_CHECK(target_threads > 0 && target_threads <= kMaxThreads,
+              errmsg("msdcn_cuda: threads per block must be in [1, ", kMaxThreads, "], got ", target_threads));
   g.Q = std::max<int>(1, static_cast<int>(target_threads) / gl);  // several queries per block
   while (g.Q > 1 && bytes_per_query * g.Q > 48 * 1024) --g.Q;
   g.threads = g.Q * gl;
-  TORCH_CHECK(rounds >= 1, "msdcn_cuda: rounds per block must be >= 1, got ", rounds);
+  TORCH_CHECK(rounds >= 1, errmsg("msdcn_cuda: rounds per block must be >= 1, got ", rounds));
   g.R = static_cast<int>(rounds);
   const int64_t per_block = static_cast<int64_t>(g.Q) * g.R;
   g.blocks = (g.N + per_block - 1) / per_block;
-  TORCH_CHECK(g.blocks < (int64_t(1) << 31), "msdcn_cuda: too many queries for one launch: ", g.N);
+  TORCH_CHECK(g.blocks < (int64_t(1) << 31), errmsg("msdcn_cuda: too many queries for one launch: ", g.N));
   return g;
 }
 
@@ -92,8 +112,8 @@ void allow_smem(Kernel kernel, size_t smem, int device, const Geometry& geo) {
   auto& c = attr_cache();
   std::lock_guard<std::mutex> lock(c.mu);
   const int dev_max = device_smem(device).first;
-  TORCH_CHECK(smem <= static_cast<size_t>(dev_max), "msdcn_cuda: needs ", smem, " bytes of shared memory per block (K=", geo.K,
-              ", G=", geo.G, ", C=", geo.C, "), the device allows ", dev_max);
+  TORCH_CHECK(smem <= static_cast<size_t>(dev_max), errmsg("msdcn_cuda: needs ", smem, " bytes of shared memory per block (K=", geo.K,
+                                                           ", G=", geo.G, ", C=", geo.C, "), the device allows ", dev_max));
   int& limit = c.smem_limit[{reinterpret_cast<const void*>(kernel), device}];
   if (static_cast<size_t>(limit) >= smem) return;  // a higher limit set earlier also admits this launch
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
@@ -139,9 +159,9 @@ size_t tiled_smem(const Geometry& geo, const TileShape& ts, int threads, size_t 
 // query, sorted-mode ranks that could overflow, or not even a radius-0 window fits.
 bool tiled_shape(const Geometry& geo, int64_t tile_h, int64_t tile_w, int64_t radius, size_t acc_bytes, size_t geo_bytes,
                  bool sorted, int device, TileShape& ts) {
-  TORCH_CHECK(tile_h >= 1 && tile_w >= 1 && tile_h * tile_w <= 4096, "msdcn_cuda: tile must be >= 1x1 and <= 4096 queries, got ",
-              tile_h, "x", tile_w);
-  TORCH_CHECK(radius >= 0 && radius <= 64, "msdcn_cuda: tile radius must be in [0, 64], got ", radius);
+  TORCH_CHECK(tile_h >= 1 && tile_w >= 1 && tile_h * tile_w <= 4096,
+              errmsg("msdcn_cuda: tile must be >= 1x1 and <= 4096 queries, got ", tile_h, "x", tile_w));
+  TORCH_CHECK(radius >= 0 && radius <= 64, errmsg("msdcn_cuda: tile radius must be in [0, 64], got ", radius));
   constexpr int kTiledThreads = 320;  // msdcn_backward_tiled_kernel's launch bound
   if (geo.L > kTiledThreads) return false;
   if (sorted && 4 * static_cast<int64_t>(std::max(1, kTiledThreads / geo.L)) * geo.K > 65535) return false;  // ranks are ushort
@@ -196,14 +216,14 @@ MsdcnParams<T, F, A> make_params(const Geometry& geo, const at::Tensor& value, c
     } else if (VDT == at::kDouble && FDT == at::kDouble) {                                                   \
       using T = double; using F = double; using A = double; return __VA_ARGS__();                             \
     }                                                                                                        \
-    TORCH_CHECK(false, NAME ": unsupported dtypes value=", VDT, " fields=", FDT,                               \
-                " (supported: bf16/fp16 values with fields of the same dtype or fp32; fp32/fp32; fp64/fp64)"); \
+    TORCH_CHECK(false, errmsg(NAME ": unsupported dtypes value=", VDT, " fields=", FDT,                        \
+                " (supported: bf16/fp16 values with fields of the same dtype or fp32; fp32/fp32; fp64/fp64)")); \
   }()
 
 void check_cuda(const at::Tensor& t, const char* name, const at::Tensor& value) {
-  TORCH_CHECK(t.is_cuda(), "msdcn_cuda: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.device() == value.device(), "msdcn_cuda: ", name, " is on ", t.device(), " but value is on ", value.device());
-  TORCH_CHECK(t.is_contiguous(), "msdcn_cuda: ", name, " must be contiguous");
+  TORCH_CHECK(t.is_cuda(), errmsg("msdcn_cuda: ", name, " must be a CUDA tensor"));
+  TORCH_CHECK(t.device() == value.device(), errmsg("msdcn_cuda: ", name, " is on ", t.device(), " but value is on ", value.device()));
+  TORCH_CHECK(t.is_contiguous(), errmsg("msdcn_cuda: ", name, " must be contiguous"));
 }
 
 void check_all(const at::Tensor& value, const at::Tensor& off, const at::Tensor& scale, const at::Tensor& weight,
@@ -221,7 +241,7 @@ void check_all(const at::Tensor& value, const at::Tensor& off, const at::Tensor&
     TORCH_CHECK(scale.scalar_type() == weight.scalar_type(), "msdcn_cuda: scale_logit and weights must share a dtype");
     const auto adt = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     TORCH_CHECK(prior.scalar_type() == adt && s0.scalar_type() == adt && smax.scalar_type() == adt,
-                "msdcn_cuda: prior, s0 and s_max must be ", adt);
+                errmsg("msdcn_cuda: prior, s0 and s_max must be ", adt));
   }
 }
 
@@ -234,7 +254,7 @@ std::string env_choice(const char* name, const char* dflt, std::initializer_list
     if (v == a) return v;
     all += std::string(all.empty() ? "" : ", ") + a;
   }
-  TORCH_CHECK(false, name, " must be one of ", all, ", got ", v);
+  TORCH_CHECK(false, errmsg(name, " must be one of ", all, ", got ", v));
 }
 
 // True when the gather backward serves this shape: a pixel's lanes fit in one warp (C <= 256), a query's
@@ -256,9 +276,10 @@ std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool f
   const int64_t items = p.N * p.G * p.K, NB = gather_buckets(value.size(0), p.H, p.W, p.G);
   const auto aopt = value.options().dtype(value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   // Runs of 8 channels per pull lane (requested by cuda.py from FLOWDCN_MSDCN_PULL_VEC, which it validates; 0 = auto).
-  TORCH_CHECK(pull_vec_req >= 0 && pull_vec_req <= kPullMaxVec, "msdcn_cuda: pull runs per lane must be in [0, ", kPullMaxVec, "], got ", pull_vec_req);
+  TORCH_CHECK(pull_vec_req >= 0 && pull_vec_req <= kPullMaxVec,
+              errmsg("msdcn_cuda: pull runs per lane must be in [0, ", kPullMaxVec, "], got ", pull_vec_req));
   const int V = pull_vec(p.C, sizeof(A), static_cast<int>(pull_vec_req));
-  TORCH_CHECK((p.C / kVec) % V == 0, "msdcn_cuda: pull runs per lane (FLOWDCN_MSDCN_PULL_VEC) ", V, " must divide C/8 = ", p.C / kVec);
+  TORCH_CHECK((p.C / kVec) % V == 0, errmsg("msdcn_cuda: pull runs per lane (FLOWDCN_MSDCN_PULL_VEC) ", V, " must divide C/8 = ", p.C / kVec));
   auto ints = at::empty({NB + (NB + 1) + 3 * items}, value.options().dtype(at::kInt));  // count, start, key, rank, row
   ints.narrow(0, 0, NB).zero_();
   auto floats = at::empty({8 * items}, aopt);  // cw [items, 4], dots [items, 4]
@@ -273,7 +294,7 @@ std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool f
   b.dots = b.cw + 4 * items;
   b.gvalue = reinterpret_cast<T*>(gvalue.data_ptr());
   const int64_t item_blocks = (items + kGatherThreads - 1) / kGatherThreads;
-  TORCH_CHECK(item_blocks < (int64_t(1) << 31), "msdcn_cuda: too many points for one launch: ", items);
+  TORCH_CHECK(item_blocks < (int64_t(1) << 31), errmsg("msdcn_cuda: too many points for one launch: ", items));
   auto count_k = fused ? msdcn_gather_count_kernel<T, F, A, true> : msdcn_gather_count_kernel<T, F, A, false>;
   count_k<<<item_blocks, kGatherThreads, 0, stream>>>(p, b);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -286,7 +307,7 @@ std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool f
   // serves one group of a run of pixels) | pixel (consecutive (pixel, group) pairs).
   static const bool group_major = env_choice("FLOWDCN_MSDCN_PULL_ORDER", "group", {"group", "pixel"}) == "group";
   const int64_t blocks = pull_blocks(p.N, p.G, p.C, V, group_major);
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "msdcn_cuda: too many pixels for one launch: ", p.N);
+  TORCH_CHECK(blocks < (int64_t(1) << 31), errmsg("msdcn_cuda: too many pixels for one launch: ", p.N));
   const size_t smem = pull_smem_bytes(p.C, V, sizeof(A));
   auto pull_k = pull_kernel<T, A>(V);
   if (smem > 48 * 1024)  // only fp64 with C >= 224: rare, so no attribute cache
@@ -346,8 +367,8 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
   TORCH_CHECK(reinterpret_cast<uintptr_t>(gout.data_ptr()) % 16 == 0, "msdcn_cuda: grad_out must be 16-byte aligned");
   const c10::cuda::CUDAGuard guard(value.device());
   const auto adt = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(variant >= 0 && variant <= 3,
-              "msdcn_cuda: backward variant must be 0 (scatter), 1 (tiled, atomic window), 2 (tiled, sorted window) or 3 (gather), got ", variant);
+  TORCH_CHECK(variant >= 0 && variant <= 3, errmsg("msdcn_cuda: backward variant must be 0 (scatter), 1 (tiled, atomic window), ",
+                                                  "2 (tiled, sorted window) or 3 (gather), got ", variant));
   const bool gather = variant == 3 && gather_serves(value, weight);
   at::Tensor gvalue;
   if (value.numel() == 0 || weight.numel() == 0 || !gather) gvalue = at::zeros(value.sizes(), value.options().dtype(adt));
@@ -394,7 +415,7 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
       const int th = static_cast<int>((static_cast<int64_t>(ts.P) * geo.L + 31) / 32 * 32);  // whole warps
       const size_t smem = tiled_smem(geo, ts, th, sizeof(A), sizeof(PointGeo<A>), sorted);
       const int64_t blocks = value.size(0) * ts.tiles_y * ts.tiles_x;
-      TORCH_CHECK(blocks < (int64_t(1) << 31), "msdcn_cuda: too many tiles for one launch: ", blocks);
+      TORCH_CHECK(blocks < (int64_t(1) << 31), errmsg("msdcn_cuda: too many tiles for one launch: ", blocks));
       s0p = fused ? at::empty({blocks, geo.G}, value.options().dtype(adt)) : at::empty({0}, value.options().dtype(adt));
       if (fused) p.s0_part = reinterpret_cast<A*>(s0p.data_ptr());
       auto kernel = fused ? (sorted ? msdcn_backward_tiled_kernel<T, F, A, true, true> : msdcn_backward_tiled_kernel<T, F, A, true, false>)
