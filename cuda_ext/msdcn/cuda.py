@@ -191,7 +191,7 @@ def _plain_forward(value, offsets, weights, rounding):
     v, C = _prep_value(value)
     off, w = _fields(v, offsets, weights)
     e = _empty(v)
-    out = _module(v.device).forward(v, off, e, w, e, e, e, False, rounding == "trunc", *_LAUNCH["forward"])
+    out = _module(v.device).forward(v, off, e, w, e, e, e, False, rounding == "trunc", *_fwd_flags(v.shape[-1]))
     return out[..., :C].contiguous() if out.shape[-1] != C else out   # the fake impl promises a contiguous output
 
 
@@ -222,21 +222,27 @@ def set_backward(kind: str) -> None:
     _BACKWARD = kind
 
 
-_PULL_VECS = ("auto", "1", "2", "3", "4")
+_RUNS = ("auto", "1", "2", "3", "4")
 
 
-def _pull_vec(C: int) -> int:
-    """Runs of 8 channels per lane of the gather pull (csrc/msdcn_gather.cuh), 0 = the launcher's choice (the first of
-    3, 4, 2, 1 that divides C/8). FLOWDCN_MSDCN_PULL_VEC=auto|1|2|3|4 is a benchmark switch, read on every call."""
-    v = os.environ.get("FLOWDCN_MSDCN_PULL_VEC", "auto")
-    if v not in _PULL_VECS:
-        raise ValueError(f"FLOWDCN_MSDCN_PULL_VEC must be one of {_PULL_VECS}, got {v!r}")
+def _runs_per_lane(C: int, var: str) -> int:
+    """Runs of 8 channels per lane of a kernel (csrc/msdcn_kernels.cuh runs_per_lane), 0 = the launcher's choice (the
+    first of 3, 4, 2, 1 that divides C/8). From the environment variable var = auto|1|2|3|4, a benchmark switch read on
+    every call: FLOWDCN_MSDCN_FWD_VEC (forward), FLOWDCN_MSDCN_PULL_VEC (the gather backward's pull)."""
+    v = os.environ.get(var, "auto")
+    if v not in _RUNS:
+        raise ValueError(f"{var} must be one of {_RUNS}, got {v!r}")
     if v == "auto":
         return 0
     n = int(v)
     if (C // 8) % n:
-        raise ValueError(f"FLOWDCN_MSDCN_PULL_VEC={n} must divide C/8 = {C // 8} (C={C}): use auto or a divisor")
+        raise ValueError(f"{var}={n} must divide C/8 = {C // 8} (C={C}): use auto or a divisor")
     return n
+
+
+def _fwd_flags(C: int):
+    """Launch shape of the forward for C (padded) channels: threads target, rounds, runs per lane."""
+    return (*_LAUNCH["forward"], _runs_per_lane(C, "FLOWDCN_MSDCN_FWD_VEC"))
 
 
 def _bwd_flags(C: int):
@@ -245,7 +251,7 @@ def _bwd_flags(C: int):
         variant = _TILED_MODES[_TILED_MODE]
     else:
         variant = 3 if _BACKWARD == "gather" else 0
-    vec = _pull_vec(C) if variant == 3 else 0
+    vec = _runs_per_lane(C, "FLOWDCN_MSDCN_PULL_VEC") if variant == 3 else 0
     return (*_LAUNCH["backward"], _SPLIT_BWD, _LEAN_BWD, _L1_PREF_BWD, _DIAG_SKIP_VALUE_GRAD, variant, *_TILE, _TILE_RADIUS, vec)
 
 
@@ -279,7 +285,7 @@ def _deform_prep(value, delta, scale_logit, weights, prior, s0, s_max):
 
 
 def _deform_forward_prepped(v, C, d, s, w, p, z, m, rounding):
-    out = _module(v.device).forward(v, d, s, w, p, z, m, True, rounding == "trunc", *_LAUNCH["forward"])
+    out = _module(v.device).forward(v, d, s, w, p, z, m, True, rounding == "trunc", *_fwd_flags(v.shape[-1]))
     return out[..., :C].contiguous() if out.shape[-1] != C else out   # the fake impl promises a contiguous output
 
 

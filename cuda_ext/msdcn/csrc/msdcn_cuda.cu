@@ -48,9 +48,9 @@ struct Geometry {
 };
 
 // Launch shape: Q queries per block (from the threads target, lowered until the shared memory of a
-// block, bytes_per_query * Q, fits in 48 KB), R rounds per block.
+// block, bytes_per_query * Q, fits in 48 KB), R rounds per block; lanes of `runs` runs of 8 channels.
 Geometry geometry(const at::Tensor& value, const at::Tensor& weight, int64_t target_threads, int64_t rounds,
-                  size_t bytes_per_query) {
+                  size_t bytes_per_query, int runs = 1) {
   Geometry g;
   g.N = value.size(0) * value.size(1) * value.size(2);
   g.H = value.size(1);
@@ -59,7 +59,8 @@ Geometry geometry(const at::Tensor& value, const at::Tensor& weight, int64_t tar
   g.C = static_cast<int>(value.size(4));
   g.K = static_cast<int>(weight.size(4));
   TORCH_CHECK(g.C % kVec == 0, errmsg("msdcn_cuda: C must be a multiple of 8, got ", g.C));
-  g.L = g.C / kVec;
+  TORCH_CHECK(runs >= 1 && (g.C / kVec) % runs == 0, errmsg("msdcn_cuda: runs of 8 channels per lane (", runs, ") must divide C/8 = ", g.C / kVec));
+  g.L = g.C / kVec / runs;  // lanes per (query, group)
   const int gl = g.G * g.L;
   TORCH_CHECK(gl <= kMaxThreads, errmsg("msdcn_cuda: G * C / 8 must be <= ", kMaxThreads, " (one block holds a whole query), got ", gl));
   TORCH_CHECK(target_threads > 0 && target_threads <= kMaxThreads,
@@ -278,7 +279,7 @@ std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool f
   // Runs of 8 channels per pull lane (requested by cuda.py from FLOWDCN_MSDCN_PULL_VEC, which it validates; 0 = auto).
   TORCH_CHECK(pull_vec_req >= 0 && pull_vec_req <= kPullMaxVec,
               errmsg("msdcn_cuda: pull runs per lane must be in [0, ", kPullMaxVec, "], got ", pull_vec_req));
-  const int V = pull_vec(p.C, sizeof(A), static_cast<int>(pull_vec_req));
+  const int V = runs_per_lane(p.C, sizeof(A), static_cast<int>(pull_vec_req));
   TORCH_CHECK((p.C / kVec) % V == 0, errmsg("msdcn_cuda: pull runs per lane (FLOWDCN_MSDCN_PULL_VEC) ", V, " must divide C/8 = ", p.C / kVec));
   auto ints = at::empty({NB + (NB + 1) + 3 * items}, value.options().dtype(at::kInt));  // count, start, key, rank, row
   ints.narrow(0, 0, NB).zero_();
@@ -329,19 +330,21 @@ std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool f
 // out = msdcn(value, off, weight) (fused=false) or msdcn(value, deform(delta=off, scale, prior, s0, smax), weight).
 at::Tensor msdcn_forward(const at::Tensor& value, const at::Tensor& off, const at::Tensor& scale, const at::Tensor& weight,
                          const at::Tensor& prior, const at::Tensor& s0, const at::Tensor& smax, bool fused, bool trunc,
-                         int64_t threads, int64_t rounds) {
+                         int64_t threads, int64_t rounds, int64_t runs_req) {
   check_all(value, off, scale, weight, prior, s0, smax, fused);
+  TORCH_CHECK(runs_req >= 0 && runs_req <= kMaxRuns, errmsg("msdcn_cuda: forward runs per lane must be in [0, ", kMaxRuns, "], got ", runs_req));
   const c10::cuda::CUDAGuard guard(value.device());
   auto out = at::empty_like(value);
   if (value.numel() == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   FLOWDCN_DISPATCH(value.scalar_type(), weight.scalar_type(), "msdcn_forward", [&] {
     const size_t per_query = static_cast<size_t>(value.size(3)) * weight.size(4) * sizeof(PointGeo<A>);
-    const Geometry geo = geometry(value, weight, threads, rounds, per_query);
+    const int V = runs_per_lane(static_cast<int>(value.size(4)), sizeof(A), static_cast<int>(runs_req));
+    const Geometry geo = geometry(value, weight, threads, rounds, per_query, V);
     auto p = make_params<T, F, A>(geo, value, off, scale, weight, prior, s0, smax, fused, trunc);
     p.out = reinterpret_cast<T*>(out.data_ptr());
     const size_t smem = per_query * geo.Q;
-    auto kernel = fused ? msdcn_forward_kernel<T, F, A, true> : msdcn_forward_kernel<T, F, A, false>;
+    auto kernel = fused ? forward_kernel<T, F, A, true>(V) : forward_kernel<T, F, A, false>(V);
     allow_smem(kernel, smem, value.get_device(), geo);
     kernel<<<geo.blocks, geo.threads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -351,7 +354,7 @@ at::Tensor msdcn_forward(const at::Tensor& value, const at::Tensor& off, const a
 
 // variant: 0 scatter (fp32 atomics), 1 tiled scatter with an atomic window, 2 tiled with a sorted window,
 // 3 gather (msdcn_gather.cuh; the scatter kernel runs where the gather one does not serve the shape); pull_vec_req: the
-// gather pull's runs of 8 channels per lane, 0 = automatic (pull_vec()).
+// gather pull's runs of 8 channels per lane, 0 = automatic (runs_per_lane()).
 // Returns [grad_value (value's dtype from the gather variant, else the fp32/fp64 accumulation buffer),
 //          grad_off (or delta), grad_scale (fused, else empty), grad_weight, d/ds0 [G] in fp32/fp64 (fused, else empty)].
 std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor& value, const at::Tensor& off,

@@ -306,9 +306,24 @@ __device__ __forceinline__ int64_t corner_row(int64_t row, int j, int64_t W) {
 }
 
 // ---------------------------------------------------------------- forward
+// Runs of 8 channels per lane: a lane of the forward (and of the gather backward's pull) owns V runs of 8 channels,
+// run u at channels (u * lanes + lane) * 8 with lanes = C / (8 V), so each 16-byte load instruction of a (query,
+// group)'s lanes covers one contiguous span. More runs per lane put more gathers in flight per thread (4 V per point
+// in the forward) and spread the per-point and per-entry fixed costs over more channels, for 2 x 8 V accumulator
+// registers. requested: 1..4 (must divide C/8), or 0 = automatic: the first of 3, 4, 2, 1 dividing C/8 (1 for fp64
+// accumulation, whose registers are twice as wide). Measured on an H200 in bench/RESULTS.md.
+inline int runs_per_lane(int C, size_t acc_bytes, int requested) {
+  const int L = C / kVec;
+  if (requested > 0) return requested;
+  if (acc_bytes > 4) return 1;
+  return L % 3 == 0 ? 3 : L % 4 == 0 ? 4 : L % 2 == 0 ? 2 : 1;
+}
+constexpr int kMaxRuns = 4;
+
 // Block b handles the queries [b*Q*R, (b+1)*Q*R) in R rounds of Q: consecutive queries sample
-// overlapping corners, so later rounds find them in this SM's L1 instead of L2.
-template <typename T, typename F, typename A, bool FUSED, int MAXT = kMaxThreads, int MINB = 1>
+// overlapping corners, so later rounds find them in this SM's L1 instead of L2. p.L is the lanes per
+// (query, group), C / (8 V).
+template <typename T, typename F, typename A, bool FUSED, int V, int MAXT = kMaxThreads, int MINB = 1>
 __global__ void __launch_bounds__(MAXT, MINB) msdcn_forward_kernel(const MsdcnParams<T, F, A> p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   PointGeo<A>* geo = reinterpret_cast<PointGeo<A>*>(smem_raw);  // [Q, G, K]
@@ -316,7 +331,8 @@ __global__ void __launch_bounds__(MAXT, MINB) msdcn_forward_kernel(const MsdcnPa
   const int GL = p.G * p.L;
   const int q = tid / GL, r = tid - q * GL, g = r / p.L, lane = r - g * p.L;
   const int64_t GC = static_cast<int64_t>(p.G) * p.C;
-  const int64_t choff = g * p.C + lane * kVec;
+  const int64_t choff = g * p.C + lane * kVec;  // run u starts u * run channels further
+  const int run = p.L * kVec;
   const PointGeo<A>* mine = geo + (q * p.G + g) * p.K;
   for (int round = 0; round < p.R; ++round) {
     const int64_t round0 = (static_cast<int64_t>(blockIdx.x) * p.R + round) * p.Q;
@@ -325,31 +341,50 @@ __global__ void __launch_bounds__(MAXT, MINB) msdcn_forward_kernel(const MsdcnPa
     __syncthreads();
     const int64_t n = round0 + q;
     if (q < p.Q && n < p.N) {
-      A acc[kVec];
+      A acc[V][kVec];
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) acc[i] = A(0);
+      for (int u = 0; u < V; ++u)
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) acc[u][i] = A(0);
       for (int k = 0; k < p.K; ++k) {
         const PointGeo<A> e = mine[k];
         if (!e.mask) continue;
-        A v[4][kVec];
+        A v[4][V][kVec];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {  // issue the four gathers before using any of them
-          if (e.mask & (1 << j)) {
-            load8(p.value + corner_row(e.row, j, p.W) * GC + choff, v[j]);
-          } else {
+        for (int j = 0; j < 4; ++j) {  // issue all 4 V gathers before using any of them
+          const T* src = p.value + corner_row(e.row, j, p.W) * GC + choff;
 #pragma unroll
-            for (int i = 0; i < kVec; ++i) v[j][i] = A(0);
+          for (int u = 0; u < V; ++u) {
+            if (e.mask & (1 << j)) {
+              load8(src + u * run, v[j][u]);
+            } else {
+#pragma unroll
+              for (int i = 0; i < kVec; ++i) v[j][u][i] = A(0);
+            }
           }
         }
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
+        for (int j = 0; j < 4; ++j)
 #pragma unroll
-          for (int i = 0; i < kVec; ++i) acc[i] += e.cw[j] * v[j][i];
-        }
+          for (int u = 0; u < V; ++u)
+#pragma unroll
+            for (int i = 0; i < kVec; ++i) acc[u][i] += e.cw[j] * v[j][u][i];
       }
-      store8(p.out + n * GC + choff, acc);
+#pragma unroll
+      for (int u = 0; u < V; ++u) store8(p.out + n * GC + choff + u * run, acc[u]);
     }
     __syncthreads();  // geo is rewritten by the next round
+  }
+}
+
+// The forward kernel with V runs per lane (1..kMaxRuns).
+template <typename T, typename F, typename A, bool FUSED>
+auto forward_kernel(int V) {
+  switch (V) {
+    case 1: return msdcn_forward_kernel<T, F, A, FUSED, 1>;
+    case 2: return msdcn_forward_kernel<T, F, A, FUSED, 2>;
+    case 3: return msdcn_forward_kernel<T, F, A, FUSED, 3>;
+    default: return msdcn_forward_kernel<T, F, A, FUSED, 4>;
   }
 }
 

@@ -1,10 +1,11 @@
-// CPU emulation harness: runs the MSDCN backward kernels of ../ (untiled, both tiled modes, gather) on the
+// CPU emulation harness: runs the MSDCN kernels of ../ (the backwards: untiled, both tiled modes, gather; the forward) on the
 // CPU, one std::thread per CUDA thread (cuda_emu.h), so their index and synchronisation logic is tested
 // without a GPU (tests/cuda_ext/test_msdcn_cuda.py builds it with g++). Not part of the extension build.
 //   harness DIR MODE FUSED TRUNC SPLIT B H W G C K TH TW R Q ROUNDS DTYPE VEC   (DTYPE: f64 | f32 | bf16)
 // MODE 0: untiled kernel (Q queries x ROUNDS per block); 1: tiled, atomic window; 2: tiled, sorted window
 // (tile TH x TW, radius R); 3: gather (count, prefix sum here on the host, fill, pull with VEC runs of 8 channels
-// per lane (0: the launcher's choice), epilogue). Inputs DIR/{value,off,weight,gout[,scale,prior,s0,smax]}.bin (float64 in the
+// per lane (0: the launcher's choice), epilogue); 4: the forward (Q queries x ROUNDS per block, VEC runs per lane), output
+// DIR/out.bin. Inputs DIR/{value,off,weight,gout[,scale,prior,s0,smax]}.bin (float64 in the
 // op's layouts, converted to the kernel's types); outputs DIR/{gvalue,goff,gweight,gscale,s0p}.bin (float64).
 #include "cuda_emu.h"
 #include <cstdio>
@@ -85,6 +86,20 @@ static int run(char** argv) {
   p.gvalue = gvalue.data(); p.goff = goff.data(); p.gweight = gweight.data(); p.gscale = gscale.data();
   p.N = N; p.H = H; p.W = W; p.G = G; p.C = C; p.K = K; p.L = C / 8; p.split = split; p.trunc = trunc_;
   std::vector<A> s0p;
+  if (mode == 4) {  // forward: Q queries per block, ROUNDS rounds, VEC runs of 8 channels per lane (0: automatic)
+    const int V = runs_per_lane(C, sizeof(A), vec);
+    p.L = C / 8 / V; p.Q = Q; p.R = RO;
+    std::vector<T> out(N * G * C);
+    for (auto& x : out) from_f64(NAN, x);
+    p.out = out.data();
+    const int64_t blocks = (N + int64_t(Q) * RO - 1) / (int64_t(Q) * RO);
+    launch({unsigned(blocks), 1, 1}, Q * G * p.L, [&] {
+      if (fused) forward_kernel<T, F, A, true>(V)(p); else forward_kernel<T, F, A, false>(V)(p);
+    });
+    wr(dir, "out", out);
+    std::printf("ok forward\n");
+    return 0;
+  }
   if (mode == 0) {
     p.Q = Q; p.R = RO;
     const int64_t blocks = (N + int64_t(Q) * RO - 1) / (int64_t(Q) * RO);
@@ -111,7 +126,7 @@ static int run(char** argv) {
     launch({item_blocks, 1, 1}, kGatherThreads, [&] {
       if (fused) msdcn_gather_fill_kernel<T, F, A, true>(p, b); else msdcn_gather_fill_kernel<T, F, A, false>(p, b);
     });
-    const int V = pull_vec(C, sizeof(A), vec);
+    const int V = runs_per_lane(C, sizeof(A), vec);
     const bool group_major = split;  // the SPLIT argument picks the pull's block order here (the gather has no split)
     launch({unsigned(pull_blocks(N, G, C, V, group_major)), 1, 1}, kGatherThreads,
            [&] { pull_kernel<T, A>(V)(p.value, p.gout, b, N, H, W, G, C, group_major); });
