@@ -227,8 +227,8 @@ _RUNS = ("auto", "1", "2", "3", "4")
 
 def _runs_per_lane(C: int, var: str) -> int:
     """Runs of 8 channels per lane of a kernel (csrc/msdcn_kernels.cuh runs_per_lane), 0 = the launcher's choice (the
-    first of 3, 4, 2, 1 that divides C/8). From the environment variable var = auto|1|2|3|4, a benchmark switch read on
-    every call: FLOWDCN_MSDCN_FWD_VEC (forward), FLOWDCN_MSDCN_PULL_VEC (the gather backward's pull)."""
+    pull: the first of 3, 4, 2, 1 that divides C/8; the forward: 1). From the environment variable var = auto|1|2|3|4,
+    a benchmark switch read on every call: FLOWDCN_MSDCN_FWD_VEC (forward), FLOWDCN_MSDCN_PULL_VEC (the gather pull)."""
     v = os.environ.get(var, "auto")
     if v not in _RUNS:
         raise ValueError(f"{var} must be one of {_RUNS}, got {v!r}")

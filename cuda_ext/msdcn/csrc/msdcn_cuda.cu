@@ -339,7 +339,7 @@ at::Tensor msdcn_forward(const at::Tensor& value, const at::Tensor& off, const a
   auto stream = c10::cuda::getCurrentCUDAStream();
   FLOWDCN_DISPATCH(value.scalar_type(), weight.scalar_type(), "msdcn_forward", [&] {
     const size_t per_query = static_cast<size_t>(value.size(3)) * weight.size(4) * sizeof(PointGeo<A>);
-    const int V = runs_per_lane(static_cast<int>(value.size(4)), sizeof(A), static_cast<int>(runs_req));
+    const int V = runs_req > 0 ? static_cast<int>(runs_req) : 1;  // 1 by default (see runs_per_lane)
     const Geometry geo = geometry(value, weight, threads, rounds, per_query, V);
     auto p = make_params<T, F, A>(geo, value, off, scale, weight, prior, s0, smax, fused, trunc);
     p.out = reinterpret_cast<T*>(out.data_ptr());

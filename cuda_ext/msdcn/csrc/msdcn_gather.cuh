@@ -162,8 +162,10 @@ inline int64_t pull_blocks(int64_t N, int G, int C, int V, bool group_major) {
 // Corner dots: a batch of `lanes` entries of the walk, each lane writes its partial dot of each to shared memory,
 // then lane l sums entry l's partials (one store and one load per lane and entry, instead of a shuffle tree per
 // entry) and stores the dot at the entry (consecutive entries of a list: neighbouring addresses).
+// V = 3 (C = 72) is capped at 85 registers, 3 blocks per SM instead of 2 (104 registers uncapped): a few spilled
+// registers (80 bytes), 4-5 % faster at XL 32² and 64² on an H200 (bench/RESULTS.md).
 template <typename T, typename A, int V>
-__global__ void __launch_bounds__(kGatherThreads) msdcn_gather_pull_kernel(const T* __restrict__ value, const T* __restrict__ gout,
+__global__ void __launch_bounds__(kGatherThreads, V == 3 ? 3 : 1) msdcn_gather_pull_kernel(const T* __restrict__ value, const T* __restrict__ gout,
                                                                           GatherBufs<T, A> b, int64_t N, int64_t H, int64_t W, int G,
                                                                           int C, bool group_major) {
   extern __shared__ __align__(16) unsigned char smem_raw[];

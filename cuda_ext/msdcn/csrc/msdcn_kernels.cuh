@@ -306,12 +306,13 @@ __device__ __forceinline__ int64_t corner_row(int64_t row, int j, int64_t W) {
 }
 
 // ---------------------------------------------------------------- forward
-// Runs of 8 channels per lane: a lane of the forward (and of the gather backward's pull) owns V runs of 8 channels,
+// Runs of 8 channels per lane: a lane of the gather backward's pull (and of the forward) owns V runs of 8 channels,
 // run u at channels (u * lanes + lane) * 8 with lanes = C / (8 V), so each 16-byte load instruction of a (query,
-// group)'s lanes covers one contiguous span. More runs per lane put more gathers in flight per thread (4 V per point
-// in the forward) and spread the per-point and per-entry fixed costs over more channels, for 2 x 8 V accumulator
-// registers. requested: 1..4 (must divide C/8), or 0 = automatic: the first of 3, 4, 2, 1 dividing C/8 (1 for fp64
-// accumulation, whose registers are twice as wide). Measured on an H200 in bench/RESULTS.md.
+// group)'s lanes covers one contiguous span. More runs per lane spread the per-entry fixed cost of the pull over more
+// channels, for 2 x 8 V accumulator registers. requested: 1..4 (must divide C/8), or 0 = automatic: the first of 3, 4,
+// 2, 1 dividing C/8 (1 for fp64 accumulation, whose registers are twice as wide): the pull's choice. The forward runs 1
+// unless asked (FLOWDCN_MSDCN_FWD_VEC): with more, its registers (128 at V = 3) cost more occupancy than the extra
+// gathers in flight gain (H200, XL 32²: 0.37 ms with 1, 0.43 with 3; bench/RESULTS.md).
 inline int runs_per_lane(int C, size_t acc_bytes, int requested) {
   const int L = C / kVec;
   if (requested > 0) return requested;

@@ -86,8 +86,8 @@ static int run(char** argv) {
   p.gvalue = gvalue.data(); p.goff = goff.data(); p.gweight = gweight.data(); p.gscale = gscale.data();
   p.N = N; p.H = H; p.W = W; p.G = G; p.C = C; p.K = K; p.L = C / 8; p.split = split; p.trunc = trunc_;
   std::vector<A> s0p;
-  if (mode == 4) {  // forward: Q queries per block, ROUNDS rounds, VEC runs of 8 channels per lane (0: automatic)
-    const int V = runs_per_lane(C, sizeof(A), vec);
+  if (mode == 4) {  // forward: Q queries per block, ROUNDS rounds, VEC runs of 8 channels per lane (0: 1, as the launcher)
+    const int V = vec > 0 ? vec : 1;
     p.L = C / 8 / V; p.Q = Q; p.R = RO;
     std::vector<T> out(N * G * C);
     for (auto& x : out) from_f64(NAN, x);
