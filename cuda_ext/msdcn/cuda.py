@@ -56,7 +56,7 @@ _TILE_RADIUS = int(os.environ.get("FLOWDCN_MSDCN_TILE_RADIUS", "2"))
 # counting sort), then sums each pixel's grad_value in registers from the four cells it is a corner of, taking
 # the corner dots in the same pass; "scatter" adds every contribution to an fp32 buffer with float atomics
 # (msdcn_backward_kernel; also where the gather one does not serve a shape: C > 256, G*K > 1024, > 2^31 slots).
-# Measured on an H200, XL fwd+bwd 2.00 vs 2.48 ms at 32^2 (bench/RESULTS.md). The tiled backward (a scatter
+# Measured on an H200, XL fwd+bwd 1.55 vs 2.34 ms at 32^2 (bench/RESULTS.md). The tiled backward (a scatter
 # variant, off by default) takes precedence when switched on.
 _BACKWARDS = ("gather", "scatter")
 _BACKWARD = os.environ.get("FLOWDCN_MSDCN_BWD", "gather")
