@@ -227,8 +227,9 @@ _RUNS = ("auto", "1", "2", "3", "4")
 
 def _runs_per_lane(C: int, var: str) -> int:
     """Runs of 8 channels per lane of a kernel (csrc/msdcn_kernels.cuh runs_per_lane), 0 = the launcher's choice (the
-    pull: the first of 3, 4, 2, 1 that divides C/8; the forward: 1). From the environment variable var = auto|1|2|3|4,
-    a benchmark switch read on every call: FLOWDCN_MSDCN_FWD_VEC (forward), FLOWDCN_MSDCN_PULL_VEC (the gather pull)."""
+    pull: the first of 3, 4, 2, 1 that divides C/8, always 1 for fp64; the forward: 1). From the environment variable
+    var = auto|1|2|3|4, a benchmark switch read on every call: FLOWDCN_MSDCN_FWD_VEC (forward), FLOWDCN_MSDCN_PULL_VEC
+    (the gather pull)."""
     v = os.environ.get(var, "auto")
     if v not in _RUNS:
         raise ValueError(f"{var} must be one of {_RUNS}, got {v!r}")
@@ -251,7 +252,8 @@ def _bwd_flags(C: int):
         variant = _TILED_MODES[_TILED_MODE]
     else:
         variant = 3 if _BACKWARD == "gather" else 0
-    vec = _runs_per_lane(C, "FLOWDCN_MSDCN_PULL_VEC") if variant == 3 else 0
+    # The pull width matters (and is checked) only where the gather backward serves C (C/8 <= 32; csrc gather_serves).
+    vec = _runs_per_lane(C, "FLOWDCN_MSDCN_PULL_VEC") if variant == 3 and C // 8 <= 32 else 0
     return (*_LAUNCH["backward"], _SPLIT_BWD, _LEAN_BWD, _L1_PREF_BWD, _DIAG_SKIP_VALUE_GRAD, variant, *_TILE, _TILE_RADIUS, vec)
 
 
@@ -402,7 +404,10 @@ class _PlainFn(torch.autograd.Function):
 class _DeformFn(torch.autograd.Function):
     """Eager autograd wrapper of the fused op (same kernels as flowdcn::msdcn_deform_cuda). The inputs are prepared
     (aligned, fields in one dtype, constants on the device) once in forward and saved prepared, so backward goes
-    straight to the kernels: at 16² the host's Python is a visible part of a fwd+bwd."""
+    straight to the kernels: at 16² the host's Python is a visible part of a fwd+bwd. Where preparing copies (C not a
+    multiple of 8: a padded value; fields of mixed dtypes: fp32 copies) the copies, not the inputs, are kept for
+    backward: the same kind of memory the copies inside backward would have taken, held from forward on. The
+    training case (bf16 autocast, C = 72 or 64) copies nothing."""
 
     @staticmethod
     def forward(ctx, value, delta, scale_logit, weights, prior, s0, s_max, rounding):

@@ -537,6 +537,19 @@ def test_forward_runs_per_lane_fp64(cuda_mod, monkeypatch, C, vec):
 
 
 @cuda
+@pytest.mark.parametrize("kind", ["gather", "scatter"])
+@pytest.mark.parametrize("shape", [(0, 4, 5, 2, 24, 3), (2, 4, 5, 2, 24, 0)])  # no images; no sampling points
+def test_empty_inputs_give_zero_grads_of_the_promised_shapes(cuda_mod, backward_kind, kind, shape):
+    """B = 0 or K = 0: the backward op returns zero grads shaped as its fake impl promises (d/ds0: [G]), eager and direct."""
+    backward_kind(kind)
+    inputs = make_deform(shape)
+    grads = torch.ops.flowdcn.msdcn_deform_cuda_backward(torch.zeros(shape[:5], dtype=torch.float64, device="cuda"), *inputs, "floor")
+    for g, x in zip(grads, [inputs[i] for i in (0, 1, 2, 3, 5)]):
+        assert g.shape == x.shape and g.dtype == x.dtype, (g.shape, x.shape)
+        assert not g.any()
+
+
+@cuda
 def test_gather_pull_rejects_a_width_that_does_not_divide(cuda_mod, backward_kind, monkeypatch):
     """FLOWDCN_MSDCN_PULL_VEC=3 at C=64 (8 runs of 8 channels) is an error naming the switch, not a wrong result."""
     backward_kind("gather")
@@ -704,6 +717,8 @@ def run_emulated(exe, tmp, tensors, mode, fused, rounding, shape, tile=(8, 8), r
     args = [exe, tmp, mode, int(fused), int(rounding == "trunc"), int(split), B, H, W, G, C, K, *tile, radius, q, rounds, dtype, vec]
     res = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
+    if mode in (3, 4) and vec:  # the kernel ran with the width asked for (not the automatic one)
+        assert f"runs {vec}\n" in res.stdout, res.stdout
     if not outputs:  # the forward (mode 4) writes out.bin only
         return None
 

@@ -62,7 +62,8 @@ Geometry geometry(const at::Tensor& value, const at::Tensor& weight, int64_t tar
   TORCH_CHECK(runs >= 1 && (g.C / kVec) % runs == 0, errmsg("msdcn_cuda: runs of 8 channels per lane (", runs, ") must divide C/8 = ", g.C / kVec));
   g.L = g.C / kVec / runs;  // lanes per (query, group)
   const int gl = g.G * g.L;
-  TORCH_CHECK(gl <= kMaxThreads, errmsg("msdcn_cuda: G * C / 8 must be <= ", kMaxThreads, " (one block holds a whole query), got ", gl));
+  TORCH_CHECK(gl <= kMaxThreads, errmsg("msdcn_cuda: G * C / (8 * runs per lane) must be <= ", kMaxThreads,
+                                        " (one block holds a whole query), got ", gl));
   TORCH_CHECK(target_threads > 0 && target_threads <= kMaxThreads,
               errmsg("msdcn_cuda: threads per block must be in [1, ", kMaxThreads, "], got ", target_threads));
   g.Q = std::max<int>(1, static_cast<int>(target_threads) / gl);  // several queries per block
@@ -281,18 +282,11 @@ std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool f
               errmsg("msdcn_cuda: pull runs per lane must be in [0, ", kPullMaxVec, "], got ", pull_vec_req));
   const int V = runs_per_lane(p.C, sizeof(A), static_cast<int>(pull_vec_req));
   TORCH_CHECK((p.C / kVec) % V == 0, errmsg("msdcn_cuda: pull runs per lane (FLOWDCN_MSDCN_PULL_VEC) ", V, " must divide C/8 = ", p.C / kVec));
-  auto ints = at::empty({NB + (NB + 1) + 3 * items}, value.options().dtype(at::kInt));  // count, start, key, rank, row
-  ints.narrow(0, 0, NB).zero_();
-  auto floats = at::empty({8 * items}, aopt);  // cw [items, 4], dots [items, 4]
+  auto ints = at::empty({gather_int_words(NB, items)}, value.options().dtype(at::kInt));
+  ints.narrow(0, 0, NB).zero_();  // count
+  auto floats = at::empty({gather_float_words(items)}, aopt);
   auto gvalue = at::empty_like(value);
-  GatherBufs<T, A> b{};
-  b.count = ints.data_ptr<int>();
-  b.start = b.count + NB;
-  b.key = b.start + NB + 1;
-  b.rank = b.key + items;
-  b.row = b.rank + items;
-  b.cw = reinterpret_cast<A*>(floats.data_ptr());
-  b.dots = b.cw + 4 * items;
+  GatherBufs<T, A> b = gather_bind<T, A>(ints.data_ptr<int>(), reinterpret_cast<A*>(floats.data_ptr()), NB, items);
   b.gvalue = reinterpret_cast<T*>(gvalue.data_ptr());
   const int64_t item_blocks = (items + kGatherThreads - 1) / kGatherThreads;
   TORCH_CHECK(item_blocks < (int64_t(1) << 31), errmsg("msdcn_cuda: too many points for one launch: ", items));
@@ -381,8 +375,8 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
   if (value.numel() == 0 || weight.numel() == 0) {
     goff.zero_(); gweight.zero_();
     if (fused) gscale.zero_();
-    auto s0p = fused ? at::zeros({1, value.size(3)}, value.options().dtype(adt)) : at::empty({0}, value.options().dtype(adt));
-    return {gvalue, goff, gscale, gweight, s0p};
+    auto gs0 = fused ? at::zeros({value.size(3)}, value.options().dtype(adt)) : at::empty({0}, value.options().dtype(adt));
+    return {gvalue, goff, gscale, gweight, gs0};  // d/ds0 [G], as the other paths return it
   }
   // grad_value's fp32 sums have no fixed order (scatter: float atomics; gather: bucket order from integer atomics):
   // under torch.use_deterministic_algorithms this raises (or warns with warn_only), as PyTorch's own

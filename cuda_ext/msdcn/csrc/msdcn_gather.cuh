@@ -57,6 +57,23 @@ struct GatherBufs {
   A* s0_part;   // FUSED: [blocks of the epilogue, G] per-block sums of d/ds0
 };
 
+// The backward's two workspaces, shared by the launcher and the emulation harness: int32 [count NB | start NB + 1 |
+// key items | rank items | row items] (count zeroed by the caller) and A [cw 4 items | dots 4 items].
+inline int64_t gather_int_words(int64_t NB, int64_t items) { return NB + (NB + 1) + 3 * items; }
+inline int64_t gather_float_words(int64_t items) { return 8 * items; }
+template <typename T, typename A>
+GatherBufs<T, A> gather_bind(int* ints, A* floats, int64_t NB, int64_t items) {
+  GatherBufs<T, A> b{};
+  b.count = ints;
+  b.start = b.count + NB;
+  b.key = b.start + NB + 1;
+  b.rank = b.key + items;
+  b.row = b.rank + items;
+  b.cw = floats;
+  b.dots = b.cw + 4 * items;
+  return b;
+}
+
 // Item i = (n * G + g) * K + k (the fields' layout) -> its query coordinates, group and point.
 struct ItemPos {
   int64_t b, h, w;
@@ -131,7 +148,7 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_fill_kernel(const
 #pragma unroll
   for (int j = 0; j < 4; ++j) cw[j] = (inside >> j) & 1 ? wk * c.bil[j] : A(0);
   store4(b.cw + 4 * pos, cw);
-  b.row[pos] = static_cast<int>(i / p.K);  // < N * G <= 2^31 (gather_serves)
+  b.row[pos] = static_cast<int>(i / p.K);  // < N * G < 2^29 (gather_serves: N * G * K * 4 < 2^31)
   b.rank[i] = static_cast<int>(pos);       // from here on: the item's entry (the epilogue reads it coalesced)
 }
 
@@ -162,10 +179,11 @@ inline int64_t pull_blocks(int64_t N, int G, int C, int V, bool group_major) {
 // Corner dots: a batch of `lanes` entries of the walk, each lane writes its partial dot of each to shared memory,
 // then lane l sums entry l's partials (one store and one load per lane and entry, instead of a shuffle tree per
 // entry) and stores the dot at the entry (consecutive entries of a list: neighbouring addresses).
-// V = 3 (C = 72) is capped at 85 registers, 3 blocks per SM instead of 2 (104 registers uncapped): a few spilled
-// registers (80 bytes), 4-5 % faster at XL 32² and 64² on an H200 (bench/RESULTS.md).
+// V = 3 (C = 72) with fp32 accumulation is capped at 85 registers, 3 blocks per SM instead of 2 (104 registers
+// uncapped): a few spilled registers (80 bytes), 4-5 % faster at XL 32² and 64² on an H200 (bench/RESULTS.md). fp64
+// needs twice the registers: no cap.
 template <typename T, typename A, int V>
-__global__ void __launch_bounds__(kGatherThreads, V == 3 ? 3 : 1) msdcn_gather_pull_kernel(const T* __restrict__ value, const T* __restrict__ gout,
+__global__ void __launch_bounds__(kGatherThreads, V == 3 && sizeof(A) == 4 ? 3 : 1) msdcn_gather_pull_kernel(const T* __restrict__ value, const T* __restrict__ gout,
                                                                           GatherBufs<T, A> b, int64_t N, int64_t H, int64_t W, int G,
                                                                           int C, bool group_major) {
   extern __shared__ __align__(16) unsigned char smem_raw[];

@@ -5,9 +5,10 @@
 // lower corner, each corner outside the grid contributes zero, and the K samples are summed with
 // unnormalised weights. Coordinates and accumulation are in A (fp32, or fp64 for fp64 inputs).
 //
-// Mapping (as DCNv4): one thread per (query, group, 8 channels). L = C / 8 consecutive threads
-// serve one (query, group); a block holds Q queries x G groups x L lanes. B, H, W, C, K are runtime
-// values, so no shape ever triggers a recompile; all memory offsets are int64.
+// Mapping (as DCNv4): one thread per (query, group, 8 channels): L = C / 8 consecutive threads serve one
+// (query, group); a block holds Q queries x G groups x L lanes. The forward can give a lane V runs of 8 channels
+// (L = C / (8 V); runs_per_lane). B, H, W, C, K are runtime values, so no shape ever triggers a recompile; all memory
+// offsets are int64.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -166,7 +167,7 @@ struct MsdcnParams {
   F* gweight;         // backward: [N, G, K]
   A* s0_part;         // backward, FUSED: [gridDim.x, G] per-block partial sums of d/ds0
   int64_t N, H, W;
-  int G, C, K, L, Q;  // L = C / 8 lanes per (query, group); Q queries per block and round
+  int G, C, K, L, Q;  // L lanes per (query, group): C / 8, or C / (8 V) in the forward; Q queries per block and round
   int R;              // rounds of Q queries per block
   bool split;            // backward channel layout (see msdcn_backward_kernel)
   bool skip_value_grad;  // benchmark diagnostic: leave grad_value zero (never set by the ops)

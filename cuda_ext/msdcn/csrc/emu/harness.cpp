@@ -8,6 +8,7 @@
 // DIR/out.bin. Inputs DIR/{value,off,weight,gout[,scale,prior,s0,smax]}.bin (float64 in the
 // op's layouts, converted to the kernel's types); outputs DIR/{gvalue,goff,gweight,gscale,s0p}.bin (float64).
 #include "cuda_emu.h"
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -45,8 +46,15 @@ static void wr(const std::string& dir, const char* name, const std::vector<E>& v
   std::fclose(f);
 }
 
+// smem: the block's dynamic shared memory as its launcher sizes it (the static buffer is larger): after each block the
+// 4 KB past it must still hold the 0xff fill, so a kernel writing beyond what its launcher allocates fails the run.
+// kUnchecked (the untiled and tiled scatter kernels here): no check.
+constexpr size_t kUnchecked = ~size_t(0);
 template <class Fn>
-static void launch(dim3 grid, int threads, Fn fn) {
+static void launch(dim3 grid, int threads, Fn fn, size_t smem = kUnchecked) {
+  constexpr size_t kGuard = 4096;
+  const bool check = smem != kUnchecked;
+  if (check && smem + kGuard > sizeof(smem_raw)) { std::fprintf(stderr, "shared memory %zu exceeds the emulator's buffer\n", smem); std::exit(3); }
   emu::bDim = {unsigned(threads), 1, 1};
   for (unsigned by = 0; by < grid.y; ++by)
     for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -60,6 +68,11 @@ static void launch(dim3 grid, int threads, Fn fn) {
       for (int t = 0; t < threads; ++t)
         ts.emplace_back([=] { emu::tIdx = {unsigned(t), 0, 0}; emu::bIdx = {bx, by, 0}; fn(); });
       for (auto& t : ts) t.join();
+      for (size_t i = smem; check && i < smem + kGuard; ++i)
+        if (smem_raw[i] != 0xff) {
+          std::fprintf(stderr, "block (%u, %u) wrote shared memory byte %zu, beyond the %zu its launcher allocates\n", bx, by, i, smem);
+          std::exit(3);
+        }
     }
 }
 
@@ -95,9 +108,9 @@ static int run(char** argv) {
     const int64_t blocks = (N + int64_t(Q) * RO - 1) / (int64_t(Q) * RO);
     launch({unsigned(blocks), 1, 1}, Q * G * p.L, [&] {
       if (fused) forward_kernel<T, F, A, true>(V)(p); else forward_kernel<T, F, A, false>(V)(p);
-    });
+    }, static_cast<size_t>(G) * K * sizeof(PointGeo<A>) * Q);  // the launcher's per_query * Q
     wr(dir, "out", out);
-    std::printf("ok forward\n");
+    std::printf("ok forward runs %d\n", V);
     return 0;
   }
   if (mode == 0) {
@@ -111,32 +124,34 @@ static int run(char** argv) {
   } else if (mode == 3) {
     // The launcher's sequence (msdcn_cuda.cu gather_backward), with the prefix sum on the host.
     const int64_t items = N * G * K, NB = gather_buckets(B, H, W, G);
-    std::vector<int> count(NB, 0), start(NB + 1, -7), ints(3 * items, -7);
-    std::vector<A> floats(8 * items, A(NAN));  // garbage: every used entry and dot must be written
+    // The launcher's workspaces (gather_bind): garbage except the zeroed counts; every used word must be written.
+    std::vector<int> ints(gather_int_words(NB, items), -7);
+    std::fill(ints.begin(), ints.begin() + NB, 0);
+    std::vector<A> floats(gather_float_words(items), A(NAN));
     std::vector<T> gv(N * G * C);
     for (auto& x : gv) from_f64(NAN, x);
-    GatherBufs<T, A> b{};
-    b.count = count.data(); b.start = start.data(); b.key = ints.data(); b.rank = b.key + items; b.row = b.rank + items;
-    b.cw = floats.data(); b.dots = b.cw + 4 * items; b.gvalue = gv.data();
+    GatherBufs<T, A> b = gather_bind<T, A>(ints.data(), floats.data(), NB, items);
+    b.gvalue = gv.data();
     const unsigned item_blocks = unsigned((items + kGatherThreads - 1) / kGatherThreads);
     launch({item_blocks, 1, 1}, kGatherThreads, [&] {
       if (fused) msdcn_gather_count_kernel<T, F, A, true>(p, b); else msdcn_gather_count_kernel<T, F, A, false>(p, b);
-    });
-    for (int64_t i = 0; i < NB; ++i) start[i + 1] = start[i] + count[i];
+    }, 0);
+    for (int64_t i = 0; i < NB; ++i) b.start[i + 1] = b.start[i] + b.count[i];  // the launcher's cumsum
     launch({item_blocks, 1, 1}, kGatherThreads, [&] {
       if (fused) msdcn_gather_fill_kernel<T, F, A, true>(p, b); else msdcn_gather_fill_kernel<T, F, A, false>(p, b);
-    });
+    }, 0);
     const int V = runs_per_lane(C, sizeof(A), vec);
     const bool group_major = split;  // the SPLIT argument picks the pull's block order here (the gather has no split)
     launch({unsigned(pull_blocks(N, G, C, V, group_major)), 1, 1}, kGatherThreads,
-           [&] { pull_kernel<T, A>(V)(p.value, p.gout, b, N, H, W, G, C, group_major); });
+           [&] { pull_kernel<T, A>(V)(p.value, p.gout, b, N, H, W, G, C, group_major); }, pull_smem_bytes(C, V, sizeof(A)));
+    std::printf("pull runs %d\n", V);
     const int ep_threads = gather_epilogue_threads(G, K);
     const int64_t ep_blocks = (items + ep_threads - 1) / ep_threads;
     s0p.assign(ep_blocks * G, NAN);
     b.s0_part = s0p.data();
     launch({unsigned(ep_blocks), 1, 1}, ep_threads, [&] {
       if (fused) msdcn_gather_epilogue_kernel<T, F, A, true>(p, b); else msdcn_gather_epilogue_kernel<T, F, A, false>(p, b);
-    });
+    }, ep_threads * sizeof(A));
     for (size_t i = 0; i < gv.size(); ++i) gvalue[i] = static_cast<A>(to_f64(gv[i]));
   } else {
     TileShape ts{};
