@@ -15,6 +15,7 @@ device-to-device copy bandwidth. Optionally times one FlowDCN-XL block against o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -237,32 +238,43 @@ def compare_tiled(G, C, K, H) -> dict:
     return out
 
 
+def _put_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str | None):
+    """Set (None: unset) an environment switch the op reads on every call; restore it afterwards."""
+    saved = os.environ.get(name)
+    _put_env(name, value)
+    try:
+        yield
+    finally:
+        _put_env(name, saved)
+
+
 def compare_backward(G, C, K, H, pull_vecs=()) -> dict:
     """fwd+bwd ms (eager, CUDA graph) and kernel times of the gather and the scatter backward; then the gather backward
     with each pull width in pull_vecs that divides C/8 (FLOWDCN_MSDCN_PULL_VEC runs of 8 channels per lane)."""
     sets = [with_grad(make_inputs(BATCH, H, H, G, C, K, s)) for s in range(2 if H < 64 else 1)]
-    saved, saved_vec = msdcn_cuda._BACKWARD, os.environ.get("FLOWDCN_MSDCN_PULL_VEC")
+    saved = msdcn_cuda._BACKWARD
     out = {}
     runs = [("gather", "gather", None), ("scatter", "scatter", None)]
     runs += [(f"gather_v{v}", "gather", str(v)) for v in pull_vecs if (C // 8) % v == 0]
     for key, kind, vec in runs:
         msdcn_cuda.set_backward(kind)
-        if vec is None:
-            os.environ.pop("FLOWDCN_MSDCN_PULL_VEC", None)
-        else:
-            os.environ["FLOWDCN_MSDCN_PULL_VEC"] = vec  # read by the launcher on every call
-        out[f"{key}_fwdbwd_ms"] = cuda_time(ours_fwdbwd, sets)
-        out[f"{key}_graph_fwdbwd_ms"] = graph_time(ours_fwdbwd, sets[0])
-        out[f"{key}_kernels_ms"] = kernel_times(sets)
-        torch.cuda.reset_peak_memory_stats()
-        ours_fwdbwd(*sets[0])
-        torch.cuda.synchronize()
-        out[f"{key}_peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
+        with env_var("FLOWDCN_MSDCN_PULL_VEC", vec):
+            out[f"{key}_fwdbwd_ms"] = cuda_time(ours_fwdbwd, sets)
+            out[f"{key}_graph_fwdbwd_ms"] = graph_time(ours_fwdbwd, sets[0])
+            out[f"{key}_kernels_ms"] = kernel_times(sets)
+            torch.cuda.reset_peak_memory_stats()
+            ours_fwdbwd(*sets[0])
+            torch.cuda.synchronize()
+            out[f"{key}_peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
     msdcn_cuda.set_backward(saved)
-    if saved_vec is None:
-        os.environ.pop("FLOWDCN_MSDCN_PULL_VEC", None)
-    else:
-        os.environ["FLOWDCN_MSDCN_PULL_VEC"] = saved_vec
     print(f"  gather vs scatter G={G} C={C} {H}²: {json.dumps(out)}", flush=True)
     return out
 
@@ -270,16 +282,11 @@ def compare_backward(G, C, K, H, pull_vecs=()) -> dict:
 def compare_forward_runs(G, C, K, H, vecs) -> dict:
     """Fused forward ms (eager, CUDA graph) for each forward width in vecs dividing C/8 (FLOWDCN_MSDCN_FWD_VEC)."""
     sets = [make_inputs(BATCH, H, H, G, C, K, s) for s in range(2 if H < 64 else 1)]
-    saved = os.environ.get("FLOWDCN_MSDCN_FWD_VEC")
     out = {}
     for v in [v for v in vecs if (C // 8) % v == 0]:
-        os.environ["FLOWDCN_MSDCN_FWD_VEC"] = str(v)  # read on every call
-        out[f"v{v}_fwd_ms"] = cuda_time(ours_fwd, sets)
-        out[f"v{v}_graph_fwd_ms"] = graph_time(ours_fwd, sets[0])
-    if saved is None:
-        os.environ.pop("FLOWDCN_MSDCN_FWD_VEC", None)
-    else:
-        os.environ["FLOWDCN_MSDCN_FWD_VEC"] = saved
+        with env_var("FLOWDCN_MSDCN_FWD_VEC", str(v)):
+            out[f"v{v}_fwd_ms"] = cuda_time(ours_fwd, sets)
+            out[f"v{v}_graph_fwd_ms"] = graph_time(ours_fwd, sets[0])
     print(f"  forward widths G={G} C={C} {H}²: {json.dumps(out)}", flush=True)
     return out
 
