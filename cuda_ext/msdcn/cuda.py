@@ -287,6 +287,7 @@ def _deform_prep(value, delta, scale_logit, weights, prior, s0, s_max):
 
 
 def _deform_forward_prepped(v, C, d, s, w, p, z, m, rounding):
+    """The forward kernel on prepared inputs (_deform_prep), sliced back to C channels."""
     out = _module(v.device).forward(v, d, s, w, p, z, m, True, rounding == "trunc", *_fwd_flags(v.shape[-1]))
     return out[..., :C].contiguous() if out.shape[-1] != C else out   # the fake impl promises a contiguous output
 
@@ -308,11 +309,12 @@ def _deform_backward_impl(grad_out, value, delta, scale_logit, weights, prior, s
     prepped = _deform_prep(value, delta, scale_logit, weights, prior, s0, s_max)
     gv, gd, gs, gw, gs0 = _deform_backward_prepped(grad_out, *prepped, rounding)
     return (_grad_value(gv, value, prepped[1]), _finish(gd, delta), _finish(gs, scale_logit), _finish(gw, weights),
-            _s0_grad(gs0, s0))
+            _s0_grad(gs0, s0.dtype, s0.device))
 
 
-def _s0_grad(gs0: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
-    return gs0 if (gs0.dtype == s0.dtype and gs0.device == s0.device) else gs0.to(device=s0.device, dtype=s0.dtype)
+def _s0_grad(gs0: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """d/ds0 ([G], accumulation dtype, value's device) in s0's dtype and on s0's device."""
+    return gs0 if (gs0.dtype == dtype and gs0.device == device) else gs0.to(device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------- torch.library ops (what torch.compile sees)
@@ -412,18 +414,18 @@ class _DeformFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value, delta, scale_logit, weights, prior, s0, s_max, rounding):
         v, C, d, s, w, p, z, m = _deform_prep(value, delta, scale_logit, weights, prior, s0, s_max)
-        ctx.save_for_backward(v, d, s, w, p, z, m, s0)
-        ctx.meta = (C, rounding, value.dtype, delta.dtype, scale_logit.dtype, weights.dtype)
+        ctx.save_for_backward(v, d, s, w, p, z, m)
+        ctx.meta = (C, rounding, value.dtype, delta.dtype, scale_logit.dtype, weights.dtype, s0.dtype, s0.device)
         return _deform_forward_prepped(v, C, d, s, w, p, z, m, rounding)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        v, d, s, w, p, z, m, s0 = ctx.saved_tensors
-        C, rounding, vdt, ddt, sdt, wdt = ctx.meta
+        v, d, s, w, p, z, m = ctx.saved_tensors
+        C, rounding, vdt, ddt, sdt, wdt, s0dt, s0dev = ctx.meta
         gv, gd, gs, gw, gs0 = _deform_backward_prepped(grad_out, v, C, d, s, w, p, z, m, rounding)
-        return (_grad_value(gv, vdt, C), _finish(gd, ddt), _finish(gs, sdt), _finish(gw, wdt), None, _s0_grad(gs0, s0),
-                None, None)
+        return (_grad_value(gv, vdt, C), _finish(gd, ddt), _finish(gs, sdt), _finish(gw, wdt), None,
+                _s0_grad(gs0, s0dt, s0dev), None, None)
 
 
 # ---------------------------------------------------------------- public entry points
