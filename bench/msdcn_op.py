@@ -10,7 +10,6 @@ device-to-device copy bandwidth. Optionally times one FlowDCN-XL block against o
     python bench/msdcn_op.py --no-op --no-ref --tile-sweep --tiled   # tiled backward: sweep, then vs untiled
     python bench/msdcn_op.py --no-op --no-ref --backwards            # gather vs scatter backward
     python bench/msdcn_op.py --no-op --no-ref --backwards --pull-vecs 1,2,3,4   # and each gather pull width
-    python bench/msdcn_op.py --no-op --no-ref --fwd-vecs 1,2,3,4                # forward per width (runs per lane)
 """
 from __future__ import annotations
 
@@ -279,18 +278,6 @@ def compare_backward(G, C, K, H, pull_vecs=()) -> dict:
     return out
 
 
-def compare_forward_runs(G, C, K, H, vecs) -> dict:
-    """Fused forward ms (eager, CUDA graph) for each forward width in vecs dividing C/8 (FLOWDCN_MSDCN_FWD_VEC)."""
-    sets = [make_inputs(BATCH, H, H, G, C, K, s) for s in range(2 if H < 64 else 1)]
-    out = {}
-    for v in [v for v in vecs if (C // 8) % v == 0]:
-        with env_var("FLOWDCN_MSDCN_FWD_VEC", str(v)):
-            out[f"v{v}_fwd_ms"] = cuda_time(ours_fwd, sets)
-            out[f"v{v}_graph_fwd_ms"] = graph_time(ours_fwd, sets[0])
-    print(f"  forward widths G={G} C={C} {H}²: {json.dumps(out)}", flush=True)
-    return out
-
-
 def bench_op(bw: float, with_ref: bool) -> list[dict]:
     rows = []
     for name, (G, C, K) in SHAPES.items():
@@ -381,7 +368,6 @@ def main() -> None:
     ap.add_argument("--tile-sweep", action="store_true", help="time tile shapes and halo radii of the tiled backward at XL 32² and 64²")
     ap.add_argument("--backwards", action="store_true", help="compare the gather and scatter backward (XL and B, all grids)")
     ap.add_argument("--pull-vecs", default="", help="with --backwards: also time these gather pull widths, e.g. 1,2,3,4")
-    ap.add_argument("--fwd-vecs", default="", help="time the forward with these widths (runs of 8 channels per lane), e.g. 1,2,3,4")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of XL,B")
     ap.add_argument("--grids", default=",".join(map(str, GRIDS)), help="comma-separated subset of 16,32,64")
     ap.add_argument("--no-op", action="store_true", help="skip the main op table (with --tiled / --tile-sweep)")
@@ -408,9 +394,6 @@ def main() -> None:
     if args.backwards:
         vecs = tuple(int(v) for v in args.pull_vecs.split(",") if v)
         result["backwards"] = {f"{name}_{h}": compare_backward(*SHAPES[name], h, vecs) for name in SHAPES for h in GRIDS}
-    if args.fwd_vecs:
-        vecs = tuple(int(v) for v in args.fwd_vecs.split(","))
-        result["forward_widths"] = {f"{name}_{h}": compare_forward_runs(*SHAPES[name], h, vecs) for name in SHAPES for h in GRIDS}
     result["op"] = [] if args.no_op else bench_op(bw, with_ref=not args.no_ref)
     if args.block:
         result["block"] = bench_blocks()
@@ -452,12 +435,6 @@ def main() -> None:
                 r = result["backwards"][key]
                 pull = next((t for k, t in r[f"gather_v{v}_kernels_ms"].items() if "pull" in k), float("nan"))
                 print(f"  {key} V={v}: {r[f'gather_v{v}_fwdbwd_ms']:.3f} / {r[f'gather_v{v}_graph_fwdbwd_ms']:.3f}, pull {pull:.3f}")
-    if args.fwd_vecs:
-        print("\nForward widths (runs of 8 channels per lane): fused forward ms, eager / CUDA graph")
-        for key, r in result["forward_widths"].items():
-            cells = ", ".join(f"V={k[1:-len('_fwd_ms')]} {t:.3f} / {r[k.replace('_fwd_ms', '_graph_fwd_ms')]:.3f}"
-                              for k, t in r.items() if not k.endswith("_graph_fwd_ms"))
-            print(f"  {key}: {cells}")
     if args.block:
         print("\n| grid | FlowDCN-XL block fwd+bwd (ms) | SiT-XL block fwd+bwd (ms) |\n|---|---|---|")
         for r in result["block"]:

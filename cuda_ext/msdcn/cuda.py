@@ -191,7 +191,7 @@ def _plain_forward(value, offsets, weights, rounding):
     v, C = _prep_value(value)
     off, w = _fields(v, offsets, weights)
     e = _empty(v)
-    out = _module(v.device).forward(v, off, e, w, e, e, e, False, rounding == "trunc", *_fwd_flags(v.shape[-1]))
+    out = _module(v.device).forward(v, off, e, w, e, e, e, False, rounding == "trunc", *_LAUNCH["forward"])
     return out[..., :C].contiguous() if out.shape[-1] != C else out   # the fake impl promises a contiguous output
 
 
@@ -222,28 +222,22 @@ def set_backward(kind: str) -> None:
     _BACKWARD = kind
 
 
-_RUNS = ("auto", "1", "2", "3", "4")
+_PULL_RUNS = ("auto", "1", "2", "3", "4")
 
 
-def _runs_per_lane(C: int, var: str) -> int:
-    """Runs of 8 channels per lane of a kernel (csrc/msdcn_kernels.cuh runs_per_lane), 0 = the launcher's choice (the
-    pull: the first of 3, 4, 2, 1 that divides C/8, always 1 for fp64; the forward: 1). From the environment variable
-    var = auto|1|2|3|4, a benchmark switch read on every call: FLOWDCN_MSDCN_FWD_VEC (forward), FLOWDCN_MSDCN_PULL_VEC
-    (the gather pull)."""
-    v = os.environ.get(var, "auto")
-    if v not in _RUNS:
-        raise ValueError(f"{var} must be one of {_RUNS}, got {v!r}")
+def _pull_runs(C: int) -> int:
+    """Runs of 8 channels per lane of the gather backward's pull (csrc/msdcn_gather.cuh pull_runs), 0 = the launcher's
+    choice (the first of 3, 4, 2, 1 that divides C/8; 1 for fp64). FLOWDCN_MSDCN_PULL_VEC=auto|1|2|3|4 is a benchmark
+    switch, read on every call."""
+    v = os.environ.get("FLOWDCN_MSDCN_PULL_VEC", "auto")
+    if v not in _PULL_RUNS:
+        raise ValueError(f"FLOWDCN_MSDCN_PULL_VEC must be one of {_PULL_RUNS}, got {v!r}")
     if v == "auto":
         return 0
     n = int(v)
     if (C // 8) % n:
-        raise ValueError(f"{var}={n} must divide C/8 = {C // 8} (C={C}): use auto or a divisor")
+        raise ValueError(f"FLOWDCN_MSDCN_PULL_VEC={n} must divide C/8 = {C // 8} (C={C}): use auto or a divisor")
     return n
-
-
-def _fwd_flags(C: int):
-    """Launch shape of the forward for C (padded) channels: threads target, rounds, runs per lane."""
-    return (*_LAUNCH["forward"], _runs_per_lane(C, "FLOWDCN_MSDCN_FWD_VEC"))
 
 
 def _bwd_flags(C: int):
@@ -253,21 +247,20 @@ def _bwd_flags(C: int):
     else:
         variant = 3 if _BACKWARD == "gather" else 0
     # The pull width matters (and is checked) only where the gather backward serves C (C/8 <= 32; csrc gather_serves).
-    vec = _runs_per_lane(C, "FLOWDCN_MSDCN_PULL_VEC") if variant == 3 and C // 8 <= 32 else 0
+    vec = _pull_runs(C) if variant == 3 and C // 8 <= 32 else 0
     return (*_LAUNCH["backward"], _SPLIT_BWD, _LEAN_BWD, _L1_PREF_BWD, _DIAG_SKIP_VALUE_GRAD, variant, *_TILE, _TILE_RADIUS, vec)
 
 
-def _finish(grad: torch.Tensor, like: torch.Tensor | torch.dtype) -> torch.Tensor:
+def _finish(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A kernel's grad in the dtype of the input it belongs to (no call when it already is)."""
-    dtype = like if isinstance(like, torch.dtype) else like.dtype
     return grad if grad.dtype == dtype else grad.to(dtype)
 
 
-def _grad_value(gv: torch.Tensor, value: torch.Tensor | torch.dtype, C: int) -> torch.Tensor:
+def _grad_value(gv: torch.Tensor, dtype: torch.dtype, C: int) -> torch.Tensor:
     """grad_value in value's dtype and channels (the scatter buffer is fp32; padded channels are dropped)."""
     if gv.shape[-1] != C:
         gv = gv[..., :C].contiguous()
-    return _finish(gv, value)
+    return _finish(gv, dtype)
 
 
 def _plain_backward_impl(grad_out, value, offsets, weights, rounding):
@@ -277,7 +270,7 @@ def _plain_backward_impl(grad_out, value, offsets, weights, rounding):
     g = _prep_grad(grad_out, v, v.shape[-1] - C)
     e = _empty(v)
     gv, goff, _, gw, _ = _module(v.device).backward(g, v, off, e, w, e, e, e, False, rounding == "trunc", *_bwd_flags(v.shape[-1]))
-    return _grad_value(gv, value, C), _finish(goff, offsets), _finish(gw, weights)
+    return _grad_value(gv, value.dtype, C), _finish(goff, offsets.dtype), _finish(gw, weights.dtype)
 
 
 def _deform_prep(value, delta, scale_logit, weights, prior, s0, s_max):
@@ -288,7 +281,7 @@ def _deform_prep(value, delta, scale_logit, weights, prior, s0, s_max):
 
 def _deform_forward_prepped(v, C, d, s, w, p, z, m, rounding):
     """The forward kernel on prepared inputs (_deform_prep), sliced back to C channels."""
-    out = _module(v.device).forward(v, d, s, w, p, z, m, True, rounding == "trunc", *_fwd_flags(v.shape[-1]))
+    out = _module(v.device).forward(v, d, s, w, p, z, m, True, rounding == "trunc", *_LAUNCH["forward"])
     return out[..., :C].contiguous() if out.shape[-1] != C else out   # the fake impl promises a contiguous output
 
 
@@ -308,8 +301,8 @@ def _deform_backward_impl(grad_out, value, delta, scale_logit, weights, prior, s
     """(grad_value, grad_delta, grad_scale_logit, grad_weights, grad_s0), each in its input's dtype."""
     prepped = _deform_prep(value, delta, scale_logit, weights, prior, s0, s_max)
     gv, gd, gs, gw, gs0 = _deform_backward_prepped(grad_out, *prepped, rounding)
-    return (_grad_value(gv, value, prepped[1]), _finish(gd, delta), _finish(gs, scale_logit), _finish(gw, weights),
-            _s0_grad(gs0, s0.dtype, s0.device))
+    return (_grad_value(gv, value.dtype, prepped[1]), _finish(gd, delta.dtype), _finish(gs, scale_logit.dtype),
+            _finish(gw, weights.dtype), _s0_grad(gs0, s0.dtype, s0.device))
 
 
 def _s0_grad(gs0: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -524,19 +524,6 @@ def test_gather_pull_runs_per_lane_bf16(cuda_mod, backward_kind, monkeypatch, C,
 
 
 @cuda
-@pytest.mark.parametrize("C,vec", [(72, "1"), (72, "3"), (64, "2"), (64, "4"), (24, "3")])
-def test_forward_runs_per_lane_fp64(cuda_mod, monkeypatch, C, vec):
-    """Every forward width (FLOWDCN_MSDCN_FWD_VEC runs of 8 channels per lane) matches the fp64 reference, fused and plain."""
-    monkeypatch.setenv("FLOWDCN_MSDCN_FWD_VEC", vec)
-    shape = (2, 9, 7, 3, C, 9)
-    value, delta, scale, weights, prior, s0, s_max = make_deform(shape, seed=91)
-    want = msdcn_ref(value, deform_offsets_ref(delta, scale, prior, s0, s_max), weights)
-    assert rel_err(cuda_mod.msdcn_deform(value, delta, scale, weights, prior, s0, s_max), want) < 1e-12
-    value, offsets, weights = make_inputs(shape, seed=92, spread=4.0)
-    assert rel_err(cuda_mod.msdcn(value, offsets, weights), msdcn_ref(value, offsets, weights)) < 1e-12
-
-
-@cuda
 @pytest.mark.parametrize("kind", ["gather", "scatter"])
 @pytest.mark.parametrize("shape", [(0, 4, 5, 2, 24, 3), (2, 4, 5, 2, 24, 0)])  # no images; no sampling points
 def test_empty_inputs_give_zero_grads_of_the_promised_shapes(cuda_mod, backward_kind, kind, shape):
@@ -598,21 +585,21 @@ def test_launcher_checks_raise_with_numbers_in_the_message(cuda_mod):
     assert res.stdout.strip() == "ok 4"
 
 
-@pytest.mark.parametrize("var", ["FLOWDCN_MSDCN_PULL_VEC", "FLOWDCN_MSDCN_FWD_VEC"])
-def test_runs_per_lane_switches_are_validated(monkeypatch, var):
-    """The runs-per-lane switches (read per call, no GPU needed): auto -> 0, a divisor of C/8 -> itself, else ValueError."""
+def test_pull_width_switch_is_validated(monkeypatch):
+    """The pull-width switch (read per call, no GPU needed): auto -> 0, a divisor of C/8 -> itself, else a ValueError."""
     from cuda_ext.msdcn import cuda as cuda_backend
 
+    var = "FLOWDCN_MSDCN_PULL_VEC"
     monkeypatch.delenv(var, raising=False)
-    assert cuda_backend._runs_per_lane(72, var) == 0
+    assert cuda_backend._pull_runs(72) == 0
     for value, C, want in (("auto", 64, 0), ("3", 72, 3), ("1", 72, 1), ("4", 64, 4), ("2", 64, 2)):
         monkeypatch.setenv(var, value)
-        assert cuda_backend._runs_per_lane(C, var) == want, (value, C)
+        assert cuda_backend._pull_runs(C) == want, (value, C)
     for value, C, msg in (("3", 64, "must divide C/8 = 8"), ("2", 72, "must divide C/8 = 9"), ("7", 72, "must be one of"),
                           ("0", 72, "must be one of")):
         monkeypatch.setenv(var, value)
         with pytest.raises(ValueError, match=msg):
-            cuda_backend._runs_per_lane(C, var)
+            cuda_backend._pull_runs(C)
 
 
 # ---------------------------------------------------------------- tiled backward (shared-memory grad_value window)
@@ -708,8 +695,7 @@ def run_emulated(exe, tmp, tensors, mode, fused, rounding, shape, tile=(8, 8), r
                  vec=0, outputs=True):
     """Write the inputs (as fp64), run the harness's kernels in dtype, return (g_value, g_off, g_weight, g_scale, s0 sums).
 
-    vec: runs of 8 channels per lane of the gather pull (mode 3) or the forward (mode 4); 0 = the launcher's choice
-    (always 1 in fp64).
+    vec: runs of 8 channels per lane of the gather pull (mode 3); 0 = the launcher's choice (always 1 in fp64).
     """
     B, H, W, G, C, K = shape
     for name, t in tensors.items():
@@ -717,7 +703,7 @@ def run_emulated(exe, tmp, tensors, mode, fused, rounding, shape, tile=(8, 8), r
     args = [exe, tmp, mode, int(fused), int(rounding == "trunc"), int(split), B, H, W, G, C, K, *tile, radius, q, rounds, dtype, vec]
     res = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    if mode in (3, 4) and vec:  # the kernel ran with the width asked for (not the automatic one)
+    if mode == 3 and vec:  # the pull ran with the width asked for (not the automatic one)
         assert f"runs {vec}\n" in res.stdout, res.stdout
     if not outputs:  # the forward (mode 4) writes out.bin only
         return None
@@ -751,22 +737,21 @@ def test_emulated_gather_pull_runs_per_lane(emu_harness, tmp_path, C, vec):
             assert rel_err(g, w) < 1e-11, (split, name)
 
 
-@pytest.mark.parametrize("C,vec,fused", [(72, 1, True), (72, 3, True), (72, 3, False), (64, 2, False), (64, 4, True), (24, 3, False)])
-def test_emulated_forward_runs_per_lane(emu_harness, tmp_path, C, vec, fused):
-    """The forward kernel with V runs of 8 channels per lane (C/(8V) lanes per query and group), 2 queries x 3 rounds per
-    block, in fp64 against the reference: every lane-to-channel mapping the launcher can pick."""
+@pytest.mark.parametrize("C,fused", [(72, True), (72, False), (64, True), (24, False)])
+def test_emulated_forward_matches_reference(emu_harness, tmp_path, C, fused):
+    """The forward kernel, 2 queries x 3 rounds per block, in fp64 against the reference, fused and plain."""
     shape = (2, 5, 7, 2, C, 9 if fused else 5)
     B, H, W, G, _, K = shape
     if fused:
-        value, delta, scale, weights, prior, s0, s_max = make_deform(shape, seed=7 + C + vec, device="cpu")
+        value, delta, scale, weights, prior, s0, s_max = make_deform(shape, seed=7 + C, device="cpu")
         want = msdcn_ref(value, deform_offsets_ref(delta, scale, prior, s0, s_max), weights)
         tensors = {"value": value, "off": delta, "weight": weights, "gout": value, "scale": scale, "prior": prior, "s0": s0,
                    "smax": s_max}
     else:
-        value, offsets, weights = make_inputs(shape, seed=7 + C + vec, spread=3.0, device="cpu")
+        value, offsets, weights = make_inputs(shape, seed=7 + C, spread=3.0, device="cpu")
         want = msdcn_ref(value, offsets, weights)
         tensors = {"value": value, "off": offsets, "weight": weights, "gout": value}
-    run_emulated(emu_harness, tmp_path, tensors, 4, fused, "floor", shape, q=2, rounds=3, vec=vec, outputs=False)
+    run_emulated(emu_harness, tmp_path, tensors, 4, fused, "floor", shape, q=2, rounds=3, outputs=False)
     got = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float64)).view(B, H, W, G, C)
     assert torch.isfinite(got).all()
     assert rel_err(got, want) < 1e-12

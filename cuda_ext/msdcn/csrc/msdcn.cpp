@@ -5,8 +5,7 @@
 
 namespace flowdcn {
 at::Tensor msdcn_forward(const at::Tensor& value, const at::Tensor& off, const at::Tensor& scale, const at::Tensor& weight,
-                         const at::Tensor& prior, const at::Tensor& s0, const at::Tensor& smax, bool fused, bool trunc, int64_t threads, int64_t rounds,
-                         int64_t runs);
+                         const at::Tensor& prior, const at::Tensor& s0, const at::Tensor& smax, bool fused, bool trunc, int64_t threads, int64_t rounds);
 std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor& value, const at::Tensor& off,
                                        const at::Tensor& scale, const at::Tensor& weight, const at::Tensor& prior,
                                        const at::Tensor& s0, const at::Tensor& smax, bool fused, bool trunc, int64_t threads,
@@ -16,6 +15,6 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "FlowDCN MSDCN CUDA kernels (forward, backward; plain and with the fused deformable field)";
-  m.def("forward", &flowdcn::msdcn_forward, "MSDCN forward (value, off|delta, scale_logit, weights, prior, s0, s_max, fused, trunc, threads, rounds, runs)");
+  m.def("forward", &flowdcn::msdcn_forward, "MSDCN forward (value, off|delta, scale_logit, weights, prior, s0, s_max, fused, trunc, threads, rounds)");
   m.def("backward", &flowdcn::msdcn_backward, "MSDCN backward (grad_out, value, off|delta, scale_logit, weights, prior, s0, s_max, fused, trunc, threads, rounds, split, lean, l1_pref, skip_value_grad, variant, tile_h, tile_w, radius, pull_vec)");
 }

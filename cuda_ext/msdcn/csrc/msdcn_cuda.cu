@@ -48,9 +48,9 @@ struct Geometry {
 };
 
 // Launch shape: Q queries per block (from the threads target, lowered until the shared memory of a
-// block, bytes_per_query * Q, fits in 48 KB), R rounds per block; lanes of `runs` runs of 8 channels.
+// block, bytes_per_query * Q, fits in 48 KB), R rounds per block.
 Geometry geometry(const at::Tensor& value, const at::Tensor& weight, int64_t target_threads, int64_t rounds,
-                  size_t bytes_per_query, int runs = 1) {
+                  size_t bytes_per_query) {
   Geometry g;
   g.N = value.size(0) * value.size(1) * value.size(2);
   g.H = value.size(1);
@@ -59,11 +59,9 @@ Geometry geometry(const at::Tensor& value, const at::Tensor& weight, int64_t tar
   g.C = static_cast<int>(value.size(4));
   g.K = static_cast<int>(weight.size(4));
   TORCH_CHECK(g.C % kVec == 0, errmsg("msdcn_cuda: C must be a multiple of 8, got ", g.C));
-  TORCH_CHECK(runs >= 1 && (g.C / kVec) % runs == 0, errmsg("msdcn_cuda: runs of 8 channels per lane (", runs, ") must divide C/8 = ", g.C / kVec));
-  g.L = g.C / kVec / runs;  // lanes per (query, group)
+  g.L = g.C / kVec;
   const int gl = g.G * g.L;
-  TORCH_CHECK(gl <= kMaxThreads, errmsg("msdcn_cuda: G * C / (8 * runs per lane) must be <= ", kMaxThreads,
-                                        " (one block holds a whole query), got ", gl));
+  TORCH_CHECK(gl <= kMaxThreads, errmsg("msdcn_cuda: G * C / 8 must be <= ", kMaxThreads, " (one block holds a whole query), got ", gl));
   TORCH_CHECK(target_threads > 0 && target_threads <= kMaxThreads,
               errmsg("msdcn_cuda: threads per block must be in [1, ", kMaxThreads, "], got ", target_threads));
   g.Q = std::max<int>(1, static_cast<int>(target_threads) / gl);  // several queries per block
@@ -278,9 +276,9 @@ std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool f
   const int64_t items = p.N * p.G * p.K, NB = gather_buckets(value.size(0), p.H, p.W, p.G);
   const auto aopt = value.options().dtype(value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   // Runs of 8 channels per pull lane (requested by cuda.py from FLOWDCN_MSDCN_PULL_VEC, which it validates; 0 = auto).
-  TORCH_CHECK(pull_vec_req >= 0 && pull_vec_req <= kPullMaxVec,
-              errmsg("msdcn_cuda: pull runs per lane must be in [0, ", kPullMaxVec, "], got ", pull_vec_req));
-  const int V = runs_per_lane(p.C, sizeof(A), static_cast<int>(pull_vec_req));
+  TORCH_CHECK(pull_vec_req >= 0 && pull_vec_req <= kPullMaxRuns,
+              errmsg("msdcn_cuda: pull runs per lane must be in [0, ", kPullMaxRuns, "], got ", pull_vec_req));
+  const int V = pull_runs(p.C, sizeof(A), static_cast<int>(pull_vec_req));
   TORCH_CHECK((p.C / kVec) % V == 0, errmsg("msdcn_cuda: pull runs per lane (FLOWDCN_MSDCN_PULL_VEC) ", V, " must divide C/8 = ", p.C / kVec));
   auto ints = at::empty({gather_int_words(NB, items)}, value.options().dtype(at::kInt));
   ints.narrow(0, 0, NB).zero_();  // count
@@ -324,21 +322,19 @@ std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool f
 // out = msdcn(value, off, weight) (fused=false) or msdcn(value, deform(delta=off, scale, prior, s0, smax), weight).
 at::Tensor msdcn_forward(const at::Tensor& value, const at::Tensor& off, const at::Tensor& scale, const at::Tensor& weight,
                          const at::Tensor& prior, const at::Tensor& s0, const at::Tensor& smax, bool fused, bool trunc,
-                         int64_t threads, int64_t rounds, int64_t runs_req) {
+                         int64_t threads, int64_t rounds) {
   check_all(value, off, scale, weight, prior, s0, smax, fused);
-  TORCH_CHECK(runs_req >= 0 && runs_req <= kMaxRuns, errmsg("msdcn_cuda: forward runs per lane must be in [0, ", kMaxRuns, "], got ", runs_req));
   const c10::cuda::CUDAGuard guard(value.device());
   auto out = at::empty_like(value);
   if (value.numel() == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   FLOWDCN_DISPATCH(value.scalar_type(), weight.scalar_type(), "msdcn_forward", [&] {
     const size_t per_query = static_cast<size_t>(value.size(3)) * weight.size(4) * sizeof(PointGeo<A>);
-    const int V = runs_req > 0 ? static_cast<int>(runs_req) : 1;  // 1 by default (see runs_per_lane)
-    const Geometry geo = geometry(value, weight, threads, rounds, per_query, V);
+    const Geometry geo = geometry(value, weight, threads, rounds, per_query);
     auto p = make_params<T, F, A>(geo, value, off, scale, weight, prior, s0, smax, fused, trunc);
     p.out = reinterpret_cast<T*>(out.data_ptr());
     const size_t smem = per_query * geo.Q;
-    auto kernel = fused ? forward_kernel<T, F, A, true>(V) : forward_kernel<T, F, A, false>(V);
+    auto kernel = fused ? msdcn_forward_kernel<T, F, A, true, 1> : msdcn_forward_kernel<T, F, A, false, 1>;
     allow_smem(kernel, smem, value.get_device(), geo);
     kernel<<<geo.blocks, geo.threads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -348,7 +344,7 @@ at::Tensor msdcn_forward(const at::Tensor& value, const at::Tensor& off, const a
 
 // variant: 0 scatter (fp32 atomics), 1 tiled scatter with an atomic window, 2 tiled with a sorted window,
 // 3 gather (msdcn_gather.cuh; the scatter kernel runs where the gather one does not serve the shape); pull_vec_req: the
-// gather pull's runs of 8 channels per lane, 0 = automatic (runs_per_lane()).
+// gather pull's runs of 8 channels per lane, 0 = automatic (pull_runs()).
 // Returns [grad_value (value's dtype from the gather variant, else the fp32/fp64 accumulation buffer),
 //          grad_off (or delta), grad_scale (fused, else empty), grad_weight, d/ds0 [G] in fp32/fp64 (fused, else empty)].
 std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor& value, const at::Tensor& off,

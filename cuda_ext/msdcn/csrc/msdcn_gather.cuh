@@ -152,10 +152,21 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_fill_kernel(const
   b.rank[i] = static_cast<int>(pos);       // from here on: the item's entry (the epilogue reads it coalesced)
 }
 
-// Pull geometry: a (pixel, group) row of C channels is served by C / (8 V) lanes of V runs of 8 channels each
-// (runs_per_lane in msdcn_kernels.cuh; C = 72: V = 3 -> 10 pixels of 3 lanes use 30 of a warp's 32 lanes, V = 1 ->
-// 3 pixels of 9 lanes use 27). Measured on an H200: XL pull 0.77 ms with V = 3 vs 1.00 with 1 at 32².
-constexpr int kPullMaxVec = kMaxRuns;
+// Pull geometry: a (pixel, group) row of C channels is served by C / (8 V) lanes, each owning V runs of 8 channels:
+// run u of lane l at channels (u * lanes + l) * 8, so each 16-byte load instruction of a pixel's lanes covers one
+// contiguous span. More runs per lane spread a walk entry's fixed cost (entry loads, address, loop, dot slot) over
+// more channels and leave fewer lanes of a warp idle (C = 72: V = 3 -> 10 pixels of 3 lanes use 30 of 32 lanes,
+// V = 1 -> 3 pixels of 9 lanes use 27), for 2 x 8 V accumulator registers.
+constexpr int kPullMaxRuns = 4;
+// Runs per lane: requested (1..4, must divide C/8), or 0 = automatic: the first of 3, 4, 2, 1 dividing C/8 (1 for fp64
+// accumulation, whose registers are twice as wide). Measured on an H200 (bench/RESULTS.md): XL (C = 72) pull 0.77 ms
+// with 3 vs 1.00 with 1 at 32²; B (C = 64) 0.45 with 4, 0.46 with 2, 0.57 with 1.
+inline int pull_runs(int C, size_t acc_bytes, int requested) {
+  const int L = C / kVec;
+  if (requested > 0) return requested;
+  if (acc_bytes > 4) return 1;
+  return L % 3 == 0 ? 3 : L % 4 == 0 ? 4 : L % 2 == 0 ? 2 : 1;
+}
 inline int pull_lanes(int C, int V) { return C / (kVec * V); }
 // (pixel, group) pairs of a pull block of kGatherThreads threads.
 inline int pull_per_block(int C, int V) { return (kGatherThreads / 32) * (32 / pull_lanes(C, V)); }
@@ -281,7 +292,7 @@ __global__ void __launch_bounds__(kGatherThreads, V == 3 && sizeof(A) == 4 ? 3 :
   }
 }
 
-// The pull kernel with V runs per lane (V in 1..kPullMaxVec).
+// The pull kernel with V runs per lane (V in 1..kPullMaxRuns).
 template <typename T, typename A>
 using PullKernel = void (*)(const T*, const T*, GatherBufs<T, A>, int64_t, int64_t, int64_t, int, int, bool);
 template <typename T, typename A>

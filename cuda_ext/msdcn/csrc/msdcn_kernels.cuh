@@ -5,10 +5,9 @@
 // lower corner, each corner outside the grid contributes zero, and the K samples are summed with
 // unnormalised weights. Coordinates and accumulation are in A (fp32, or fp64 for fp64 inputs).
 //
-// Mapping (as DCNv4): one thread per (query, group, 8 channels): L = C / 8 consecutive threads serve one
-// (query, group); a block holds Q queries x G groups x L lanes. The forward can give a lane V runs of 8 channels
-// (L = C / (8 V); runs_per_lane). B, H, W, C, K are runtime values, so no shape ever triggers a recompile; all memory
-// offsets are int64.
+// Mapping (as DCNv4): one thread per (query, group, 8 channels). L = C / 8 consecutive threads
+// serve one (query, group); a block holds Q queries x G groups x L lanes. B, H, W, C, K are runtime
+// values, so no shape ever triggers a recompile; all memory offsets are int64.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -167,7 +166,7 @@ struct MsdcnParams {
   F* gweight;         // backward: [N, G, K]
   A* s0_part;         // backward, FUSED: [gridDim.x, G] per-block partial sums of d/ds0
   int64_t N, H, W;
-  int G, C, K, L, Q;  // L lanes per (query, group): C / 8, or C / (8 V) in the forward; Q queries per block and round
+  int G, C, K, L, Q;  // L = C / 8 lanes per (query, group); Q queries per block and round
   int R;              // rounds of Q queries per block
   bool split;            // backward channel layout (see msdcn_backward_kernel)
   bool skip_value_grad;  // benchmark diagnostic: leave grad_value zero (never set by the ops)
@@ -307,24 +306,12 @@ __device__ __forceinline__ int64_t corner_row(int64_t row, int j, int64_t W) {
 }
 
 // ---------------------------------------------------------------- forward
-// Runs of 8 channels per lane: a lane of the gather backward's pull (and of the forward) owns V runs of 8 channels,
-// run u at channels (u * lanes + lane) * 8 with lanes = C / (8 V), so each 16-byte load instruction of a (query,
-// group)'s lanes covers one contiguous span. More runs per lane spread the per-entry fixed cost of the pull over more
-// channels, for 2 x 8 V accumulator registers. requested: 1..4 (must divide C/8), or 0 = automatic: the first of 3, 4,
-// 2, 1 dividing C/8 (1 for fp64 accumulation, whose registers are twice as wide): the pull's choice. The forward runs 1
-// unless asked (FLOWDCN_MSDCN_FWD_VEC): with more, its registers (128 at V = 3) cost more occupancy than the extra
-// gathers in flight gain (H200, XL 32²: 0.37 ms with 1, 0.43 with 3; bench/RESULTS.md).
-inline int runs_per_lane(int C, size_t acc_bytes, int requested) {
-  const int L = C / kVec;
-  if (requested > 0) return requested;
-  if (acc_bytes > 4) return 1;
-  return L % 3 == 0 ? 3 : L % 4 == 0 ? 4 : L % 2 == 0 ? 2 : 1;
-}
-constexpr int kMaxRuns = 4;
-
 // Block b handles the queries [b*Q*R, (b+1)*Q*R) in R rounds of Q: consecutive queries sample
-// overlapping corners, so later rounds find them in this SM's L1 instead of L2. p.L is the lanes per
-// (query, group), C / (8 V).
+// overlapping corners, so later rounds find them in this SM's L1 instead of L2.
+// V runs of 8 channels per lane (run u at channels (u * L + lane) * 8, p.L = C / (8 V)). Only V = 1 is launched:
+// V = 3, as the gather backward's pull uses, needs 128 registers and measured slower (H200, XL 32²: 0.43 vs 0.37 ms;
+// bench/RESULTS.md, 2026-12-01). V stays a template parameter because the V = 1 instance is the code that was
+// measured (59 registers; the same loop written without V compiles to 61, not measured).
 template <typename T, typename F, typename A, bool FUSED, int V, int MAXT = kMaxThreads, int MINB = 1>
 __global__ void __launch_bounds__(MAXT, MINB) msdcn_forward_kernel(const MsdcnParams<T, F, A> p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -376,17 +363,6 @@ __global__ void __launch_bounds__(MAXT, MINB) msdcn_forward_kernel(const MsdcnPa
       for (int u = 0; u < V; ++u) store8(p.out + n * GC + choff + u * run, acc[u]);
     }
     __syncthreads();  // geo is rewritten by the next round
-  }
-}
-
-// The forward kernel with V runs per lane (1..kMaxRuns).
-template <typename T, typename F, typename A, bool FUSED>
-auto forward_kernel(int V) {
-  switch (V) {
-    case 1: return msdcn_forward_kernel<T, F, A, FUSED, 1>;
-    case 2: return msdcn_forward_kernel<T, F, A, FUSED, 2>;
-    case 3: return msdcn_forward_kernel<T, F, A, FUSED, 3>;
-    default: return msdcn_forward_kernel<T, F, A, FUSED, 4>;
   }
 }
 

@@ -11,8 +11,6 @@
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 struct uint2 { unsigned x, y; };
 struct uint4 { unsigned x, y, z, w; };
-struct alignas(16) int4 { int x, y, z, w; };
-inline int4 make_int4(int a, int b, int c, int d) { return {a, b, c, d}; }
 struct float2 { float x, y; };
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(16) double2 { double x, y; };
@@ -43,9 +41,6 @@ inline std::vector<double> shfl_buf;
 inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
 template <class T> T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
-inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
-  return static_cast<unsigned long long>((static_cast<unsigned __int128>(a) * b) >> 64);
-}
 // Warp shuffle: every lane of the warp must call it (as the kernels' full-mask shuffles require on a GPU).
 // mode 0: from lane + delta (down), 1: lane - delta (up), 2: lane ^ delta (xor); out-of-warp sources keep v.
 template <class T> T shfl_impl(T v, int delta, int mode) {

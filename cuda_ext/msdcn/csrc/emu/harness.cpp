@@ -4,8 +4,7 @@
 //   harness DIR MODE FUSED TRUNC SPLIT B H W G C K TH TW R Q ROUNDS DTYPE VEC   (DTYPE: f64 | f32 | bf16)
 // MODE 0: untiled kernel (Q queries x ROUNDS per block); 1: tiled, atomic window; 2: tiled, sorted window
 // (tile TH x TW, radius R); 3: gather (count, prefix sum here on the host, fill, pull with VEC runs of 8 channels
-// per lane (0: the launcher's choice), epilogue); 4: the forward (Q queries x ROUNDS per block, VEC runs per lane), output
-// DIR/out.bin. Inputs DIR/{value,off,weight,gout[,scale,prior,s0,smax]}.bin (float64 in the
+// per lane (0: the launcher's choice), epilogue); 4: the forward (Q queries x ROUNDS per block), output DIR/out.bin. Inputs DIR/{value,off,weight,gout[,scale,prior,s0,smax]}.bin (float64 in the
 // op's layouts, converted to the kernel's types); outputs DIR/{gvalue,goff,gweight,gscale,s0p}.bin (float64).
 #include "cuda_emu.h"
 #include <algorithm>
@@ -99,18 +98,17 @@ static int run(char** argv) {
   p.gvalue = gvalue.data(); p.goff = goff.data(); p.gweight = gweight.data(); p.gscale = gscale.data();
   p.N = N; p.H = H; p.W = W; p.G = G; p.C = C; p.K = K; p.L = C / 8; p.split = split; p.trunc = trunc_;
   std::vector<A> s0p;
-  if (mode == 4) {  // forward: Q queries per block, ROUNDS rounds, VEC runs of 8 channels per lane (0: 1, as the launcher)
-    const int V = vec > 0 ? vec : 1;
-    p.L = C / 8 / V; p.Q = Q; p.R = RO;
+  if (mode == 4) {  // forward: Q queries per block, ROUNDS rounds
+    p.Q = Q; p.R = RO;
     std::vector<T> out(N * G * C);
     for (auto& x : out) from_f64(NAN, x);
     p.out = out.data();
     const int64_t blocks = (N + int64_t(Q) * RO - 1) / (int64_t(Q) * RO);
     launch({unsigned(blocks), 1, 1}, Q * G * p.L, [&] {
-      if (fused) forward_kernel<T, F, A, true>(V)(p); else forward_kernel<T, F, A, false>(V)(p);
+      if (fused) msdcn_forward_kernel<T, F, A, true, 1>(p); else msdcn_forward_kernel<T, F, A, false, 1>(p);
     }, static_cast<size_t>(G) * K * sizeof(PointGeo<A>) * Q);  // the launcher's per_query * Q
     wr(dir, "out", out);
-    std::printf("ok forward runs %d\n", V);
+    std::printf("ok forward\n");
     return 0;
   }
   if (mode == 0) {
@@ -140,7 +138,7 @@ static int run(char** argv) {
     launch({item_blocks, 1, 1}, kGatherThreads, [&] {
       if (fused) msdcn_gather_fill_kernel<T, F, A, true>(p, b); else msdcn_gather_fill_kernel<T, F, A, false>(p, b);
     }, 0);
-    const int V = runs_per_lane(C, sizeof(A), vec);
+    const int V = pull_runs(C, sizeof(A), vec);
     const bool group_major = split;  // the SPLIT argument picks the pull's block order here (the gather has no split)
     launch({unsigned(pull_blocks(N, G, C, V, group_major)), 1, 1}, kGatherThreads,
            [&] { pull_kernel<T, A>(V)(p.value, p.gout, b, N, H, W, G, C, group_major); }, pull_smem_bytes(C, V, sizeof(A)));
