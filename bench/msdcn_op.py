@@ -139,8 +139,9 @@ def sweep_launch(G, C, K, H) -> dict:
     """Threads-per-block target and rounds per block for forward and backward, best of a grid, at one size."""
     sets = [with_grad(make_inputs(BATCH, H, H, G, C, K, s)) for s in range(2)]
     best = {}
-    grids = {"forward": [(t, r) for t in (128, 256, 512) for r in (1, 2, 4, 8, 16)],
-             "backward": [(t, r) for t in (128, 256, 384) for r in (1, 2, 4, 8)]}
+    grids = {"forward": [(t, r) for t in (128, 256, 512) for r in (1, 2, 4, 8, 16)]}
+    if msdcn_cuda._BACKWARD == "scatter":  # the gather backward's kernels have launch shapes of their own
+        grids["backward"] = [(t, r) for t in (128, 256, 384) for r in (1, 2, 4, 8)]
     for phase, grid in grids.items():
         res = {}
         for t, r in grid:
@@ -255,13 +256,13 @@ def env_var(name: str, value: str | None):
         _put_env(name, saved)
 
 
-def compare_backward(G, C, K, H, pull_vecs=()) -> dict:
-    """fwd+bwd ms (eager, CUDA graph) and kernel times of the gather and the scatter backward; then the gather backward
+def compare_backward(G, C, K, H, pull_vecs=(), kinds=("gather", "scatter")) -> dict:
+    """fwd+bwd ms (eager, CUDA graph) and kernel times of the backward kinds (gather, scatter); then the gather backward
     with each pull width in pull_vecs that divides C/8 (FLOWDCN_MSDCN_PULL_VEC runs of 8 channels per lane)."""
     sets = [with_grad(make_inputs(BATCH, H, H, G, C, K, s)) for s in range(2 if H < 64 else 1)]
     saved = msdcn_cuda._BACKWARD
     out = {}
-    runs = [("gather", "gather", None), ("scatter", "scatter", None)]
+    runs = [(kind, kind, None) for kind in kinds]
     runs += [(f"gather_v{v}", "gather", str(v)) for v in pull_vecs if (C // 8) % v == 0]
     for key, kind, vec in runs:
         msdcn_cuda.set_backward(kind)
@@ -274,7 +275,7 @@ def compare_backward(G, C, K, H, pull_vecs=()) -> dict:
             torch.cuda.synchronize()
             out[f"{key}_peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
     msdcn_cuda.set_backward(saved)
-    print(f"  gather vs scatter G={G} C={C} {H}²: {json.dumps(out)}", flush=True)
+    print(f"  {' vs '.join(kinds)} G={G} C={C} {H}²: {json.dumps(out)}", flush=True)
     return out
 
 
@@ -362,12 +363,14 @@ def main() -> None:
     ap.add_argument("--json", default="bench_msdcn_op.json")
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference timings")
     ap.add_argument("--block", action="store_true", help="also time one FlowDCN-XL block vs one SiT-XL block")
-    ap.add_argument("--sweep", action="store_true", help="pick threads per block and rounds at the XL 32² shape first")
+    ap.add_argument("--sweep", action="store_true", help="pick threads per block and rounds at one XL shape first (--sweep-grid)")
     ap.add_argument("--diagnose", action="store_true", help="kernel times, launch variants, the scatter backward's atomics share")
     ap.add_argument("--tiled", action="store_true", help="compare the tiled and untiled backward (XL and B, all grids)")
     ap.add_argument("--tile-sweep", action="store_true", help="time tile shapes and halo radii of the tiled backward at XL 32² and 64²")
     ap.add_argument("--backwards", action="store_true", help="compare the gather and scatter backward (XL and B, all grids)")
     ap.add_argument("--pull-vecs", default="", help="with --backwards: also time these gather pull widths, e.g. 1,2,3,4")
+    ap.add_argument("--kinds", default="gather,scatter", help="with --backwards: the backward kinds to time (gather,scatter)")
+    ap.add_argument("--sweep-grid", type=int, default=32, help="with --sweep: the XL token grid swept")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of XL,B")
     ap.add_argument("--grids", default=",".join(map(str, GRIDS)), help="comma-separated subset of 16,32,64")
     ap.add_argument("--no-op", action="store_true", help="skip the main op table (with --tiled / --tile-sweep)")
@@ -383,7 +386,7 @@ def main() -> None:
     result = {"device": dev, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "copy_GBps": bw, "command": " ".join(sys.argv)}
     if args.sweep:
-        result["sweep_best"] = sweep_launch(16, 72, 9, 32)
+        result["sweep_best"] = sweep_launch(16, 72, 9, args.sweep_grid)
     result["launch_used"] = {k: list(v) for k, v in msdcn_cuda._LAUNCH.items()}
     if args.diagnose:
         result["diagnose"] = {f"XL_{h}": diagnose(16, 72, 9, h) for h in GRIDS}
@@ -393,7 +396,8 @@ def main() -> None:
         result["tiled"] = {f"{name}_{h}": compare_tiled(*SHAPES[name], h) for name in SHAPES for h in GRIDS}
     if args.backwards:
         vecs = tuple(int(v) for v in args.pull_vecs.split(",") if v)
-        result["backwards"] = {f"{name}_{h}": compare_backward(*SHAPES[name], h, vecs) for name in SHAPES for h in GRIDS}
+        kinds = tuple(args.kinds.split(","))
+        result["backwards"] = {f"{name}_{h}": compare_backward(*SHAPES[name], h, vecs, kinds) for name in SHAPES for h in GRIDS}
     result["op"] = [] if args.no_op else bench_op(bw, with_ref=not args.no_ref)
     if args.block:
         result["block"] = bench_blocks()
@@ -424,8 +428,9 @@ def main() -> None:
         print("| shape | grid | gather | scatter | gather kernels (ms per call) |\n|---|---|---|---|---|")
         for key, r in result["backwards"].items():
             name, h = key.split("_")
-            cells = [f"{r[m + '_fwdbwd_ms']:.3f} / {r[m + '_graph_fwdbwd_ms']:.3f} ({r[m + '_peak_GB']:.2f} GB)" for m in ("gather", "scatter")]
-            ks = ", ".join(f"{k.split('<')[0].split('(')[0][-28:]} {v:.3f}" for k, v in r["gather_kernels_ms"].items())
+            cells = [f"{r[m + '_fwdbwd_ms']:.3f} / {r[m + '_graph_fwdbwd_ms']:.3f} ({r[m + '_peak_GB']:.2f} GB)" if m + "_fwdbwd_ms" in r
+                     else "-" for m in ("gather", "scatter")]
+            ks = ", ".join(f"{k.split('<')[0].split('(')[0][-28:]} {v:.3f}" for k, v in r.get("gather_kernels_ms", {}).items())
             print(f"| {name} | {h}² | " + " | ".join(cells) + f" | {ks} |")
         widths = [(key, k[len("gather_v"):-len("_fwdbwd_ms")]) for key, r in result["backwards"].items() for k in r
                   if k.startswith("gather_v") and k.endswith("_fwdbwd_ms") and "_graph_" not in k]

@@ -757,6 +757,26 @@ def test_emulated_forward_matches_reference(emu_harness, tmp_path, C, fused):
     assert rel_err(got, want) < 1e-12
 
 
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_emulated_forward_low_precision(emu_harness, tmp_path, dtype):
+    """The fused forward with fp32 values and with bf16 values held as loaded (Raw8, unpacked where used; the training
+    case), fp32 fields, against the fp64 reference on the same rounded value: bf16 out is one rounding (<= 2^-9)."""
+    shape = (2, 6, 5, 2, 72, 9)
+    B, H, W, G, C, K = shape
+    value, delta, scale, weights, prior, s0, s_max = make_deform(shape, seed=31, device="cpu")
+    if dtype == "bf16":
+        value = value.to(torch.bfloat16).double()
+    want = msdcn_ref(value, deform_offsets_ref(delta, scale, prior, s0, s_max), weights)
+    tensors = {"value": value, "off": delta, "weight": weights, "gout": value, "scale": scale, "prior": prior, "s0": s0,
+               "smax": s_max}
+    run_emulated(emu_harness, tmp_path, tensors, 4, True, "floor", shape, q=3, rounds=2, dtype=dtype, outputs=False)
+    got = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float64)).view(B, H, W, G, C)
+    assert torch.isfinite(got).all()
+    assert rel_err(got, want) < (3e-3 if dtype == "bf16" else 1e-5)
+    if dtype == "bf16":  # and not exact by accident: the fp64 sum, rounded once, is what came back
+        assert rel_err(got, want.to(torch.bfloat16).double()) < 1e-3
+
+
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 def test_emulated_tiled_backward_matches_reference(emu_harness, tmp_path, rounding):
     """Tiles and halos of all kinds on a 19x23 grid with offsets up to ~10 px (in and out of window and grid)."""

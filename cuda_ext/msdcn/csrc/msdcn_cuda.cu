@@ -334,7 +334,7 @@ at::Tensor msdcn_forward(const at::Tensor& value, const at::Tensor& off, const a
     auto p = make_params<T, F, A>(geo, value, off, scale, weight, prior, s0, smax, fused, trunc);
     p.out = reinterpret_cast<T*>(out.data_ptr());
     const size_t smem = per_query * geo.Q;
-    auto kernel = fused ? msdcn_forward_kernel<T, F, A, true, 1> : msdcn_forward_kernel<T, F, A, false, 1>;
+    auto kernel = fused ? msdcn_forward_kernel<T, F, A, true> : msdcn_forward_kernel<T, F, A, false>;
     allow_smem(kernel, smem, value.get_device(), geo);
     kernel<<<geo.blocks, geo.threads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

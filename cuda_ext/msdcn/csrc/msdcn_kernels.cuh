@@ -67,6 +67,57 @@ __device__ __forceinline__ void load8(const double* p, double* o) {
   }
 }
 
+// 8 channels as loaded, converted only where used: 4 registers for bf16/fp16 instead of 8 (more loads in flight for
+// the same registers). fp32/fp64 are held converted.
+template <typename T, typename A>
+struct Raw8 {
+  A f[8];
+};
+template <>
+struct Raw8<__nv_bfloat16, float> {
+  uint4 r;
+};
+template <>
+struct Raw8<__half, float> {
+  uint4 r;
+};
+template <typename T, typename A>
+__device__ __forceinline__ void load_raw8(const T* p, Raw8<T, A>& o) { load8(p, o.f); }
+__device__ __forceinline__ void load_raw8(const __nv_bfloat16* p, Raw8<__nv_bfloat16, float>& o) {
+  o.r = __ldg(reinterpret_cast<const uint4*>(p));
+}
+__device__ __forceinline__ void load_raw8(const __half* p, Raw8<__half, float>& o) { o.r = __ldg(reinterpret_cast<const uint4*>(p)); }
+template <typename T, typename A>
+__device__ __forceinline__ void zero_raw8(Raw8<T, A>& o) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) o.f[i] = A(0);
+}
+__device__ __forceinline__ void zero_raw8(Raw8<__nv_bfloat16, float>& o) { o.r = make_uint4(0, 0, 0, 0); }
+__device__ __forceinline__ void zero_raw8(Raw8<__half, float>& o) { o.r = make_uint4(0, 0, 0, 0); }
+template <typename T, typename A>
+__device__ __forceinline__ void unpack8(const Raw8<T, A>& x, A* o) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) o[i] = x.f[i];
+}
+__device__ __forceinline__ void unpack8(const Raw8<__nv_bfloat16, float>& x, float* o) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&x.r);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    o[2 * i] = f.x;
+    o[2 * i + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void unpack8(const Raw8<__half, float>& x, float* o) {
+  const __half2* h = reinterpret_cast<const __half2*>(&x.r);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(h[i]);
+    o[2 * i] = f.x;
+    o[2 * i + 1] = f.y;
+  }
+}
+
 __device__ __forceinline__ void store8(__nv_bfloat16* p, const float* v) {
   uint4 r;
   __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&r);
@@ -308,11 +359,11 @@ __device__ __forceinline__ int64_t corner_row(int64_t row, int j, int64_t W) {
 // ---------------------------------------------------------------- forward
 // Block b handles the queries [b*Q*R, (b+1)*Q*R) in R rounds of Q: consecutive queries sample
 // overlapping corners, so later rounds find them in this SM's L1 instead of L2.
-// V runs of 8 channels per lane (run u at channels (u * L + lane) * 8, p.L = C / (8 V)). Only V = 1 is launched:
-// V = 3, as the gather backward's pull uses, needs 128 registers and measured slower (H200, XL 32²: 0.43 vs 0.37 ms;
-// bench/RESULTS.md, 2026-12-01). V stays a template parameter because the V = 1 instance is the code that was
-// measured (59 registers; the same loop written without V compiles to 61, not measured).
-template <typename T, typename F, typename A, bool FUSED, int V, int MAXT = kMaxThreads, int MINB = 1>
+// The 4 corner gathers of a point are issued before any is used and held as loaded (Raw8: 4 registers for bf16), so the
+// kernel needs 48 registers instead of 59 (H200, XL: 0.089 vs 0.095 ms at 16², 0.347 vs 0.365 at 32²). Measured slower
+// (bench/RESULTS.md, 2026-12-01): 2 points' gathers in flight per step (85 registers), and V > 1 runs of 8 channels
+// per thread.
+template <typename T, typename F, typename A, bool FUSED, int MAXT = kMaxThreads, int MINB = 1>
 __global__ void __launch_bounds__(MAXT, MINB) msdcn_forward_kernel(const MsdcnParams<T, F, A> p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   PointGeo<A>* geo = reinterpret_cast<PointGeo<A>*>(smem_raw);  // [Q, G, K]
@@ -320,8 +371,7 @@ __global__ void __launch_bounds__(MAXT, MINB) msdcn_forward_kernel(const MsdcnPa
   const int GL = p.G * p.L;
   const int q = tid / GL, r = tid - q * GL, g = r / p.L, lane = r - g * p.L;
   const int64_t GC = static_cast<int64_t>(p.G) * p.C;
-  const int64_t choff = g * p.C + lane * kVec;  // run u starts u * run channels further
-  const int run = p.L * kVec;
+  const int64_t choff = g * p.C + lane * kVec;
   const PointGeo<A>* mine = geo + (q * p.G + g) * p.K;
   for (int round = 0; round < p.R; ++round) {
     const int64_t round0 = (static_cast<int64_t>(blockIdx.x) * p.R + round) * p.Q;
@@ -330,37 +380,30 @@ __global__ void __launch_bounds__(MAXT, MINB) msdcn_forward_kernel(const MsdcnPa
     __syncthreads();
     const int64_t n = round0 + q;
     if (q < p.Q && n < p.N) {
-      A acc[V][kVec];
+      A acc[kVec];
 #pragma unroll
-      for (int u = 0; u < V; ++u)
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) acc[u][i] = A(0);
+      for (int i = 0; i < kVec; ++i) acc[i] = A(0);
       for (int k = 0; k < p.K; ++k) {
         const PointGeo<A> e = mine[k];
         if (!e.mask) continue;
-        A v[4][V][kVec];
+        Raw8<T, A> v[4];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {  // issue all 4 V gathers before using any of them
-          const T* src = p.value + corner_row(e.row, j, p.W) * GC + choff;
-#pragma unroll
-          for (int u = 0; u < V; ++u) {
-            if (e.mask & (1 << j)) {
-              load8(src + u * run, v[j][u]);
-            } else {
-#pragma unroll
-              for (int i = 0; i < kVec; ++i) v[j][u][i] = A(0);
-            }
+        for (int j = 0; j < 4; ++j) {  // issue all 4 gathers before using any of them
+          if (e.mask & (1 << j)) {
+            load_raw8(p.value + corner_row(e.row, j, p.W) * GC + choff, v[j]);
+          } else {
+            zero_raw8(v[j]);
           }
         }
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < 4; ++j) {
+          A x[kVec];
+          unpack8(v[j], x);
 #pragma unroll
-          for (int u = 0; u < V; ++u)
-#pragma unroll
-            for (int i = 0; i < kVec; ++i) acc[u][i] += e.cw[j] * v[j][u][i];
+          for (int i = 0; i < kVec; ++i) acc[i] += e.cw[j] * x[i];
+        }
       }
-#pragma unroll
-      for (int u = 0; u < V; ++u) store8(p.out + n * GC + choff + u * run, acc[u]);
+      store8(p.out + n * GC + choff, acc);
     }
     __syncthreads();  // geo is rewritten by the next round
   }

@@ -58,3 +58,4 @@ template <class T> T shfl_impl(T v, int delta, int mode) {
 template <class T> T __shfl_up_sync(unsigned, T v, int o) { return shfl_impl(v, o, 1); }
 template <class T> T __shfl_down_sync(unsigned, T v, int o) { return shfl_impl(v, o, 0); }
 template <class T> T __shfl_xor_sync(unsigned, T v, int o) { return shfl_impl(v, o, 2); }
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }

@@ -105,7 +105,7 @@ static int run(char** argv) {
     p.out = out.data();
     const int64_t blocks = (N + int64_t(Q) * RO - 1) / (int64_t(Q) * RO);
     launch({unsigned(blocks), 1, 1}, Q * G * p.L, [&] {
-      if (fused) msdcn_forward_kernel<T, F, A, true, 1>(p); else msdcn_forward_kernel<T, F, A, false, 1>(p);
+      if (fused) msdcn_forward_kernel<T, F, A, true>(p); else msdcn_forward_kernel<T, F, A, false>(p);
     }, static_cast<size_t>(G) * K * sizeof(PointGeo<A>) * Q);  // the launcher's per_query * Q
     wr(dir, "out", out);
     std::printf("ok forward\n");
