@@ -1,4 +1,4 @@
-"""The MSDCN token mixer: projections of the normalised tokens -> cuda_ext.msdcn_deform -> output projection."""
+"""The MSDCN token mixer: one packed projection of the normalised tokens -> cuda_ext.msdcn_deform_packed -> output projection."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn as nn
 
-from cuda_ext import msdcn_deform
+from cuda_ext import msdcn_deform_packed
 
 from .layers import concat_linear
 
@@ -61,27 +61,23 @@ class MultiScaleDCN(nn.Module):
         self.deformables_scale.copy_(torch.log(q / (1 - q)).to(self.deformables_scale.dtype))
         self.deformables_prior = prior_grid(self.kernel_points).to(self.deformables_scale.device)
 
-    # Parameters of children that forward() reads directly instead of calling the child (see _fields): a
+    # Parameters of children that forward() reads directly instead of calling the child (see _proj): a
     # strategy that gathers parameters per called module (DeepSpeed ZeRO-3) must gather these with this module.
-    reads_child_params = ("qk_deformables", "qk_scales", "qk_weights")
+    reads_child_params = ("v", "qk_deformables", "qk_scales", "qk_weights")
 
-    def _fields(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Δ, ŝ and the weight logits of x [..., D] from one GEMM with 4GK output columns (see concat_linear);
-        ŝ has no bias (official), hence the zeros in the concatenated bias."""
-        GK = self.groups * self.kernel_points
-        b = torch.cat([self.qk_deformables.bias, torch.zeros_like(self.qk_weights.bias), self.qk_weights.bias])
-        W = [self.qk_deformables.weight, self.qk_scales.weight, self.qk_weights.weight]
-        return concat_linear(x, W, b).split([2 * GK, GK, GK], dim=-1)
+    def _proj(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] -> [..., G*C + 4*G*K]: value | Δ | ŝ | weight logits (cuda_ext.split_packed's layout) from one GEMM
+        (see concat_linear); ŝ has no bias (official), hence the zeros in the concatenated bias. The MSDCN kernels read
+        the four parts in place and write their grads in place, so neither a split nor a concatenation is copied."""
+        b = torch.cat([self.v.bias, self.qk_deformables.bias, torch.zeros_like(self.qk_weights.bias), self.qk_weights.bias])
+        W = [self.v.weight, self.qk_deformables.weight, self.qk_scales.weight, self.qk_weights.weight]
+        return concat_linear(x, W, b)
 
     def forward(self, x: torch.Tensor, s_max: torch.Tensor) -> torch.Tensor:
         """x [N, h, w, D], s_max [2] (x, y) -> [N, h, w, D]."""
         N, h, w, _ = x.shape
         G, K, C = self.groups, self.kernel_points, self.channels
-        value = self.v(x).view(N, h, w, G, C)                                     # (N, h, w, G, C)
-        delta, scale_logit, weights = self._fields(x)                             # (N, h, w, 2GK), (…, GK), (…, GK)
-        delta = delta.view(N, h, w, G, K, 2)                                      # (N, h, w, G, K, 2)
-        scale_logit = scale_logit.view(N, h, w, G, K)                             # (N, h, w, G, K)
-        weights = weights.view(N, h, w, G, K)                                     # (N, h, w, G, K)
-        y = msdcn_deform(value, delta, scale_logit, weights, self.deformables_prior, self.deformables_scale,
-                         s_max, rounding=self.rounding, impl=self.impl)           # (N, h, w, G, C)
+        proj = self._proj(x)                                                      # (N, h, w, G*C + 4GK)
+        y = msdcn_deform_packed(proj, self.deformables_prior, self.deformables_scale, s_max, groups=G, points=K,
+                                rounding=self.rounding, impl=self.impl)           # (N, h, w, G, C)
         return self.out(y.reshape(N, h, w, G * C))                                # (N, h, w, D)

@@ -14,11 +14,13 @@ from __future__ import annotations
 import torch
 
 from . import ops as _ops  # registers flowdcn::msdcn_ref
-from .reference import check_deform_inputs, check_msdcn_inputs, deform_offsets_ref, msdcn_grid_sample_ref, msdcn_ref
+from .reference import (check_deform_inputs, check_msdcn_inputs, deform_offsets_ref, msdcn_grid_sample_ref, msdcn_ref,
+                        split_packed)
 
 IMPLS = ("auto", "torch", "cuda")
 
-__all__ = ["msdcn", "msdcn_deform", "msdcn_ref", "deform_offsets_ref", "msdcn_grid_sample_ref", "cuda_available", "IMPLS"]
+__all__ = ["msdcn", "msdcn_deform", "msdcn_deform_packed", "split_packed", "msdcn_ref", "deform_offsets_ref", "msdcn_grid_sample_ref",
+           "cuda_available", "IMPLS"]
 
 
 def _cuda_backend():
@@ -103,5 +105,30 @@ def msdcn_deform(
     check_deform_inputs(value, delta, scale_logit, weights, prior, s0, s_max, rounding)   # both paths, before any work
     if _auto_cuda(impl, value):
         return _cuda_backend().msdcn_deform(value, delta, scale_logit, weights, prior, s0, s_max, rounding=rounding)
+    offsets = deform_offsets_ref(delta, scale_logit, prior, s0, s_max)
+    return msdcn(value, offsets, weights, rounding=rounding, impl="torch")
+
+
+def msdcn_deform_packed(
+    proj: torch.Tensor,
+    prior: torch.Tensor,
+    s0: torch.Tensor,
+    s_max: torch.Tensor,
+    *,
+    groups: int,
+    points: int,
+    rounding: str = "floor",
+    impl: str = "auto",
+) -> torch.Tensor:
+    """msdcn_deform of one packed projection proj [B,H,W,G*C + 4*G*K] -> [B,H,W,G,C].
+
+    Each pixel's row of proj is value (G*C) | delta (2*G*K, ordered (g, k, xy)) | scale_logit (G*K) | weights (G*K):
+    the output of one GEMM (FlowDCN's four input projections). The CUDA path reads it in place and writes its grad in
+    place (no split copies, no concatenation of the grads); the torch path takes views (split_packed) into msdcn_deform.
+    """
+    value, delta, scale_logit, weights = split_packed(proj, groups, points)   # validates proj's shape
+    check_deform_inputs(value, delta, scale_logit, weights, prior, s0, s_max, rounding)
+    if _auto_cuda(impl, value):
+        return _cuda_backend().msdcn_deform_packed(proj, prior, s0, s_max, groups=groups, points=points, rounding=rounding)
     offsets = deform_offsets_ref(delta, scale_logit, prior, s0, s_max)
     return msdcn(value, offsets, weights, rounding=rounding, impl="torch")

@@ -6,6 +6,8 @@ eager calls run the same implementations through a thin autograd.Function, which
   flowdcn::msdcn_cuda_backward(grad_out, value, offsets, weights, rounding)               -> (g_value, g_offsets, g_weights)
   flowdcn::msdcn_deform_cuda(value, delta, scale_logit, weights, prior, s0, s_max, rounding) -> out
   flowdcn::msdcn_deform_cuda_backward(grad_out, ...same inputs...)  -> (g_value, g_delta, g_scale_logit, g_weights, g_s0)
+  flowdcn::msdcn_deform_packed_cuda(proj, prior, s0, s_max, groups, channels, points, rounding)  -> out
+  flowdcn::msdcn_deform_packed_cuda_backward(grad_out, ...same inputs...)                         -> (g_proj, g_s0)
 
 Dtypes are taken as they come (autocast gives bf16 value and fields): value bf16/fp16/fp32/fp64, fields
 of the value's dtype or fp32 (other mixes are cast to fp32 here). Coordinates and sums are fp32 (fp64
@@ -22,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from . import build
-from .reference import check_deform_inputs, check_msdcn_inputs
+from .reference import check_deform_inputs, check_msdcn_inputs, split_packed
 
-__all__ = ["available", "require", "supports", "msdcn", "msdcn_deform", "set_backward", "set_launch", "set_tiled"]
+__all__ = ["available", "require", "supports", "msdcn", "msdcn_deform", "msdcn_deform_packed", "packed_served", "set_backward",
+           "set_launch", "set_tiled"]
 
 _VALUE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _state: dict[str, object] = {"error": None, "ok": False}
@@ -310,6 +313,51 @@ def _s0_grad(gs0: torch.Tensor, dtype: torch.dtype, device: torch.device) -> tor
     return gs0 if (gs0.dtype == dtype and gs0.device == device) else gs0.to(device=device, dtype=dtype)
 
 
+# ---------------------------------------------------------------- the packed projection
+# proj [B,H,W,G*C + 4*G*K] (value | delta | scale_logit | weights per pixel; reference.split_packed) is one GEMM's output.
+# The packed kernels read it in place at its row stride and write its grad in place: no split copies forward, no
+# concatenation of the four grads backward (the GEMM's backward takes the one grad tensor as it is).
+_INT31 = (1 << 31) - 1
+
+
+def packed_served(shape, groups: int, points: int, dtype: torch.dtype) -> bool:
+    """True when the packed kernels take proj of this [B,H,W,R] shape and dtype: the gather backward is selected (not
+    the scatter or tiled one) and serves the shape (C/8 <= 32, G*K <= 1024, corner slots and buckets in int32), C is a
+    multiple of 8 and rows are 16-byte multiples. Otherwise msdcn_deform_packed takes the unpacked op (copies)."""
+    B, H, W, R = shape
+    G, K = groups, points
+    C = (R - 4 * G * K) // G
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return (_BACKWARD == "gather" and not _TILED_BWD and dtype in _VALUE_DTYPES and K >= 1 and C % 8 == 0 and C // 8 <= 32
+            and G * (C // 8) <= 512 and G * K <= 1024 and (R * itemsize) % 16 == 0 and B * H * W * G * K * 4 < _INT31
+            and B * (H + 1) * (W + 1) * G < _INT31)
+
+
+def _packed_prep(proj, prior, s0, s_max):
+    """(proj aligned, prior, s0, s_max in the accumulation dtype on proj's device)."""
+    return (_aligned(proj), *_consts(proj, prior, s0, s_max))
+
+
+def _packed_forward_prepped(proj, p, z, m, groups, channels, points, rounding):
+    return _module(proj.device).forward_packed(proj, p, z, m, groups, channels, points, rounding == "trunc", *_LAUNCH["forward"])
+
+
+def _packed_forward(proj, prior, s0, s_max, groups, channels, points, rounding):
+    """out [B,H,W,G,C] = msdcn_deform of proj's four parts, read in place."""
+    return _packed_forward_prepped(*_packed_prep(proj, prior, s0, s_max), groups, channels, points, rounding)
+
+
+def _packed_backward_prepped(grad_out, proj, p, z, m, groups, channels, points, rounding):
+    """(g_proj in proj's dtype and layout, g_s0 [G] in the accumulation dtype) from the gather backward."""
+    g = _aligned(grad_out if grad_out.dtype == proj.dtype else grad_out.to(proj.dtype))
+    return _module(proj.device).backward_packed(g, proj, p, z, m, groups, channels, points, rounding == "trunc", _pull_runs(channels))
+
+
+def _packed_backward_impl(grad_out, proj, prior, s0, s_max, groups, channels, points, rounding):
+    gp, gs0 = _packed_backward_prepped(grad_out, *_packed_prep(proj, prior, s0, s_max), groups, channels, points, rounding)
+    return gp, _s0_grad(gs0, s0.dtype, s0.device)
+
+
 # ---------------------------------------------------------------- torch.library ops (what torch.compile sees)
 # Registered through torch.library.Library (schema + CUDA kernel + fake + autograd), not torch.library.custom_op:
 # custom_op wraps every call in Python checks (output aliasing, etc.), and the compiled graphs call these ops 56
@@ -377,6 +425,28 @@ _define(f"msdcn_deform_cuda({_FIELDS}) -> Tensor", _deform_forward,
         _deform_backward, _deform_setup)
 
 
+_PACKED = "Tensor proj, Tensor prior, Tensor s0, Tensor s_max, int groups, int channels, int points, str rounding"
+
+
+def _packed_setup(ctx, inputs, output):
+    proj, prior, s0, s_max, groups, channels, points, rounding = inputs
+    ctx.save_for_backward(proj, prior, s0, s_max)
+    ctx.meta = (groups, channels, points, rounding)
+
+
+def _packed_backward(ctx, grad_out):
+    proj, prior, s0, s_max = ctx.saved_tensors
+    gp, gs0 = torch.ops.flowdcn.msdcn_deform_packed_cuda_backward(grad_out, proj, prior, s0, s_max, *ctx.meta)
+    return gp, None, gs0, None, None, None, None, None
+
+
+_define(f"msdcn_deform_packed_cuda_backward(Tensor grad_out, {_PACKED}) -> (Tensor, Tensor)", _packed_backward_impl,
+        lambda grad_out, proj, prior, s0, s_max, groups, channels, points, rounding: (_like(proj), _like(s0)))
+_define(f"msdcn_deform_packed_cuda({_PACKED}) -> Tensor", _packed_forward,
+        lambda proj, prior, s0, s_max, groups, channels, points, rounding: proj.new_empty((*proj.shape[:3], groups, channels)),
+        _packed_backward, _packed_setup)
+
+
 # ---------------------------------------------------------------- eager path
 # The same implementations through autograd.Function: an eager call of the registered ops runs torch.library's
 # Python autograd wrapper (measured ~100 µs of Python per forward+backward when they were custom_ops), which shows
@@ -421,6 +491,24 @@ class _DeformFn(torch.autograd.Function):
                 _s0_grad(gs0, s0dt, s0dev), None, None)
 
 
+class _PackedFn(torch.autograd.Function):
+    """Eager autograd wrapper of the packed op (same kernels as flowdcn::msdcn_deform_packed_cuda); inputs prepared once."""
+
+    @staticmethod
+    def forward(ctx, proj, prior, s0, s_max, groups, channels, points, rounding):
+        pj, p, z, m = _packed_prep(proj, prior, s0, s_max)
+        ctx.save_for_backward(pj, p, z, m)
+        ctx.meta = (groups, channels, points, rounding, s0.dtype, s0.device)
+        return _packed_forward_prepped(pj, p, z, m, groups, channels, points, rounding)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        groups, channels, points, rounding, s0dt, s0dev = ctx.meta
+        gp, gs0 = _packed_backward_prepped(grad_out, *ctx.saved_tensors, groups, channels, points, rounding)
+        return gp, None, _s0_grad(gs0, s0dt, s0dev), None, None, None, None, None
+
+
 # ---------------------------------------------------------------- public entry points
 def msdcn(value: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, *, rounding: str = "floor") -> torch.Tensor:
     """MSDCN through the CUDA kernels (same contract as cuda_ext.msdcn)."""
@@ -450,3 +538,17 @@ def msdcn_deform(
     if torch.compiler.is_compiling():
         return torch.ops.flowdcn.msdcn_deform_cuda(value, delta, scale_logit, weights, prior, s0, s_max, rounding)
     return _DeformFn.apply(value, delta, scale_logit, weights, prior, s0, s_max, rounding)
+
+
+def msdcn_deform_packed(proj: torch.Tensor, prior: torch.Tensor, s0: torch.Tensor, s_max: torch.Tensor, *, groups: int,
+                        points: int, rounding: str = "floor") -> torch.Tensor:
+    """msdcn_deform of a packed projection proj [B,H,W,G*C + 4*G*K] (reference.split_packed) -> [B,H,W,G,C]; read and its
+    grad written in place where packed_served(), else through msdcn_deform on contiguous copies of the four parts."""
+    value, delta, scale_logit, weights = split_packed(proj, groups, points)
+    check_deform_inputs(value, delta, scale_logit, weights, prior, s0, s_max, rounding)
+    if not packed_served(proj.shape, groups, points, proj.dtype):
+        return msdcn_deform(value, delta, scale_logit, weights, prior, s0, s_max, rounding=rounding)
+    channels = value.shape[-1]
+    if torch.compiler.is_compiling():
+        return torch.ops.flowdcn.msdcn_deform_packed_cuda(proj, prior, s0, s_max, groups, channels, points, rounding)
+    return _PackedFn.apply(proj, prior, s0, s_max, groups, channels, points, rounding)

@@ -65,6 +65,25 @@ def check_deform_inputs(value, delta, scale_logit, weights, prior, s0, s_max, ro
             raise ValueError(f"msdcn_deform: {name} is on {t.device} but value is on {value.device}")
 
 
+def split_packed(proj: torch.Tensor, groups: int, points: int):
+    """Views (value, delta, scale_logit, weights) of a packed projection proj [B,H,W,G*C + 4*G*K]: each pixel's row is
+    value (G*C, ordered (g, c)) | delta (2*G*K, (g, k, xy)) | scale_logit (G*K) | weights (G*K), one GEMM's output.
+    Raises a ValueError naming proj when its last dimension is not G*C + 4*G*K for a whole C >= 1."""
+    G, K = int(groups), int(points)
+    if G < 1 or K < 1:
+        raise ValueError(f"msdcn_deform_packed: groups and points must be >= 1, got {G} and {K}")
+    if proj.dim() != 4:
+        raise ValueError(f"msdcn_deform_packed: proj must be [B,H,W,G*C+4*G*K], got shape {tuple(proj.shape)}")
+    B, H, W, R = proj.shape
+    GC = R - 4 * G * K
+    if GC < G or GC % G:
+        raise ValueError(f"msdcn_deform_packed: proj's last dimension {R} is not G*C + 4*G*K for G={G}, K={K} and a whole C >= 1")
+    C, GK = GC // G, G * K
+    value, delta, scale, weights = proj.split([GC, 2 * GK, GK, GK], dim=-1)
+    return (value.unflatten(-1, (G, C)), delta.unflatten(-1, (G, K, 2)), scale.unflatten(-1, (G, K)),
+            weights.unflatten(-1, (G, K)))
+
+
 def _corners(value: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, rounding: str):
     """Shared corner geometry of forward and backward.
 

@@ -674,6 +674,109 @@ def test_tiled_bf16_equals_untiled(cuda_mod, tiled, field_dtype, C, mode):
         assert rel_err(grads[True][j].cpu(), b[i].grad) < 2e-2, name
 
 
+# ---------------------------------------------------------------- the packed projection (msdcn_deform_packed)
+def pack(value, delta, scale, weights):
+    """proj [B,H,W,G*C + 4*G*K]: value | delta | scale_logit | weights per pixel (the layout of reference.split_packed)."""
+    return torch.cat([value.flatten(-2), delta.flatten(-3), scale.flatten(-2), weights.flatten(-2)], -1).contiguous()
+
+
+@cuda
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("shape", [(2, 5, 7, 2, 24, 9), (1, 9, 4, 3, 72, 9), (3, 1, 6, 1, 16, 2), (2, 6, 5, 4, 64, 3)])
+def test_packed_fp64_forward_and_grads(cuda_mod, backward_kind, shape, rounding):
+    """The packed kernels (value and fields read in place from one projection, its grad written in place) against the
+    fp64 reference; the grad of proj comes from the kernels (packed_served) and every element of it is written."""
+    backward_kind("gather")
+    B, H, W, G, C, K = shape
+    value, delta, scale, weights, prior, s0, s_max = make_deform(shape, seed=229)
+    assert cuda_mod.packed_served((B, H, W, G * C + 4 * G * K), G, K, torch.float64)
+    proj = pack(value, delta, scale, weights).requires_grad_(True)
+    z = s0.clone().requires_grad_(True)
+    gy = torch.randn(shape[:5], dtype=torch.float64, device="cuda")
+    poison_allocator()
+    out = cuda_mod.msdcn_deform_packed(proj, prior, z, s_max, groups=G, points=K, rounding=rounding)
+    (out * gy).sum().backward()
+    b = [t.cpu().clone().requires_grad_(True) for t in (value, delta, scale, weights, s0)]
+    ref = msdcn_ref(b[0], deform_offsets_ref(b[1], b[2], prior.cpu(), b[4], s_max.cpu()), b[3], rounding)
+    (ref * gy.cpu()).sum().backward()
+    assert rel_err(out.detach().cpu(), ref.detach()) < 1e-12
+    assert torch.isfinite(proj.grad).all()
+    assert rel_err(proj.grad.cpu(), pack(*(t.grad for t in b[:4]))) < 1e-10
+    assert rel_err(z.grad.cpu(), b[4].grad) < 1e-10
+
+
+@cuda
+def test_packed_gradcheck_fp64(cuda_mod, backward_kind):
+    backward_kind("gather")
+    value, delta, scale, weights, prior, s0, s_max = make_deform((1, 3, 4, 2, 8, 2), seed=233)
+    args = [pack(value, delta, scale, weights).requires_grad_(True), s0.requires_grad_(True)]
+    fn = lambda pj, z: cuda_mod.msdcn_deform_packed(pj, prior, z, s_max, groups=2, points=2)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["gather", "scatter"])
+def test_packed_bf16_equals_the_unpacked_op(cuda_mod, backward_kind, kind):
+    """The training case (bf16 projection, XL's G=16, C=72, K=9): the packed op's output equals the unpacked op's on the
+    four parts bit for bit and its grads match (grad_value's sums run in atomic order); with the scatter backward
+    selected, packed_served is false and the unpacked op on copies runs (same results)."""
+    backward_kind(kind)
+    shape = (2, 8, 10, 16, 72, 9)
+    B, H, W, G, C, K = shape
+    value, delta, scale, weights, prior, s0, s_max = make_deform(shape, dtype=torch.bfloat16, field_dtype=torch.bfloat16, seed=239)
+    assert cuda_mod.packed_served((B, H, W, G * C + 4 * G * K), G, K, torch.bfloat16) == (kind == "gather")
+    proj = pack(value, delta, scale, weights).requires_grad_(True)
+    z1, z2 = s0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+    parts = [t.clone().requires_grad_(True) for t in (value, delta, scale, weights)]
+    gy = torch.randn(shape[:5], device="cuda").to(torch.bfloat16)
+    out = cuda_mod.msdcn_deform_packed(proj, prior, z1, s_max, groups=G, points=K)
+    ref = cuda_mod.msdcn_deform(*parts[:4], prior, z2, s_max)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    torch.autograd.backward(out, gy)
+    torch.autograd.backward(ref, gy)
+    assert proj.grad.dtype == torch.bfloat16 and torch.isfinite(proj.grad).all()
+    want = pack(*(t.grad for t in parts))
+    GC = G * C
+    assert rel_err(proj.grad[..., :GC], want[..., :GC]) < 1e-2   # grad_value: one bf16 rounding of sums in another order
+    assert torch.equal(proj.grad[..., GC:], want[..., GC:])      # field grads: same kernels, same order
+    assert rel_err(z1.grad, z2.grad) < 1e-6
+
+
+@cuda
+def test_packed_compile_opcheck_and_errors(cuda_mod, backward_kind):
+    """torch.compile(fullgraph) through the packed op matches eager; opcheck of both packed ops; a proj whose last
+    dimension is not G*C + 4*G*K is rejected naming proj, before any kernel runs; B = 0 gives an empty grad."""
+    backward_kind("gather")
+    shape = (2, 6, 6, 2, 16, 9)
+    B, H, W, G, C, K = shape
+    value, delta, scale, weights, prior, s0, s_max = make_deform(shape, dtype=torch.float32, seed=241)
+    lin = torch.nn.Linear(G * C, 32).cuda()
+
+    def block(pj, z):
+        y = cuda_mod.msdcn_deform_packed(pj, prior, z, s_max, groups=G, points=K)
+        return lin(y.flatten(-2)).square().mean()
+
+    proj = pack(value, delta, scale, weights)
+    a = [proj.clone().requires_grad_(True), s0.clone().requires_grad_(True)]
+    c = [proj.clone().requires_grad_(True), s0.clone().requires_grad_(True)]
+    block(*a).backward()
+    torch._dynamo.reset()
+    torch.compile(block, fullgraph=True)(*c).backward()
+    for ta, tc in zip(a, c):
+        assert rel_err(tc.grad, ta.grad) < 1e-5
+    small = make_deform((1, 4, 5, 2, 16, 3), seed=243)
+    pj = pack(*small[:4]).requires_grad_(True)
+    torch.library.opcheck(torch.ops.flowdcn.msdcn_deform_packed_cuda.default,
+                          (pj, small[4], small[5].requires_grad_(True), small[6], 2, 16, 3, "floor"))
+    with pytest.raises(ValueError, match="proj's last dimension"):
+        cuda_mod.msdcn_deform_packed(proj[..., 1:], prior, s0, s_max, groups=G, points=K)
+    empty = torch.zeros(0, H, W, proj.shape[-1], device="cuda", requires_grad=True)
+    out = cuda_mod.msdcn_deform_packed(empty, prior, s0, s_max, groups=G, points=K)
+    assert out.shape == (0, H, W, G, C)
+    out.sum().backward()
+    assert empty.grad.shape == empty.shape
+
+
 # ---------------------------------------------------------------- backward kernels under CPU emulation (no GPU)
 EMU_DIR = Path(__file__).resolve().parents[2] / "cuda_ext" / "msdcn" / "csrc" / "emu"
 
@@ -809,6 +912,30 @@ def test_emulated_tiled_deform_backward_matches_reference(emu_harness, tmp_path)
         for name, g, leaf in (("value", gv, 0), ("delta", gd, 1), ("weights", gw, 3), ("scale_logit", gs, 2), ("s0", gs0, 4)):
             assert torch.isfinite(g).all(), (mode, vec, name)
             assert rel_err(g, leaves[leaf].grad) < 1e-10, (mode, tile, radius, vec, name)
+
+
+def test_emulated_packed_layout_matches_reference(emu_harness, tmp_path, monkeypatch):
+    """The packed layout (value and the fields read from one [N, G*C + 4*G*K] array at its row stride, the field grads and
+    the gather backward's grad_value written into one such array): forward, gather (both pull widths), scatter and tiled
+    backward in fp64 against the reference; an element no kernel writes stays NaN and fails the finiteness check."""
+    monkeypatch.setenv("FLOWDCN_EMU_PACKED", "1")
+    shape = (2, 5, 7, 2, 24, 9)
+    B, H, W, G, C, K = shape
+    value, delta, scale, weights, prior, s0, s_max = make_deform(shape, seed=211, device="cpu")
+    grad = torch.randn_like(value)
+    leaves = [t.clone().requires_grad_(True) for t in (value, delta, scale, weights, s0)]
+    out = msdcn_ref(leaves[0], deform_offsets_ref(leaves[1], leaves[2], prior, leaves[4], s_max), leaves[3])
+    (out * grad).sum().backward()
+    tensors = {"value": value, "off": delta, "weight": weights, "gout": grad, "scale": scale, "prior": prior, "s0": s0, "smax": s_max}
+    run_emulated(emu_harness, tmp_path, tensors, 4, True, "floor", shape, q=2, rounds=2, outputs=False)
+    got = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float64)).view(B, H, W, G, C)
+    assert rel_err(got, out.detach()) < 1e-12
+    for mode, tile, radius, vec in ((3, (8, 8), 0, 1), (3, (8, 8), 0, 3), (0, (8, 8), 0, 0), (2, (4, 4), 1, 0)):
+        gv, gd, gw, gs, gs0 = run_emulated(emu_harness, tmp_path, tensors, mode, True, "floor", shape, tile, radius, q=1, rounds=2,
+                                           vec=vec)
+        for name, g, leaf in (("value", gv, 0), ("delta", gd, 1), ("weights", gw, 3), ("scale_logit", gs, 2), ("s0", gs0, 4)):
+            assert torch.isfinite(g).all(), (mode, vec, name)
+            assert rel_err(g, leaves[leaf].grad) < 1e-10, (mode, vec, name)
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cuda_ext import deform_offsets_ref, msdcn, msdcn_deform
+from cuda_ext import deform_offsets_ref, msdcn, msdcn_deform, msdcn_deform_packed
 from cuda_ext.msdcn.reference import msdcn_grid_sample_ref
 
 
@@ -165,3 +165,29 @@ def test_fused_op_checks_its_inputs_on_the_torch_path_too():
         msdcn_deform(v, o[..., :1], sl, w, prior, s0, smax, impl="torch")
     with pytest.raises(ValueError, match="msdcn_deform: s0 must have shape"):
         msdcn_deform(v, o, sl, w, prior, torch.zeros(3), smax, impl="torch")
+
+
+def test_packed_projection_layout_and_grads_on_the_torch_path():
+    """msdcn_deform_packed reads value | delta | scale_logit | weights from each pixel's row of one projection (slices
+    taken here by hand, independently of split_packed) and its grad lands at the same columns; bad widths name proj."""
+    gen = torch.Generator().manual_seed(5)
+    B, H, W, G, C, K = 2, 3, 4, 2, 3, 5
+    GC, GK = G * C, G * K
+    proj = torch.randn(B, H, W, GC + 4 * GK, generator=gen, dtype=torch.float64, requires_grad=True)
+    prior, s0 = torch.randn(K, 2, generator=gen, dtype=torch.float64), torch.randn(G, generator=gen, dtype=torch.float64)
+    smax = torch.tensor([4.0, 2.0], dtype=torch.float64)
+    out = msdcn_deform_packed(proj, prior, s0, smax, groups=G, points=K, impl="torch")
+    parts = [proj[..., :GC].reshape(B, H, W, G, C), proj[..., GC:GC + 2 * GK].reshape(B, H, W, G, K, 2),
+             proj[..., GC + 2 * GK:GC + 3 * GK].reshape(B, H, W, G, K), proj[..., GC + 3 * GK:].reshape(B, H, W, G, K)]
+    ref = msdcn_deform(*parts, prior, s0, smax, impl="torch")
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert out.shape == (B, H, W, G, C)
+    gy = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    (g_packed,) = torch.autograd.grad(out, proj, gy)
+    (g_parts,) = torch.autograd.grad(ref, proj, gy)
+    torch.testing.assert_close(g_packed, g_parts, rtol=0, atol=0)
+    assert g_packed[..., GC + 2 * GK:GC + 3 * GK].abs().sum() > 0   # the scale_logit columns do get a gradient
+    with pytest.raises(ValueError, match="proj's last dimension 45 is not G\\*C \\+ 4\\*G\\*K"):
+        msdcn_deform_packed(proj[..., 1:], prior, s0, smax, groups=G, points=K, impl="torch")
+    with pytest.raises(ValueError, match="msdcn_deform: s0 must have shape"):
+        msdcn_deform_packed(proj, prior, s0[:1], smax, groups=G, points=K, impl="torch")

@@ -119,7 +119,8 @@ def test_with_smax_policy_feeds_the_model():
 
 
 def test_fused_projections_equal_the_separate_linears_in_fp64():
-    """The one-GEMM field projection and w1/w3 GEMM compute exactly what the official separate Linears do."""
+    """The one-GEMM packed projection (value | Δ | ŝ | weights) and w1/w3 GEMM compute exactly what the official
+    separate Linears do."""
     torch.manual_seed(0)
     model = build_model("FlowDCN-debug", msdcn_impl="torch").double()
     blk = model.blocks[0]
@@ -127,15 +128,18 @@ def test_fused_projections_equal_the_separate_linears_in_fp64():
     for p in attn.parameters():   # the official init zeroes Δ/ŝ weights: randomise so every column is tested
         torch.nn.init.normal_(p)
     x = torch.randn(2, 3, 5, attn.dim, dtype=torch.float64)
-    delta, scale_logit, weights = attn._fields(x)
+    GC, GK = attn.groups * attn.channels, attn.groups * attn.kernel_points
+    value, delta, scale_logit, weights = attn._proj(x).split([GC, 2 * GK, GK, GK], -1)   # the packed layout
+    torch.testing.assert_close(value, attn.v(x), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(delta, attn.qk_deformables(x), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(scale_logit, attn.qk_scales(x), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(weights, attn.qk_weights(x), rtol=1e-12, atol=1e-12)
     ref = mlp.w2(torch.nn.functional.silu(mlp.w1(x)) * mlp.w3(x))
     torch.testing.assert_close(mlp(x), ref, rtol=1e-12, atol=1e-12)
     # gradients reach the separate parameters, which stay the checkpoint's keys
-    (delta.sum() + 2 * scale_logit.sum() + 3 * weights.sum() + mlp(x).square().sum()).backward()
+    (delta.sum() + 2 * scale_logit.sum() + 3 * weights.sum() + 4 * value.sum() + mlp(x).square().sum()).backward()
     n = x[..., 0].numel()
+    torch.testing.assert_close(attn.v.bias.grad, torch.full_like(attn.v.bias, 4.0 * n))
     torch.testing.assert_close(attn.qk_scales.weight.grad, 2 * x.reshape(n, -1).sum(0).expand_as(attn.qk_scales.weight))
     torch.testing.assert_close(attn.qk_weights.bias.grad, torch.full_like(attn.qk_weights.bias, 3.0 * n))
     assert attn.qk_scales.bias is None and mlp.w1.weight.grad is not None and mlp.w3.weight.grad is not None
@@ -153,11 +157,11 @@ def test_fused_projections_under_autocast_compile_and_what_they_keep_for_backwar
     x = torch.randn(2, 3, 5, attn.dim, requires_grad=True)
 
     def fused():
-        return torch.cat([*attn._fields(x), mlp(x)], -1)
+        return torch.cat([attn._proj(x), mlp(x)], -1)
 
     def separate():
         ref_mlp = mlp.w2(torch.nn.functional.silu(mlp.w1(x)) * mlp.w3(x))
-        return torch.cat([attn.qk_deformables(x), attn.qk_scales(x), attn.qk_weights(x), ref_mlp], -1)
+        return torch.cat([attn.v(x), attn.qk_deformables(x), attn.qk_scales(x), attn.qk_weights(x), ref_mlp], -1)
 
     params = [x, *attn.parameters(), *mlp.parameters()]
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -178,7 +182,7 @@ def test_fused_projections_under_autocast_compile_and_what_they_keep_for_backwar
 
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        attn._fields(x)
+        attn._proj(x)
         mlp.w2.weight.requires_grad_(False)   # count only what the fused w1/w3 GEMM keeps
         mlp(x)
         mlp.w2.weight.requires_grad_(True)

@@ -195,6 +195,9 @@ MsdcnParams<T, F, A> make_params(const Geometry& geo, const at::Tensor& value, c
     p.smax = reinterpret_cast<const A*>(smax.data_ptr());
   }
   p.N = geo.N; p.H = geo.H; p.W = geo.W;
+  p.vs = static_cast<int64_t>(geo.G) * geo.C;  // contiguous tensors; the packed launchers set the projection's row
+  p.os = 2 * static_cast<int64_t>(geo.G) * geo.K;
+  p.fs = static_cast<int64_t>(geo.G) * geo.K;
   p.G = geo.G; p.C = geo.C; p.K = geo.K; p.L = geo.L; p.Q = geo.Q; p.R = geo.R;
   p.trunc = trunc;
   return p;
@@ -266,13 +269,13 @@ bool gather_serves(const at::Tensor& value, const at::Tensor& weight) {
   return C / kVec <= 32 && G * K <= 1024 && B * H * W * G * K * 4 < limit && gather_buckets(B, H, W, G) < limit;
 }
 
-// The gather backward (msdcn_gather.cuh): count, scan, fill, pull, epilogue on the current stream.
-// Returns grad_value in the value's dtype and, when fused, the epilogue's per-block d/ds0 partials.
+// The gather backward (msdcn_gather.cuh): count, scan, fill, pull, epilogue on the current stream. grad_value is written
+// to gvalue (the value's dtype and layout: p.vs per pixel); returns the epilogue's per-block d/ds0 partials when fused.
 // One int32 workspace holds count, start and the per-item key, rank and entry rows; one float workspace the
 // entries' corner weights and dots (fewer allocations: at 16² the host's share shows in eager timings).
 template <typename T, typename F, typename A>
-std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor& value, int64_t pull_vec_req,
-                                                  cudaStream_t stream) {
+at::Tensor gather_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor& value, T* gvalue, int64_t pull_vec_req,
+                           cudaStream_t stream) {
   const int64_t items = p.N * p.G * p.K, NB = gather_buckets(value.size(0), p.H, p.W, p.G);
   const auto aopt = value.options().dtype(value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   // Runs of 8 channels per pull lane (requested by cuda.py from FLOWDCN_MSDCN_PULL_VEC, which it validates; 0 = auto).
@@ -283,9 +286,8 @@ std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool f
   auto ints = at::empty({gather_int_words(NB, items)}, value.options().dtype(at::kInt));
   ints.narrow(0, 0, NB).zero_();  // count
   auto floats = at::empty({gather_float_words(items)}, aopt);
-  auto gvalue = at::empty_like(value);
   GatherBufs<T, A> b = gather_bind<T, A>(ints.data_ptr<int>(), reinterpret_cast<A*>(floats.data_ptr()), NB, items);
-  b.gvalue = reinterpret_cast<T*>(gvalue.data_ptr());
+  b.gvalue = gvalue;
   const int64_t item_blocks = (items + kGatherThreads - 1) / kGatherThreads;
   TORCH_CHECK(item_blocks < (int64_t(1) << 31), errmsg("msdcn_cuda: too many points for one launch: ", items));
   auto count_k = fused ? msdcn_gather_count_kernel<T, F, A, true> : msdcn_gather_count_kernel<T, F, A, false>;
@@ -305,7 +307,7 @@ std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool f
   auto pull_k = pull_kernel<T, A>(V);
   if (smem > 48 * 1024)  // only fp64 with C >= 224: rare, so no attribute cache
     C10_CUDA_CHECK(cudaFuncSetAttribute(pull_k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  pull_k<<<blocks, kGatherThreads, smem, stream>>>(p.value, p.gout, b, p.N, p.H, p.W, p.G, p.C, group_major);
+  pull_k<<<blocks, kGatherThreads, smem, stream>>>(p.value, p.gout, b, p.N, p.H, p.W, p.G, p.C, p.vs, group_major);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int ep_threads = gather_epilogue_threads(p.G, p.K);
   const int64_t ep_blocks = (items + ep_threads - 1) / ep_threads;
@@ -314,7 +316,66 @@ std::pair<at::Tensor, at::Tensor> gather_backward(MsdcnParams<T, F, A> p, bool f
   auto ep_k = fused ? msdcn_gather_epilogue_kernel<T, F, A, true> : msdcn_gather_epilogue_kernel<T, F, A, false>;
   ep_k<<<ep_blocks, ep_threads, ep_threads * sizeof(A), stream>>>(p, b);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {gvalue, s0p};
+  return s0p;
+}
+
+// The forward on the current stream. row: 0 for contiguous value/off/scale/weight, else the packed projection's row length
+// (the views' per-pixel stride; see msdcn_forward_packed).
+at::Tensor forward_launch(const at::Tensor& value, const at::Tensor& off, const at::Tensor& scale, const at::Tensor& weight,
+                          const at::Tensor& prior, const at::Tensor& s0, const at::Tensor& smax, bool fused, bool trunc,
+                          int64_t threads, int64_t rounds, int64_t row) {
+  const c10::cuda::CUDAGuard guard(value.device());
+  auto out = at::empty(value.sizes(), value.options());  // contiguous (value may be a strided view)
+  if (value.numel() == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  FLOWDCN_DISPATCH(value.scalar_type(), weight.scalar_type(), "msdcn_forward", [&] {
+    const size_t per_query = static_cast<size_t>(value.size(3)) * weight.size(4) * sizeof(PointGeo<A>);
+    const Geometry geo = geometry(value, weight, threads, rounds, per_query);
+    auto p = make_params<T, F, A>(geo, value, off, scale, weight, prior, s0, smax, fused, trunc);
+    if (row) p.vs = p.os = p.fs = row;
+    p.out = reinterpret_cast<T*>(out.data_ptr());
+    const size_t smem = per_query * geo.Q;
+    auto kernel = fused ? msdcn_forward_kernel<T, F, A, true> : msdcn_forward_kernel<T, F, A, false>;
+    allow_smem(kernel, smem, value.get_device(), geo);
+    kernel<<<geo.blocks, geo.threads, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// The packed layout: proj [B, H, W, R], R = G*C + 4*G*K, each pixel's row value (G*C, (g, c)) | delta (2*G*K, (g, k, xy)) |
+// scale_logit (G*K) | weights (G*K): one GEMM's output, read in place (no split copies) and its grad written in place
+// (no concatenation). Views of the four parts with the shapes of the unpacked op (their data pointers and sizes are what
+// the launchers read; the per-pixel stride R is passed separately).
+struct Packed {
+  at::Tensor value, delta, scale, weight;
+  int64_t row;
+};
+Packed packed_views(const at::Tensor& proj, const at::Tensor& prior, const at::Tensor& s0, const at::Tensor& smax, int64_t G,
+                    int64_t C, int64_t K) {
+  TORCH_CHECK(proj.is_cuda(), "msdcn_cuda: proj must be a CUDA tensor");
+  TORCH_CHECK(proj.dim() == 4, errmsg("msdcn_cuda: proj must be [B, H, W, G*C + 4*G*K], got ", proj.dim(), " dims"));
+  TORCH_CHECK(G >= 1 && C >= 1 && K >= 1, errmsg("msdcn_cuda: groups, channels and points must be >= 1, got ", G, ", ", C, ", ", K));
+  const int64_t R = G * C + 4 * G * K;
+  TORCH_CHECK(proj.size(3) == R, errmsg("msdcn_cuda: proj has ", proj.size(3), " channels, expected G*C + 4*G*K = ", R, " (G=", G,
+                                        ", C=", C, ", K=", K, ")"));
+  TORCH_CHECK(proj.is_contiguous(), "msdcn_cuda: proj must be contiguous");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(proj.data_ptr()) % 16 == 0 && (R * proj.element_size()) % 16 == 0,
+              errmsg("msdcn_cuda: proj rows must be 16-byte aligned (row of ", R * proj.element_size(), " bytes)"));
+  const auto adt = proj.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const auto* t : {&prior, &s0, &smax}) {
+    check_cuda(*t, t == &prior ? "prior" : t == &s0 ? "s0" : "s_max", proj);
+    TORCH_CHECK(t->scalar_type() == adt, errmsg("msdcn_cuda: prior, s0 and s_max must be ", adt));
+  }
+  const int64_t B = proj.size(0), H = proj.size(1), W = proj.size(2), o = proj.storage_offset();
+  const int64_t sb = H * W * R, sh = W * R;
+  Packed v;
+  v.row = R;
+  v.value = proj.as_strided({B, H, W, G, C}, {sb, sh, R, C, 1}, o);
+  v.delta = proj.as_strided({B, H, W, G, K, 2}, {sb, sh, R, 2 * K, 2, 1}, o + G * C);
+  v.scale = proj.as_strided({B, H, W, G, K}, {sb, sh, R, K, 1}, o + G * C + 2 * G * K);
+  v.weight = proj.as_strided({B, H, W, G, K}, {sb, sh, R, K, 1}, o + G * C + 3 * G * K);
+  return v;
 }
 
 }  // namespace
@@ -324,22 +385,14 @@ at::Tensor msdcn_forward(const at::Tensor& value, const at::Tensor& off, const a
                          const at::Tensor& prior, const at::Tensor& s0, const at::Tensor& smax, bool fused, bool trunc,
                          int64_t threads, int64_t rounds) {
   check_all(value, off, scale, weight, prior, s0, smax, fused);
-  const c10::cuda::CUDAGuard guard(value.device());
-  auto out = at::empty_like(value);
-  if (value.numel() == 0) return out;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  FLOWDCN_DISPATCH(value.scalar_type(), weight.scalar_type(), "msdcn_forward", [&] {
-    const size_t per_query = static_cast<size_t>(value.size(3)) * weight.size(4) * sizeof(PointGeo<A>);
-    const Geometry geo = geometry(value, weight, threads, rounds, per_query);
-    auto p = make_params<T, F, A>(geo, value, off, scale, weight, prior, s0, smax, fused, trunc);
-    p.out = reinterpret_cast<T*>(out.data_ptr());
-    const size_t smem = per_query * geo.Q;
-    auto kernel = fused ? msdcn_forward_kernel<T, F, A, true> : msdcn_forward_kernel<T, F, A, false>;
-    allow_smem(kernel, smem, value.get_device(), geo);
-    kernel<<<geo.blocks, geo.threads, smem, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
+  return forward_launch(value, off, scale, weight, prior, s0, smax, fused, trunc, threads, rounds, 0);
+}
+
+// The fused forward on the packed projection (see packed_views): out [B, H, W, G, C].
+at::Tensor msdcn_forward_packed(const at::Tensor& proj, const at::Tensor& prior, const at::Tensor& s0, const at::Tensor& smax,
+                                int64_t G, int64_t C, int64_t K, bool trunc, int64_t threads, int64_t rounds) {
+  const Packed v = packed_views(proj, prior, s0, smax, G, C, K);
+  return forward_launch(v.value, v.delta, v.scale, v.weight, prior, s0, smax, true, trunc, threads, rounds, v.row);
 }
 
 // variant: 0 scatter (fp32 atomics), 1 tiled scatter with an atomic window, 2 tiled with a sorted window,
@@ -396,7 +449,8 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
     p.gweight = reinterpret_cast<F*>(gweight.data_ptr());
     if (fused) p.gscale = reinterpret_cast<F*>(gscale.data_ptr());
     if (gather) {
-      std::tie(gvalue, s0p) = gather_backward<T, F, A>(p, fused, value, pull_vec_req, stream);
+      gvalue = at::empty_like(value);
+      s0p = gather_backward<T, F, A>(p, fused, value, reinterpret_cast<T*>(gvalue.data_ptr()), pull_vec_req, stream);
       return;
     }
     p.gvalue = reinterpret_cast<A*>(gvalue.data_ptr());
@@ -430,6 +484,41 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
   });
   // d/ds0: the blocks' partials summed here (one reduction on the stream, no Python call for it).
   return {gvalue, goff, gscale, gweight, fused ? s0p.sum(0) : s0p};
+}
+
+// Backward of msdcn_forward_packed through the gather backward: [grad of proj (proj's dtype and layout; every element
+// written), d/ds0 [G] in fp32/fp64]. Shapes the gather backward does not serve are rejected (cuda.py then uses the
+// unpacked op).
+std::vector<at::Tensor> msdcn_backward_packed(const at::Tensor& gout, const at::Tensor& proj, const at::Tensor& prior,
+                                              const at::Tensor& s0, const at::Tensor& smax, int64_t G, int64_t C, int64_t K,
+                                              bool trunc, int64_t pull_vec_req) {
+  const Packed v = packed_views(proj, prior, s0, smax, G, C, K);
+  check_cuda(gout, "grad_out", proj);
+  TORCH_CHECK(gout.sizes() == v.value.sizes() && gout.scalar_type() == proj.scalar_type(),
+              "msdcn_cuda: grad_out must be [B, H, W, G, C] in proj's dtype");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(gout.data_ptr()) % 16 == 0, "msdcn_cuda: grad_out must be 16-byte aligned");
+  TORCH_CHECK(gather_serves(v.value, v.weight), errmsg("msdcn_cuda: the packed backward needs a shape the gather backward serves (C <= 256, ",
+                                                      "G*K <= 1024, fewer than 2^31 corner slots), got G=", G, ", C=", C, ", K=", K));
+  const c10::cuda::CUDAGuard guard(proj.device());
+  const auto adt = proj.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto gproj = at::empty_like(proj);
+  if (proj.numel() == 0) return {gproj, at::zeros({G}, proj.options().dtype(adt))};
+  at::globalContext().alertNotDeterministic("msdcn_backward (CUDA MSDCN kernels: grad_value summed in bucket order set by atomics)");
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor s0p;
+  FLOWDCN_DISPATCH(proj.scalar_type(), proj.scalar_type(), "msdcn_backward_packed", [&] {
+    // One tensor: the dispatch on (proj, proj) takes only pairs with F == T (the casts below are identities there).
+    const Geometry geo = geometry(v.value, v.weight, kGatherThreads, 1, 0);  // checks C and G*C/8; Q, R unused here
+    auto p = make_params<T, F, A>(geo, v.value, v.delta, v.scale, v.weight, prior, s0, smax, true, trunc);
+    p.vs = p.os = p.fs = v.row;
+    T* g = reinterpret_cast<T*>(gproj.data_ptr());
+    p.gout = reinterpret_cast<const T*>(gout.data_ptr());
+    p.goff = reinterpret_cast<F*>(g + G * C);
+    p.gscale = reinterpret_cast<F*>(g + G * C + 2 * G * K);
+    p.gweight = reinterpret_cast<F*>(g + G * C + 3 * G * K);
+    s0p = gather_backward<T, F, A>(p, true, v.value, g, pull_vec_req, stream);
+  });
+  return {gproj, s0p.sum(0)};
 }
 
 }  // namespace flowdcn

@@ -53,7 +53,7 @@ struct GatherBufs {
   int* row;     // [items]: grad_out row (query, group) of each entry (entries sorted by bucket; the first start[NB] used)
   A* cw;        // [items, 4]: w_k * bilinear weight of each entry's corners (0 outside the grid)
   A* dots;      // [items, 4]: <value[corner], grad_out[query]> over C of each entry's corners (unwritten outside the grid)
-  T* gvalue;    // [N, G, C] grad_value in the value's dtype
+  T* gvalue;    // [N, G, C] grad_value in the value's dtype, pixel n at n * vs (the value's layout)
   A* s0_part;   // FUSED: [blocks of the epilogue, G] per-block sums of d/ds0
 };
 
@@ -76,7 +76,7 @@ GatherBufs<T, A> gather_bind(int* ints, A* floats, int64_t NB, int64_t items) {
 
 // Item i = (n * G + g) * K + k (the fields' layout) -> its query coordinates, group and point.
 struct ItemPos {
-  int64_t b, h, w;
+  int64_t n, b, h, w;  // query pixel n = (b * H + h) * W + w
   int g, k;
 };
 template <typename T, typename F, typename A>
@@ -85,17 +85,17 @@ __device__ __forceinline__ ItemPos item_pos(const MsdcnParams<T, F, A>& p, int64
   r.k = static_cast<int>(i % p.K);
   const int64_t ng = i / p.K;
   r.g = static_cast<int>(ng % p.G);
-  const int64_t n = ng / p.G;
-  r.w = n % p.W;
-  r.h = (n / p.W) % p.H;
-  r.b = n / (p.H * p.W);
+  r.n = ng / p.G;
+  r.w = r.n % p.W;
+  r.h = (r.n / p.W) % p.H;
+  r.b = r.n / (p.H * p.W);
   return r;
 }
 
 template <bool FUSED, typename T, typename F, typename A>
-__device__ __forceinline__ Corners<A> item_corners(const MsdcnParams<T, F, A>& p, int64_t i, const ItemPos& q) {
+__device__ __forceinline__ Corners<A> item_corners(const MsdcnParams<T, F, A>& p, const ItemPos& q) {
   A ox, oy;
-  point_offset<FUSED>(p, i, q.g, q.k, ox, oy);
+  point_offset<FUSED>(p, field_idx(p, q.n, q.g, q.k), q.g, q.k, ox, oy);
   return corners(A(q.w) + ox, A(q.h) + oy, q.b, p.H, p.W, p.trunc);
 }
 
@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_count_kernel(cons
   if (i == 0) b.start[0] = 0;
   if (i >= p.N * p.G * p.K) return;
   const ItemPos q = item_pos(p, i);
-  const Corners<A> c = item_corners<FUSED>(p, i, q);
+  const Corners<A> c = item_corners<FUSED>(p, q);
   int key = -1, rank = 0;
   if (c.any) {  // the launcher checks that the bucket count fits in int32
     key = static_cast<int>(((q.b * (p.H + 1) + c.yi + 1) * (p.W + 1) + c.xi + 1) * p.G + q.g);
@@ -142,8 +142,8 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_fill_kernel(const
   const int64_t pos = __ldg(b.start + key) + b.rank[i];
   const unsigned inside = cell_inside(p, key);  // the corners the pull visits
   const ItemPos q = item_pos(p, i);
-  const Corners<A> c = item_corners<FUSED>(p, i, q);
-  const A wk = to_acc(p.weight[i], A());
+  const Corners<A> c = item_corners<FUSED>(p, q);
+  const A wk = to_acc(p.weight[field_idx(p, q.n, q.g, q.k).f], A());
   A cw[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) cw[j] = (inside >> j) & 1 ? wk * c.bil[j] : A(0);
@@ -196,7 +196,7 @@ inline int64_t pull_blocks(int64_t N, int G, int C, int V, bool group_major) {
 template <typename T, typename A, int V>
 __global__ void __launch_bounds__(kGatherThreads, V == 3 && sizeof(A) == 4 ? 3 : 1) msdcn_gather_pull_kernel(const T* __restrict__ value, const T* __restrict__ gout,
                                                                           GatherBufs<T, A> b, int64_t N, int64_t H, int64_t W, int G,
-                                                                          int C, bool group_major) {
+                                                                          int C, int64_t vs, bool group_major) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int lanes = C / (kVec * V);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(kGatherThreads, V == 3 && sizeof(A) == 4 ? 3 :
   }
   const bool mine = seg < per_warp && pixel < N;
   const int64_t x = pixel % W, y = (pixel / W) % H, bimg = pixel / (H * W);
-  const int64_t ch = (pixel * G + g) * C + sl * kVec;  // this lane's first run of the (pixel, group) row
+  const int64_t ch = pixel * vs + g * C + sl * kVec;  // this lane's first run of the (pixel, group) row (value, grad_value)
   const int run = lanes * kVec;                        // channels between a lane's runs
   A v[V][kVec], acc[V][kVec];
 #pragma unroll
@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(kGatherThreads, V == 3 && sizeof(A) == 4 ? 3 :
 
 // The pull kernel with V runs per lane (V in 1..kPullMaxRuns).
 template <typename T, typename A>
-using PullKernel = void (*)(const T*, const T*, GatherBufs<T, A>, int64_t, int64_t, int64_t, int, int, bool);
+using PullKernel = void (*)(const T*, const T*, GatherBufs<T, A>, int64_t, int64_t, int64_t, int, int, int64_t, bool);
 template <typename T, typename A>
 PullKernel<T, A> pull_kernel(int V) {
   switch (V) {
@@ -325,8 +325,8 @@ __global__ void __launch_bounds__(1024) msdcn_gather_epilogue_kernel(const Msdcn
 #pragma unroll
       for (int j = 0; j < 4; ++j) D[j] = (inside >> j) & 1 ? e[j] : A(0);  // a select: outside dots were never written
     }
-    const Corners<A> c = item_corners<FUSED>(p, i, q);
-    gl = point_field_grads<FUSED>(p, i, q.g, q.k, c, D);
+    const Corners<A> c = item_corners<FUSED>(p, q);
+    gl = point_field_grads<FUSED>(p, field_idx(p, q.n, q.g, q.k), q.g, q.k, c, D);
   }
   if (FUSED) {
     red[threadIdx.x] = gl;

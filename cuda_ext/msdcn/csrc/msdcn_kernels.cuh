@@ -202,10 +202,14 @@ __device__ __forceinline__ double sigmoid(double z) { return 1.0 / (1.0 + exp(-z
 // ---------------------------------------------------------------- parameters
 template <typename T, typename F, typename A>
 struct MsdcnParams {
-  const T* value;     // [N, G, C] with N = B*H*W (rows ordered b, h, w)
-  const F* off;       // FUSED: delta [N, G, K, 2]; else offsets [N, G, K, 2]   (x, y)
-  const F* scale;     // FUSED: scale_logit [N, G, K]
-  const F* weight;    // [N, G, K]
+  // value, off, scale and weight (and the gather backward's grad_value and the field grads) are read per pixel at a
+  // stride (vs, os, fs elements): G*C, 2*G*K and G*K when they are contiguous tensors of their own; in the packed
+  // layout (msdcn_*_packed: one [N, G*C + 4*G*K] projection, value | delta | scale_logit | weights) all three are that
+  // row length. out, grad_out and the scatter backward's grad_value buffer are always contiguous [N, G, C].
+  const T* value;     // [N, G, C] with N = B*H*W (rows ordered b, h, w), pixel n at n * vs
+  const F* off;       // FUSED: delta [N, G, K, 2]; else offsets [N, G, K, 2]   (x, y); pixel n at n * os
+  const F* scale;     // FUSED: scale_logit [N, G, K]; pixel n at n * fs
+  const F* weight;    // [N, G, K]; pixel n at n * fs
   const A* prior;     // FUSED: [K, 2]
   const A* s0;        // FUSED: [G]
   const A* smax;      // FUSED: [2] (x, y)
@@ -217,6 +221,7 @@ struct MsdcnParams {
   F* gweight;         // backward: [N, G, K]
   A* s0_part;         // backward, FUSED: [gridDim.x, G] per-block partial sums of d/ds0
   int64_t N, H, W;
+  int64_t vs, os, fs;  // per-pixel strides (elements) of value, off, scale/weight and of their grads (see above)
   int G, C, K, L, Q;  // L = C / 8 lanes per (query, group); Q queries per block and round
   int R;              // rounds of Q queries per block
   bool split;            // backward channel layout (see msdcn_backward_kernel)
@@ -224,12 +229,22 @@ struct MsdcnParams {
   bool trunc;         // trunc (official compat) instead of floor for the lower corner
 };
 
+// Where point (n, g, k)'s fields are: f in scale/weight (and their grads), o (x; o + 1: y) in off (and its grad).
+struct FieldIdx {
+  int64_t f, o;
+};
+template <typename T, typename F, typename A>
+__device__ __forceinline__ FieldIdx field_idx(const MsdcnParams<T, F, A>& p, int64_t n, int g, int k) {
+  const int gk = g * p.K + k;
+  return {n * p.fs + gk, n * p.os + 2 * gk};
+}
+
 // Offsets of point k in fp32/fp64; FUSED computes (delta + prior) * sigmoid(logit + s0) * S_max.
 template <bool FUSED, typename T, typename F, typename A>
-__device__ __forceinline__ void point_offset(const MsdcnParams<T, F, A>& p, int64_t fk, int g, int k, A& ox, A& oy) {
-  const A dx = to_acc(p.off[2 * fk], A()), dy = to_acc(p.off[2 * fk + 1], A());
+__device__ __forceinline__ void point_offset(const MsdcnParams<T, F, A>& p, FieldIdx fi, int g, int k, A& ox, A& oy) {
+  const A dx = to_acc(p.off[fi.o], A()), dy = to_acc(p.off[fi.o + 1], A());
   if (FUSED) {
-    const A s = sigmoid(to_acc(p.scale[fk], A()) + p.s0[g]);
+    const A s = sigmoid(to_acc(p.scale[fi.f], A()) + p.s0[g]);
     ox = (dx + p.prior[2 * k]) * s * p.smax[0];
     oy = (dy + p.prior[2 * k + 1]) * s * p.smax[1];
   } else {
@@ -275,11 +290,11 @@ __device__ __forceinline__ Corners<A> corners(A px, A py, int64_t b, int64_t H, 
   return c;
 }
 
-// Field grads of point fk (group g, point k) from its four corner dots D = <value[corner], grad_out[query]>
+// Field grads of point fi (group g, point k) from its four corner dots D = <value[corner], grad_out[query]>
 // (0 for corners outside the grid) and its corner geometry c: stores grad of the weight and of the offsets (or,
 // FUSED, of delta and scale_logit) and returns d/dlogit (FUSED; 0 otherwise) for the caller's d/ds0 sum.
 template <bool FUSED, typename T, typename F, typename A>
-__device__ __forceinline__ A point_field_grads(const MsdcnParams<T, F, A>& p, int64_t fk, int g, int k, const Corners<A>& c,
+__device__ __forceinline__ A point_field_grads(const MsdcnParams<T, F, A>& p, FieldIdx fi, int g, int k, const Corners<A>& c,
                                                const A* D) {
   A sw = A(0), sx = A(0), sy = A(0);
 #pragma unroll
@@ -288,21 +303,21 @@ __device__ __forceinline__ A point_field_grads(const MsdcnParams<T, F, A>& p, in
     sx += c.ddx[j] * D[j];
     sy += c.ddy[j] * D[j];
   }
-  const A wk = to_acc(p.weight[fk], A());
+  const A wk = to_acc(p.weight[fi.f], A());
   const A gox = wk * sx, goy = wk * sy;  // d loss / d offset (x, y)
-  from_acc(sw, &p.gweight[fk]);
+  from_acc(sw, &p.gweight[fi.f]);
   if (!FUSED) {
-    from_acc(gox, &p.goff[2 * fk]);
-    from_acc(goy, &p.goff[2 * fk + 1]);
+    from_acc(gox, &p.goff[fi.o]);
+    from_acc(goy, &p.goff[fi.o + 1]);
     return A(0);
   }
-  const A dx = to_acc(p.off[2 * fk], A()), dy = to_acc(p.off[2 * fk + 1], A());
-  const A s = sigmoid(to_acc(p.scale[fk], A()) + p.s0[g]);
+  const A dx = to_acc(p.off[fi.o], A()), dy = to_acc(p.off[fi.o + 1], A());
+  const A s = sigmoid(to_acc(p.scale[fi.f], A()) + p.s0[g]);
   const A sx_ = p.smax[0], sy_ = p.smax[1];
-  from_acc(gox * s * sx_, &p.goff[2 * fk]);
-  from_acc(goy * s * sy_, &p.goff[2 * fk + 1]);
+  from_acc(gox * s * sx_, &p.goff[fi.o]);
+  from_acc(goy * s * sy_, &p.goff[fi.o + 1]);
   const A gl = (gox * (dx + p.prior[2 * k]) * sx_ + goy * (dy + p.prior[2 * k + 1]) * sy_) * s * (A(1) - s);
-  from_acc(gl, &p.gscale[fk]);
+  from_acc(gl, &p.gscale[fi.f]);
   return gl;
 }
 
@@ -332,10 +347,10 @@ __device__ __forceinline__ void fill_geometry(const MsdcnParams<T, F, A>& p, int
     for (int j = 0; j < 4; ++j) e.cw[j] = A(0);
     if (n < p.N) {
       const int64_t w = n % p.W, h = (n / p.W) % p.H, b = n / (p.H * p.W);
-      const int64_t fk = (n * p.G + ig) * p.K + ik;
+      const FieldIdx fi = field_idx(p, n, ig, ik);
       A ox, oy;
-      point_offset<FUSED>(p, fk, ig, ik, ox, oy);
-      const A wk = to_acc(p.weight[fk], A());
+      point_offset<FUSED>(p, fi, ig, ik, ox, oy);
+      const A wk = to_acc(p.weight[fi.f], A());
       const Corners<A> c = corners(A(w) + ox, A(h) + oy, b, p.H, p.W, p.trunc);
       if (c.any) {
         e.row = c.row[0];
@@ -390,7 +405,7 @@ __global__ void __launch_bounds__(MAXT, MINB) msdcn_forward_kernel(const MsdcnPa
 #pragma unroll
         for (int j = 0; j < 4; ++j) {  // issue all 4 gathers before using any of them
           if (e.mask & (1 << j)) {
-            load_raw8(p.value + corner_row(e.row, j, p.W) * GC + choff, v[j]);
+            load_raw8(p.value + corner_row(e.row, j, p.W) * p.vs + choff, v[j]);
           } else {
             zero_raw8(v[j]);
           }
@@ -454,7 +469,7 @@ __global__ void __launch_bounds__(MAXT, MINB) msdcn_backward_kernel(const MsdcnP
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             if (e.mask & (1 << j)) {
-              const int64_t base = corner_row(e.row, j, p.W) * GC;
+              const int64_t base = corner_row(e.row, j, p.W) * p.vs;
               load4(p.value + base + ch0, v[j]);
               load4(p.value + base + ch1, v[j] + 4);
             } else {
@@ -493,11 +508,11 @@ __global__ void __launch_bounds__(MAXT, MINB) msdcn_backward_kernel(const MsdcnP
         for (int j = 0; j < 4; ++j) D[j] += src[l * S + j];
       }
       const int64_t w2 = n2 % p.W, h2 = (n2 / p.W) % p.H, b2 = n2 / (p.H * p.W);
-      const int64_t fk = (n2 * p.G + ig) * p.K + ik;
+      const FieldIdx fi = field_idx(p, n2, ig, ik);
       A ox, oy;
-      point_offset<FUSED>(p, fk, ig, ik, ox, oy);
+      point_offset<FUSED>(p, fi, ig, ik, ox, oy);
       const Corners<A> c = corners(A(w2) + ox, A(h2) + oy, b2, p.H, p.W, p.trunc);
-      const A gl = point_field_grads<FUSED>(p, fk, ig, ik, c, D);  // D[j] is 0 for corners outside the grid
+      const A gl = point_field_grads<FUSED>(p, fi, ig, ik, c, D);  // D[j] is 0 for corners outside the grid
       if (FUSED) gl_buf[it] = gl;
     }
     __syncthreads();  // geo, partials and gl_buf are rewritten by the next round

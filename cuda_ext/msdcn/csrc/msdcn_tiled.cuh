@@ -51,10 +51,10 @@ __device__ __forceinline__ void fill_geometry_tiled(const MsdcnParams<T, F, A>& 
     for (int j = 0; j < 4; ++j) e.cw[j] = A(0);
     if (qi < ts.TH * ts.TW && y < p.H && x < p.W) {
       const int64_t n = (b * p.H + y) * p.W + x;
-      const int64_t fk = (n * p.G + g) * p.K + ik;
+      const FieldIdx fi = field_idx(p, n, g, ik);
       A ox, oy;
-      point_offset<FUSED>(p, fk, g, ik, ox, oy);
-      const A wk = to_acc(p.weight[fk], A());
+      point_offset<FUSED>(p, fi, g, ik, ox, oy);
+      const A wk = to_acc(p.weight[fi.f], A());
       const Corners<A> c = corners(A(x) + ox, A(y) + oy, b, p.H, p.W, p.trunc);
       if (c.any) {
         e.row = c.row[0];
@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(MAXT, MINB) msdcn_backward_tiled_kernel(const 
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             if (e.mask & (1 << j)) {
-              const int64_t base = corner_row(e.row, j, p.W) * GC;
+              const int64_t base = corner_row(e.row, j, p.W) * p.vs;
               load4(p.value + base + ch0, v[j]);
               load4(p.value + base + ch1, v[j] + 4);
             } else {
@@ -276,11 +276,11 @@ __global__ void __launch_bounds__(MAXT, MINB) msdcn_backward_tiled_kernel(const 
 #pragma unroll
         for (int j = 0; j < 4; ++j) D[j] += src[l * S + j];
       }
-      const int64_t fk = (n2 * p.G + g) * p.K + ik;
+      const FieldIdx fi = field_idx(p, n2, g, ik);
       A ox, oy;
-      point_offset<FUSED>(p, fk, g, ik, ox, oy);
+      point_offset<FUSED>(p, fi, g, ik, ox, oy);
       const Corners<A> c = corners(A(x2) + ox, A(y2) + oy, b, p.H, p.W, p.trunc);
-      s0_sum += point_field_grads<FUSED>(p, fk, g, ik, c, D);
+      s0_sum += point_field_grads<FUSED>(p, fi, g, ik, c, D);
     }
     __syncthreads();  // geometry, dots, buckets and staged grad_out are rewritten by the next round
   }

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <string>
 #include <thread>
+#include <type_traits>
 namespace flowdcn { alignas(16) unsigned char smem_raw[1 << 21]; }
 #include "msdcn_tiled.cuh"
 #include "msdcn_gather.cuh"
@@ -97,6 +98,34 @@ static int run(char** argv) {
   if (fused) { p.scale = scale.data(); p.prior = prior.data(); p.s0 = s0.data(); p.smax = smax.data(); }
   p.gvalue = gvalue.data(); p.goff = goff.data(); p.gweight = gweight.data(); p.gscale = gscale.data();
   p.N = N; p.H = H; p.W = W; p.G = G; p.C = C; p.K = K; p.L = C / 8; p.split = split; p.trunc = trunc_;
+  const int64_t GC = int64_t(G) * C, GK = int64_t(G) * K, RW = GC + 4 * GK;
+  p.vs = GC; p.os = 2 * GK; p.fs = GK;  // contiguous inputs (the launchers' make_params)
+  // FLOWDCN_EMU_PACKED=1 (fused, f64/f32): value and the fields in one [N, G*C + 4*G*K] array (value | delta | scale_logit |
+  // weights per pixel), read at that row stride as the packed launchers pass them; the field grads (and the gather
+  // backward's grad_value) are written into one such array, NaN-filled first, and read back from it.
+  const char* pe = std::getenv("FLOWDCN_EMU_PACKED");
+  const bool packed = pe && std::string(pe) == "1";
+  std::vector<T> proj, gproj;
+  if (packed) {
+    if constexpr (std::is_same_v<T, F>) {
+      if (!fused) { std::fprintf(stderr, "FLOWDCN_EMU_PACKED needs FUSED=1\n"); std::exit(2); }
+      proj.resize(N * RW);
+      for (int64_t n = 0; n < N; ++n) {
+        std::copy_n(value.begin() + n * GC, GC, proj.begin() + n * RW);
+        std::copy_n(off.begin() + n * 2 * GK, 2 * GK, proj.begin() + n * RW + GC);
+        std::copy_n(scale.begin() + n * GK, GK, proj.begin() + n * RW + GC + 2 * GK);
+        std::copy_n(weight.begin() + n * GK, GK, proj.begin() + n * RW + GC + 3 * GK);
+      }
+      gproj.resize(N * RW);
+      for (auto& x : gproj) from_f64(NAN, x);
+      p.value = proj.data(); p.off = proj.data() + GC; p.scale = proj.data() + GC + 2 * GK; p.weight = proj.data() + GC + 3 * GK;
+      p.goff = gproj.data() + GC; p.gscale = gproj.data() + GC + 2 * GK; p.gweight = gproj.data() + GC + 3 * GK;
+      p.vs = p.os = p.fs = RW;
+    } else {
+      std::fprintf(stderr, "FLOWDCN_EMU_PACKED needs DTYPE f64 or f32 (one dtype for value and fields)\n");
+      std::exit(2);
+    }
+  }
   std::vector<A> s0p;
   if (mode == 4) {  // forward: Q queries per block, ROUNDS rounds
     p.Q = Q; p.R = RO;
@@ -129,7 +158,7 @@ static int run(char** argv) {
     std::vector<T> gv(N * G * C);
     for (auto& x : gv) from_f64(NAN, x);
     GatherBufs<T, A> b = gather_bind<T, A>(ints.data(), floats.data(), NB, items);
-    b.gvalue = gv.data();
+    b.gvalue = packed ? gproj.data() : gv.data();
     const unsigned item_blocks = unsigned((items + kGatherThreads - 1) / kGatherThreads);
     launch({item_blocks, 1, 1}, kGatherThreads, [&] {
       if (fused) msdcn_gather_count_kernel<T, F, A, true>(p, b); else msdcn_gather_count_kernel<T, F, A, false>(p, b);
@@ -141,7 +170,7 @@ static int run(char** argv) {
     const int V = pull_runs(C, sizeof(A), vec);
     const bool group_major = split;  // the SPLIT argument picks the pull's block order here (the gather has no split)
     launch({unsigned(pull_blocks(N, G, C, V, group_major)), 1, 1}, kGatherThreads,
-           [&] { pull_kernel<T, A>(V)(p.value, p.gout, b, N, H, W, G, C, group_major); }, pull_smem_bytes(C, V, sizeof(A)));
+           [&] { pull_kernel<T, A>(V)(p.value, p.gout, b, N, H, W, G, C, p.vs, group_major); }, pull_smem_bytes(C, V, sizeof(A)));
     std::printf("pull runs %d\n", V);
     const int ep_threads = gather_epilogue_threads(G, K);
     const int64_t ep_blocks = (items + ep_threads - 1) / ep_threads;
@@ -150,7 +179,12 @@ static int run(char** argv) {
     launch({unsigned(ep_blocks), 1, 1}, ep_threads, [&] {
       if (fused) msdcn_gather_epilogue_kernel<T, F, A, true>(p, b); else msdcn_gather_epilogue_kernel<T, F, A, false>(p, b);
     }, ep_threads * sizeof(A));
-    for (size_t i = 0; i < gv.size(); ++i) gvalue[i] = static_cast<A>(to_f64(gv[i]));
+    if (packed) {
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = 0; c < GC; ++c) gvalue[n * GC + c] = static_cast<A>(to_f64(gproj[n * RW + c]));
+    } else {
+      for (size_t i = 0; i < gv.size(); ++i) gvalue[i] = static_cast<A>(to_f64(gv[i]));
+    }
   } else {
     TileShape ts{};
     ts.TH = TH; ts.TW = TW; ts.R = R;
@@ -167,6 +201,15 @@ static int run(char** argv) {
       if (fused) { if (sorted) msdcn_backward_tiled_kernel<T, F, A, true, true>(p, ts); else msdcn_backward_tiled_kernel<T, F, A, true, false>(p, ts); }
       else { if (sorted) msdcn_backward_tiled_kernel<T, F, A, false, true>(p, ts); else msdcn_backward_tiled_kernel<T, F, A, false, false>(p, ts); }
     });
+  }
+  if constexpr (std::is_same_v<T, F>) {
+    if (packed) {  // the field grads, out of the packed grad array (NaN where a kernel left an element unwritten)
+      for (int64_t n = 0; n < N; ++n) {
+        std::copy_n(gproj.begin() + n * RW + GC, 2 * GK, goff.begin() + n * 2 * GK);
+        std::copy_n(gproj.begin() + n * RW + GC + 2 * GK, GK, gscale.begin() + n * GK);
+        std::copy_n(gproj.begin() + n * RW + GC + 3 * GK, GK, gweight.begin() + n * GK);
+      }
+    }
   }
   wr(dir, "gvalue", gvalue); wr(dir, "goff", goff); wr(dir, "gweight", gweight); wr(dir, "gscale", gscale); wr(dir, "s0p", s0p);
   std::printf("ok %zu s0 partials\n", s0p.size() / G);
