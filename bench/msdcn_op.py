@@ -103,6 +103,19 @@ def ours_fwdbwd(v, d, s, w, p, z, m, g):
     torch.autograd.grad(out, [v, d, s, w, z], g)
 
 
+def packed_inputs(v, d, s, w, p, z, m, g):
+    """The model's case: one bf16 projection [B,H,W,G*C + 4*G*K] (value | delta | scale_logit | weights), as autocast
+    gives it, for msdcn_deform_packed (the training forward buckets the points for the backward)."""
+    G, K = w.shape[-2:]
+    proj = torch.cat([v.flatten(-2), d.flatten(-3), s.flatten(-2), w.flatten(-2)], -1).detach().to(torch.bfloat16)
+    return proj.requires_grad_(True), p, z, m, g, G, K
+
+
+def packed_fwdbwd(proj, p, z, m, g, G, K):
+    out = msdcn_cuda.msdcn_deform_packed(proj, p, z, m, groups=G, points=K)
+    torch.autograd.grad(out, [proj, z], g)
+
+
 def ref_fwd(v, d, s, w, p, z, m):
     return torch.ops.flowdcn.msdcn_ref(v, deform_offsets_ref(d, s, p, z, m), w, "floor")
 
@@ -208,13 +221,13 @@ def tile_sweep(G, C, K, H) -> dict:
     return res
 
 
-def kernel_times(sets, reps: int = 10) -> dict:
-    """Per-call device time of each kernel of a fused fwd+bwd, from the profiler."""
+def kernel_times(sets, reps: int = 10, fn=ours_fwdbwd) -> dict:
+    """Per-call device time of each kernel of a fused fwd+bwd (fn), from the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(reps):
-            ours_fwdbwd(*sets[i % len(sets)])
+            fn(*sets[i % len(sets)])
         torch.cuda.synchronize()
     kernels = {}
     for e in prof.key_averages():
@@ -294,6 +307,11 @@ def bench_op(bw: float, with_ref: bool) -> list[dict]:
             for v, d, s, w, p, z, m, g in sets:
                 off = deform_offsets_ref(d.detach(), s.detach(), p, z.detach(), m).requires_grad_(True)
                 plain.append((v, off, w, g))
+            packed = [packed_inputs(*a) for a in sets]
+            row["packed_fwdbwd_ms"] = cuda_time(packed_fwdbwd, packed)
+            row["packed_graph_fwdbwd_ms"] = graph_time(packed_fwdbwd, packed[0])
+            row["packed_kernels_ms"] = kernel_times(packed, fn=packed_fwdbwd)
+            del packed
             row["plain_fwd_ms"] = cuda_time(lambda v, o, w, g: msdcn_cuda.msdcn(v, o, w), plain)
             row["plain_fwdbwd_ms"] = cuda_time(
                 lambda v, o, w, g: torch.autograd.grad(msdcn_cuda.msdcn(v, o, w), [v, o, w], g), plain)
@@ -319,7 +337,8 @@ def bench_op(bw: float, with_ref: bool) -> list[dict]:
             row["ours_fwdbwd_GBps"] = fbb / row["ours_fwdbwd_ms"] / 1e6
             rows.append(row)
             torch.cuda.empty_cache()
-            print(f"  {name} {H}²: ours {row['ours_fwd_ms']:.3f}/{row['ours_fwdbwd_ms']:.3f} ms, sdpa {row['sdpa_fwd_ms']:.3f}/{row['sdpa_fwdbwd_ms']:.3f} ms", flush=True)
+            print(f"  {name} {H}²: ours {row['ours_fwd_ms']:.3f}/{row['ours_fwdbwd_ms']:.3f} ms, packed graph {row['packed_graph_fwdbwd_ms']:.3f}, "
+                  f"sdpa {row['sdpa_fwd_ms']:.3f}/{row['sdpa_fwdbwd_ms']:.3f} ms; packed kernels " + json.dumps(row["packed_kernels_ms"]), flush=True)
     return rows
 
 
@@ -408,11 +427,12 @@ def main() -> None:
 
     if result["op"]:
         print(f"\nMSDCN op, {dev}, batch {BATCH}, bf16 value, fp32 fields; ms (median); fused = deform field in-kernel")
-        print("| shape | grid | ours fused fwd / fwd+bwd | ours fused, CUDA graph | ours plain fwd / fwd+bwd | reference fwd / fwd+bwd | SDPA fwd / fwd+bwd | SDPA, CUDA graph | byte floor fwd / fwd+bwd | ours GB/s fwd / fwd+bwd |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| shape | grid | ours fused fwd / fwd+bwd | ours fused, CUDA graph | packed fwd+bwd / CUDA graph | ours plain fwd / fwd+bwd | reference fwd / fwd+bwd | SDPA fwd / fwd+bwd | SDPA, CUDA graph | byte floor fwd / fwd+bwd | ours GB/s fwd / fwd+bwd |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["op"]:
         print(f"| {r['shape']} (G={r['G']},C={r['C']}) | {r['grid']}² | {f(r['ours_fwd_ms'])} / {f(r['ours_fwdbwd_ms'])} | "
-              f"{f(r['ours_graph_fwd_ms'])} / {f(r['ours_graph_fwdbwd_ms'])} | {f(r['plain_fwd_ms'])} / {f(r['plain_fwdbwd_ms'])} | {f(r.get('ref_fwd_ms'))} / {f(r.get('ref_fwdbwd_ms'))} | "
+              f"{f(r['ours_graph_fwd_ms'])} / {f(r['ours_graph_fwdbwd_ms'])} | {f(r['packed_fwdbwd_ms'])} / {f(r['packed_graph_fwdbwd_ms'])} | "
+              f"{f(r['plain_fwd_ms'])} / {f(r['plain_fwdbwd_ms'])} | {f(r.get('ref_fwd_ms'))} / {f(r.get('ref_fwdbwd_ms'))} | "
               f"{f(r['sdpa_fwd_ms'])} / {f(r['sdpa_fwdbwd_ms'])} | {f(r['sdpa_graph_fwd_ms'])} / {f(r['sdpa_graph_fwdbwd_ms'])} | {f(r['floor_fwd_ms'])} / {f(r['floor_fwdbwd_ms'])} | "
               f"{r['ours_fwd_GBps']:.0f} / {r['ours_fwdbwd_GBps']:.0f} |")
     if args.tiled:

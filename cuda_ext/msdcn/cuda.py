@@ -7,7 +7,8 @@ eager calls run the same implementations through a thin autograd.Function, which
   flowdcn::msdcn_deform_cuda(value, delta, scale_logit, weights, prior, s0, s_max, rounding) -> out
   flowdcn::msdcn_deform_cuda_backward(grad_out, ...same inputs...)  -> (g_value, g_delta, g_scale_logit, g_weights, g_s0)
   flowdcn::msdcn_deform_packed_cuda(proj, prior, s0, s_max, groups, channels, points, rounding)  -> out
-  flowdcn::msdcn_deform_packed_cuda_backward(grad_out, ...same inputs...)                         -> (g_proj, g_s0)
+  flowdcn::msdcn_deform_packed_cuda_train(...same inputs...)  -> (out, bucketing for the backward)
+  flowdcn::msdcn_deform_packed_cuda_backward(grad_out, ...same inputs..., bucketing or None)      -> (g_proj, g_s0)
 
 Dtypes are taken as they come (autocast gives bf16 value and fields): value bf16/fp16/fp32/fp64, fields
 of the value's dtype or fp32 (other mixes are cast to fp32 here). Coordinates and sums are fp32 (fp64
@@ -347,15 +348,37 @@ def _packed_forward(proj, prior, s0, s_max, groups, channels, points, rounding):
     return _packed_forward_prepped(*_packed_prep(proj, prior, s0, s_max), groups, channels, points, rounding)
 
 
-def _packed_backward_prepped(grad_out, proj, p, z, m, groups, channels, points, rounding):
-    """(g_proj in proj's dtype and layout, g_s0 [G] in the accumulation dtype) from the gather backward."""
+def _packed_forward_train_prepped(proj, p, z, m, groups, channels, points, rounding):
+    """(out, bucketing): the forward kernel also buckets the sampling points for the gather backward (int32, 8 bytes per
+    point kept until backward), which then skips its count kernel."""
+    return tuple(_module(proj.device).forward_packed_train(proj, p, z, m, groups, channels, points, rounding == "trunc",
+                                                           *_LAUNCH["forward"]))
+
+
+def _packed_forward_train(proj, prior, s0, s_max, groups, channels, points, rounding):
+    return _packed_forward_train_prepped(*_packed_prep(proj, prior, s0, s_max), groups, channels, points, rounding)
+
+
+def _packed_backward_prepped(grad_out, proj, p, z, m, groups, channels, points, rounding, counts=None):
+    """(g_proj in proj's dtype and layout, g_s0 [G] in the accumulation dtype) from the gather backward; counts: the
+    training forward's bucketing, or None (then the backward counts)."""
     g = _aligned(grad_out if grad_out.dtype == proj.dtype else grad_out.to(proj.dtype))
-    return _module(proj.device).backward_packed(g, proj, p, z, m, groups, channels, points, rounding == "trunc", _pull_runs(channels))
+    if counts is None:
+        counts = torch.empty(0, dtype=torch.int32, device=proj.device)
+    return _module(proj.device).backward_packed(g, proj, p, z, m, groups, channels, points, rounding == "trunc", _pull_runs(channels),
+                                                counts)
 
 
-def _packed_backward_impl(grad_out, proj, prior, s0, s_max, groups, channels, points, rounding):
-    gp, gs0 = _packed_backward_prepped(grad_out, *_packed_prep(proj, prior, s0, s_max), groups, channels, points, rounding)
+def _packed_backward_impl(grad_out, proj, prior, s0, s_max, groups, channels, points, rounding, counts=None):
+    gp, gs0 = _packed_backward_prepped(grad_out, *_packed_prep(proj, prior, s0, s_max), groups, channels, points, rounding, counts)
     return gp, _s0_grad(gs0, s0.dtype, s0.device)
+
+
+def _bucketing_words(proj, groups, points) -> int:
+    """Length of the training forward's bucketing (csrc gather_count_words): count per (cell, group) bucket, key and
+    rank per sampling point."""
+    B, H, W, _ = proj.shape
+    return B * (H + 1) * (W + 1) * groups + 2 * B * H * W * groups * points
 
 
 # ---------------------------------------------------------------- torch.library ops (what torch.compile sees)
@@ -436,15 +459,35 @@ def _packed_setup(ctx, inputs, output):
 
 def _packed_backward(ctx, grad_out):
     proj, prior, s0, s_max = ctx.saved_tensors
-    gp, gs0 = torch.ops.flowdcn.msdcn_deform_packed_cuda_backward(grad_out, proj, prior, s0, s_max, *ctx.meta)
+    gp, gs0 = torch.ops.flowdcn.msdcn_deform_packed_cuda_backward(grad_out, proj, prior, s0, s_max, *ctx.meta, None)
     return gp, None, gs0, None, None, None, None, None
 
 
-_define(f"msdcn_deform_packed_cuda_backward(Tensor grad_out, {_PACKED}) -> (Tensor, Tensor)", _packed_backward_impl,
-        lambda grad_out, proj, prior, s0, s_max, groups, channels, points, rounding: (_like(proj), _like(s0)))
-_define(f"msdcn_deform_packed_cuda({_PACKED}) -> Tensor", _packed_forward,
-        lambda proj, prior, s0, s_max, groups, channels, points, rounding: proj.new_empty((*proj.shape[:3], groups, channels)),
-        _packed_backward, _packed_setup)
+def _packed_train_setup(ctx, inputs, output):
+    proj, prior, s0, s_max, groups, channels, points, rounding = inputs
+    ctx.save_for_backward(proj, prior, s0, s_max, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.meta = (groups, channels, points, rounding)
+
+
+def _packed_train_backward(ctx, grad_out, _grad_counts):
+    proj, prior, s0, s_max, counts = ctx.saved_tensors
+    gp, gs0 = torch.ops.flowdcn.msdcn_deform_packed_cuda_backward(grad_out, proj, prior, s0, s_max, *ctx.meta, counts)
+    return gp, None, gs0, None, None, None, None, None
+
+
+def _packed_fake_out(proj, prior, s0, s_max, groups, channels, points, rounding):
+    return proj.new_empty((*proj.shape[:3], groups, channels))
+
+
+_define(f"msdcn_deform_packed_cuda_backward(Tensor grad_out, {_PACKED}, Tensor? counts) -> (Tensor, Tensor)", _packed_backward_impl,
+        lambda grad_out, proj, prior, s0, s_max, groups, channels, points, rounding, counts: (_like(proj), _like(s0)))
+_define(f"msdcn_deform_packed_cuda({_PACKED}) -> Tensor", _packed_forward, _packed_fake_out, _packed_backward, _packed_setup)
+_define(f"msdcn_deform_packed_cuda_train({_PACKED}) -> (Tensor, Tensor)", _packed_forward_train,
+        lambda proj, prior, s0, s_max, groups, channels, points, rounding: (
+            _packed_fake_out(proj, prior, s0, s_max, groups, channels, points, rounding),
+            proj.new_empty((_bucketing_words(proj, groups, points),), dtype=torch.int32)),
+        _packed_train_backward, _packed_train_setup)
 
 
 # ---------------------------------------------------------------- eager path
@@ -497,15 +540,19 @@ class _PackedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, proj, prior, s0, s_max, groups, channels, points, rounding):
         pj, p, z, m = _packed_prep(proj, prior, s0, s_max)
-        ctx.save_for_backward(pj, p, z, m)
         ctx.meta = (groups, channels, points, rounding, s0.dtype, s0.device)
-        return _packed_forward_prepped(pj, p, z, m, groups, channels, points, rounding)
+        if not any(ctx.needs_input_grad):
+            return _packed_forward_prepped(pj, p, z, m, groups, channels, points, rounding)
+        out, counts = _packed_forward_train_prepped(pj, p, z, m, groups, channels, points, rounding)
+        ctx.save_for_backward(pj, p, z, m, counts)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         groups, channels, points, rounding, s0dt, s0dev = ctx.meta
-        gp, gs0 = _packed_backward_prepped(grad_out, *ctx.saved_tensors, groups, channels, points, rounding)
+        pj, p, z, m, counts = ctx.saved_tensors
+        gp, gs0 = _packed_backward_prepped(grad_out, pj, p, z, m, groups, channels, points, rounding, counts)
         return gp, None, _s0_grad(gs0, s0dt, s0dev), None, None, None, None, None
 
 
@@ -550,5 +597,7 @@ def msdcn_deform_packed(proj: torch.Tensor, prior: torch.Tensor, s0: torch.Tenso
         return msdcn_deform(value, delta, scale_logit, weights, prior, s0, s_max, rounding=rounding)
     channels = value.shape[-1]
     if torch.compiler.is_compiling():
+        if torch.is_grad_enabled() and (proj.requires_grad or s0.requires_grad):  # training: bucket in the forward
+            return torch.ops.flowdcn.msdcn_deform_packed_cuda_train(proj, prior, s0, s_max, groups, channels, points, rounding)[0]
         return torch.ops.flowdcn.msdcn_deform_packed_cuda(proj, prior, s0, s_max, groups, channels, points, rounding)
     return _PackedFn.apply(proj, prior, s0, s_max, groups, channels, points, rounding)

@@ -743,6 +743,41 @@ def test_packed_bf16_equals_the_unpacked_op(cuda_mod, backward_kind, kind):
 
 
 @cuda
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_packed_training_forward_bucketing(cuda_mod, backward_kind, rounding):
+    """The training forward buckets the points for the backward (count per (cell, group), key and rank per point): its
+    output equals the plain forward's, the counts add up to the points with a corner inside the grid, every rank is a
+    distinct slot of its bucket, and the backward from this bucketing equals the backward that counts for itself."""
+    backward_kind("gather")
+    shape = (2, 7, 6, 3, 16, 9)
+    B, H, W, G, C, K = shape
+    value, delta, scale, weights, prior, s0, s_max = make_deform(shape, seed=251)
+    proj = pack(value * 1, delta * 4, scale, weights)   # wide offsets: many points outside the grid, some buckets shared
+    args = (proj, prior, s0, s_max, G, C, K, rounding)
+    out, counts = torch.ops.flowdcn.msdcn_deform_packed_cuda_train(*args)
+    assert torch.equal(out, torch.ops.flowdcn.msdcn_deform_packed_cuda(*args))
+    NB, items = B * (H + 1) * (W + 1) * G, B * H * W * G * K
+    assert counts.dtype == torch.int32 and counts.numel() == NB + 2 * items
+    count, key, rank = counts[:NB].long(), counts[NB:NB + items].long(), counts[NB + items:].long()
+    offsets = deform_offsets_ref(delta * 4, scale, prior, s0, s_max).cpu()
+    rnd = torch.floor if rounding == "floor" else torch.trunc
+    x0 = rnd(torch.arange(W, dtype=torch.float64).view(1, 1, W, 1, 1) + offsets[..., 0])
+    y0 = rnd(torch.arange(H, dtype=torch.float64).view(1, H, 1, 1, 1) + offsets[..., 1])
+    inside = ((x0 >= -1) & (x0 <= W - 1) & (y0 >= -1) & (y0 <= H - 1)).flatten()
+    assert ((key >= 0).cpu() == inside).all() and inside.any() and not inside.all()
+    assert count.sum().item() == inside.sum().item()
+    k, r = key[key >= 0], rank[key >= 0]
+    assert (r < count[k]).all()
+    assert torch.unique(k * items + r).numel() == k.numel()          # (bucket, rank) pairs are distinct
+    gy = torch.randn(shape[:5], dtype=torch.float64, device="cuda")
+    a = torch.ops.flowdcn.msdcn_deform_packed_cuda_backward(gy, *args, counts)
+    b = torch.ops.flowdcn.msdcn_deform_packed_cuda_backward(gy, *args, None)
+    assert rel_err(a[0], b[0]) < 1e-12 and rel_err(a[1], b[1]) < 1e-12
+    with pytest.raises(RuntimeError, match="bucketing must be"):
+        torch.ops.flowdcn.msdcn_deform_packed_cuda_backward(gy, *args, counts[1:])
+
+
+@cuda
 def test_packed_compile_opcheck_and_errors(cuda_mod, backward_kind):
     """torch.compile(fullgraph) through the packed op matches eager; opcheck of both packed ops; a proj whose last
     dimension is not G*C + 4*G*K is rejected naming proj, before any kernel runs; B = 0 gives an empty grad."""
@@ -766,8 +801,13 @@ def test_packed_compile_opcheck_and_errors(cuda_mod, backward_kind):
         assert rel_err(tc.grad, ta.grad) < 1e-5
     small = make_deform((1, 4, 5, 2, 16, 3), seed=243)
     pj = pack(*small[:4]).requires_grad_(True)
-    torch.library.opcheck(torch.ops.flowdcn.msdcn_deform_packed_cuda.default,
-                          (pj, small[4], small[5].requires_grad_(True), small[6], 2, 16, 3, "floor"))
+    args = (pj, small[4], small[5].requires_grad_(True), small[6], 2, 16, 3, "floor")
+    torch.library.opcheck(torch.ops.flowdcn.msdcn_deform_packed_cuda.default, args)
+    # The training op's second output (the bucketing) holds ranks in atomic order, different on every call: opcheck's
+    # AOT test compares outputs of two calls, so it runs the other three checks (test_packed_training_forward_bucketing
+    # checks the bucketing itself, and the compiled block above runs the op under AOTAutograd).
+    torch.library.opcheck(torch.ops.flowdcn.msdcn_deform_packed_cuda_train.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     with pytest.raises(ValueError, match="proj's last dimension"):
         cuda_mod.msdcn_deform_packed(proj[..., 1:], prior, s0, s_max, groups=G, points=K)
     empty = torch.zeros(0, H, W, proj.shape[-1], device="cuda", requires_grad=True)
@@ -806,7 +846,7 @@ def run_emulated(exe, tmp, tensors, mode, fused, rounding, shape, tile=(8, 8), r
     args = [exe, tmp, mode, int(fused), int(rounding == "trunc"), int(split), B, H, W, G, C, K, *tile, radius, q, rounds, dtype, vec]
     res = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    if mode == 3 and vec:  # the pull ran with the width asked for (not the automatic one)
+    if mode in (3, 5) and vec:  # the pull ran with the width asked for (not the automatic one)
         assert f"runs {vec}\n" in res.stdout, res.stdout
     if not outputs:  # the forward (mode 4) writes out.bin only
         return None
@@ -906,7 +946,7 @@ def test_emulated_tiled_deform_backward_matches_reference(emu_harness, tmp_path)
     tensors = {"value": value, "off": delta, "weight": weights, "gout": grad, "scale": scale, "prior": prior, "s0": s0, "smax": s_max}
     # mode 3 twice: the pull with 1 and with 3 runs of 8 channels per lane (9 and 3 lanes per pixel)
     for mode, tile, radius, vec in ((0, (8, 8), 0, 0), (2, (8, 8), 2, 0), (1, (8, 8), 2, 0), (2, (5, 4), 0, 0), (3, (8, 8), 0, 1),
-                                    (3, (8, 8), 0, 3)):
+                                    (3, (8, 8), 0, 3), (5, (8, 8), 0, 3)):
         gv, gd, gw, gs, gs0 = run_emulated(emu_harness, tmp_path, tensors, mode, True, "floor", shape, tile, radius, q=1, rounds=2,
                                            vec=vec)
         for name, g, leaf in (("value", gv, 0), ("delta", gd, 1), ("weights", gw, 3), ("scale_logit", gs, 2), ("s0", gs0, 4)):
@@ -916,8 +956,9 @@ def test_emulated_tiled_deform_backward_matches_reference(emu_harness, tmp_path)
 
 def test_emulated_packed_layout_matches_reference(emu_harness, tmp_path, monkeypatch):
     """The packed layout (value and the fields read from one [N, G*C + 4*G*K] array at its row stride, the field grads and
-    the gather backward's grad_value written into one such array): forward, gather (both pull widths), scatter and tiled
-    backward in fp64 against the reference; an element no kernel writes stays NaN and fails the finiteness check."""
+    the gather backward's grad_value written into one such array): forward, gather (both pull widths; and from the
+    training forward's bucketing), scatter and tiled backward in fp64 against the reference; an element no kernel writes
+    stays NaN and fails the finiteness check."""
     monkeypatch.setenv("FLOWDCN_EMU_PACKED", "1")
     shape = (2, 5, 7, 2, 24, 9)
     B, H, W, G, C, K = shape
@@ -930,9 +971,13 @@ def test_emulated_packed_layout_matches_reference(emu_harness, tmp_path, monkeyp
     run_emulated(emu_harness, tmp_path, tensors, 4, True, "floor", shape, q=2, rounds=2, outputs=False)
     got = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float64)).view(B, H, W, G, C)
     assert rel_err(got, out.detach()) < 1e-12
-    for mode, tile, radius, vec in ((3, (8, 8), 0, 1), (3, (8, 8), 0, 3), (0, (8, 8), 0, 0), (2, (4, 4), 1, 0)):
+    # mode 5: the training forward buckets the points, the gather backward starts from its bucketing (no count kernel)
+    for mode, tile, radius, vec in ((3, (8, 8), 0, 1), (3, (8, 8), 0, 3), (5, (8, 8), 0, 3), (0, (8, 8), 0, 0), (2, (4, 4), 1, 0)):
         gv, gd, gw, gs, gs0 = run_emulated(emu_harness, tmp_path, tensors, mode, True, "floor", shape, tile, radius, q=1, rounds=2,
                                            vec=vec)
+        if mode == 5:
+            got = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float64)).view(B, H, W, G, C)
+            assert rel_err(got, out.detach()) < 1e-12
         for name, g, leaf in (("value", gv, 0), ("delta", gd, 1), ("weights", gw, 3), ("scale_logit", gs, 2), ("s0", gs0, 4)):
             assert torch.isfinite(g).all(), (mode, vec, name)
             assert rel_err(g, leaves[leaf].grad) < 1e-10, (mode, vec, name)

@@ -270,12 +270,12 @@ bool gather_serves(const at::Tensor& value, const at::Tensor& weight) {
 }
 
 // The gather backward (msdcn_gather.cuh): count, scan, fill, pull, epilogue on the current stream. grad_value is written
-// to gvalue (the value's dtype and layout: p.vs per pixel); returns the epilogue's per-block d/ds0 partials when fused.
+// to gvalue (the value's dtype and layout: p.vs per pixel); returns d/ds0 [G] when fused (else an empty tensor).
 // One int32 workspace holds count, start and the per-item key, rank and entry rows; one float workspace the
 // entries' corner weights and dots (fewer allocations: at 16² the host's share shows in eager timings).
 template <typename T, typename F, typename A>
 at::Tensor gather_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor& value, T* gvalue, int64_t pull_vec_req,
-                           cudaStream_t stream) {
+                           cudaStream_t stream, const at::Tensor& counted = at::Tensor()) {
   const int64_t items = p.N * p.G * p.K, NB = gather_buckets(value.size(0), p.H, p.W, p.G);
   const auto aopt = value.options().dtype(value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   // Runs of 8 channels per pull lane (requested by cuda.py from FLOWDCN_MSDCN_PULL_VEC, which it validates; 0 = auto).
@@ -283,18 +283,26 @@ at::Tensor gather_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor&
               errmsg("msdcn_cuda: pull runs per lane must be in [0, ", kPullMaxRuns, "], got ", pull_vec_req));
   const int V = pull_runs(p.C, sizeof(A), static_cast<int>(pull_vec_req));
   TORCH_CHECK((p.C / kVec) % V == 0, errmsg("msdcn_cuda: pull runs per lane (FLOWDCN_MSDCN_PULL_VEC) ", V, " must divide C/8 = ", p.C / kVec));
+  // counted: the bucketing [count | key | rank] the training forward wrote (gather_count_words); else counted here.
+  const bool have_counts = counted.defined() && counted.numel() > 0;
+  at::Tensor counts = have_counts ? counted : at::empty({gather_count_words(NB, items)}, value.options().dtype(at::kInt));
+  TORCH_CHECK(counts.numel() == gather_count_words(NB, items) && counts.scalar_type() == at::kInt && counts.is_contiguous(),
+              errmsg("msdcn_cuda: the forward's bucketing must be ", gather_count_words(NB, items), " int32 words, got ", counts.numel()));
   auto ints = at::empty({gather_int_words(NB, items)}, value.options().dtype(at::kInt));
-  ints.narrow(0, 0, NB).zero_();  // count
   auto floats = at::empty({gather_float_words(items)}, aopt);
-  GatherBufs<T, A> b = gather_bind<T, A>(ints.data_ptr<int>(), reinterpret_cast<A*>(floats.data_ptr()), NB, items);
+  GatherBufs<T, A> b = gather_bind<T, A>(counts.data_ptr<int>(), ints.data_ptr<int>(), reinterpret_cast<A*>(floats.data_ptr()), NB, items);
   b.gvalue = gvalue;
+  C10_CUDA_CHECK(cudaMemsetAsync(b.start, 0, sizeof(int), stream));  // start[0]; start[1:] is the scan below
   const int64_t item_blocks = (items + kGatherThreads - 1) / kGatherThreads;
   TORCH_CHECK(item_blocks < (int64_t(1) << 31), errmsg("msdcn_cuda: too many points for one launch: ", items));
-  auto count_k = fused ? msdcn_gather_count_kernel<T, F, A, true> : msdcn_gather_count_kernel<T, F, A, false>;
-  count_k<<<item_blocks, kGatherThreads, 0, stream>>>(p, b);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor scanned = ints.narrow(0, NB + 1, NB);  // start[1:]
-  at::cumsum_out(scanned, ints.narrow(0, 0, NB), 0, at::kInt);  // on the current stream
+  if (!have_counts) {
+    C10_CUDA_CHECK(cudaMemsetAsync(b.count, 0, NB * sizeof(int), stream));
+    auto count_k = fused ? msdcn_gather_count_kernel<T, F, A, true> : msdcn_gather_count_kernel<T, F, A, false>;
+    count_k<<<item_blocks, kGatherThreads, 0, stream>>>(p, b);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  at::Tensor scanned = ints.narrow(0, 1, NB);  // start[1:]
+  at::cumsum_out(scanned, counts.narrow(0, 0, NB), 0, at::kInt);  // on the current stream
   auto fill_k = fused ? msdcn_gather_fill_kernel<T, F, A, true> : msdcn_gather_fill_kernel<T, F, A, false>;
   fill_k<<<item_blocks, kGatherThreads, 0, stream>>>(p, b);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -311,19 +319,21 @@ at::Tensor gather_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int ep_threads = gather_epilogue_threads(p.G, p.K);
   const int64_t ep_blocks = (items + ep_threads - 1) / ep_threads;
-  at::Tensor s0p = fused ? at::empty({ep_blocks, p.G}, aopt) : at::empty({0}, aopt);
+  // d/ds0 partials [G, blocks]: summed along contiguous rows (the [blocks, G] layout's column sum took 8 us at XL 16^2).
+  at::Tensor s0p = fused ? at::empty({p.G, ep_blocks}, aopt) : at::empty({0}, aopt);
   if (fused) b.s0_part = reinterpret_cast<A*>(s0p.data_ptr());
   auto ep_k = fused ? msdcn_gather_epilogue_kernel<T, F, A, true> : msdcn_gather_epilogue_kernel<T, F, A, false>;
   ep_k<<<ep_blocks, ep_threads, ep_threads * sizeof(A), stream>>>(p, b);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return s0p;
+  return fused ? s0p.sum(1) : s0p;
 }
 
 // The forward on the current stream. row: 0 for contiguous value/off/scale/weight, else the packed projection's row length
 // (the views' per-pixel stride; see msdcn_forward_packed).
+// counts (when defined): the gather backward's bucketing [count | key | rank] (gather_count_words), written by this forward.
 at::Tensor forward_launch(const at::Tensor& value, const at::Tensor& off, const at::Tensor& scale, const at::Tensor& weight,
                           const at::Tensor& prior, const at::Tensor& s0, const at::Tensor& smax, bool fused, bool trunc,
-                          int64_t threads, int64_t rounds, int64_t row) {
+                          int64_t threads, int64_t rounds, int64_t row, const at::Tensor& counts = at::Tensor()) {
   const c10::cuda::CUDAGuard guard(value.device());
   auto out = at::empty(value.sizes(), value.options());  // contiguous (value may be a strided view)
   if (value.numel() == 0) return out;
@@ -334,8 +344,17 @@ at::Tensor forward_launch(const at::Tensor& value, const at::Tensor& off, const 
     auto p = make_params<T, F, A>(geo, value, off, scale, weight, prior, s0, smax, fused, trunc);
     if (row) p.vs = p.os = p.fs = row;
     p.out = reinterpret_cast<T*>(out.data_ptr());
+    if (counts.defined()) {
+      const int64_t NB = gather_buckets(value.size(0), geo.H, geo.W, geo.G), items = geo.N * geo.G * geo.K;
+      TORCH_CHECK(fused, "msdcn_cuda: only the fused forward buckets the points");
+      p.bucket_count = counts.data_ptr<int>();
+      p.item_key = p.bucket_count + NB;
+      p.item_rank = p.item_key + items;
+      C10_CUDA_CHECK(cudaMemsetAsync(p.bucket_count, 0, NB * sizeof(int), stream));
+    }
     const size_t smem = per_query * geo.Q;
-    auto kernel = fused ? msdcn_forward_kernel<T, F, A, true> : msdcn_forward_kernel<T, F, A, false>;
+    auto kernel = !fused ? msdcn_forward_kernel<T, F, A, false> : counts.defined() ? msdcn_forward_kernel<T, F, A, true, true>
+                                                                                   : msdcn_forward_kernel<T, F, A, true>;
     allow_smem(kernel, smem, value.get_device(), geo);
     kernel<<<geo.blocks, geo.threads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -393,6 +412,23 @@ at::Tensor msdcn_forward_packed(const at::Tensor& proj, const at::Tensor& prior,
                                 int64_t G, int64_t C, int64_t K, bool trunc, int64_t threads, int64_t rounds) {
   const Packed v = packed_views(proj, prior, s0, smax, G, C, K);
   return forward_launch(v.value, v.delta, v.scale, v.weight, prior, s0, smax, true, trunc, threads, rounds, v.row);
+}
+
+// The training forward: [out, the gather backward's bucketing (int32 [count | key | rank], gather_count_words)], counted
+// in the forward kernel where the point geometry is computed anyway, so the backward skips its count kernel. Costs 8
+// bytes per sampling point kept from forward to backward.
+std::vector<at::Tensor> msdcn_forward_packed_train(const at::Tensor& proj, const at::Tensor& prior, const at::Tensor& s0,
+                                                   const at::Tensor& smax, int64_t G, int64_t C, int64_t K, bool trunc,
+                                                   int64_t threads, int64_t rounds) {
+  const Packed v = packed_views(proj, prior, s0, smax, G, C, K);
+  TORCH_CHECK(gather_serves(v.value, v.weight), errmsg("msdcn_cuda: the packed training forward needs a shape the gather backward ",
+                                                      "serves (C <= 256, G*K <= 1024, fewer than 2^31 corner slots), got G=", G, ", C=", C, ", K=", K));
+  const int64_t NB = gather_buckets(proj.size(0), proj.size(1), proj.size(2), G), items = v.weight.numel();
+  auto counts = at::empty({gather_count_words(NB, items)}, proj.options().dtype(at::kInt));
+  if (proj.numel() == 0) return {forward_launch(v.value, v.delta, v.scale, v.weight, prior, s0, smax, true, trunc, threads, rounds, v.row),
+                                 counts.zero_()};
+  auto out = forward_launch(v.value, v.delta, v.scale, v.weight, prior, s0, smax, true, trunc, threads, rounds, v.row, counts);
+  return {out, counts};
 }
 
 // variant: 0 scatter (fp32 atomics), 1 tiled scatter with an atomic window, 2 tiled with a sorted window,
@@ -482,16 +518,17 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
     kernel<<<geo.blocks, geo.threads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  // d/ds0: the blocks' partials summed here (one reduction on the stream, no Python call for it).
-  return {gvalue, goff, gscale, gweight, fused ? s0p.sum(0) : s0p};
+  // d/ds0: the gather backward returns it summed; the scatter kernels' block partials [blocks, G] are summed here.
+  return {gvalue, goff, gscale, gweight, fused && !gather ? s0p.sum(0) : s0p};
 }
 
 // Backward of msdcn_forward_packed through the gather backward: [grad of proj (proj's dtype and layout; every element
 // written), d/ds0 [G] in fp32/fp64]. Shapes the gather backward does not serve are rejected (cuda.py then uses the
 // unpacked op).
+// counted: the training forward's bucketing (msdcn_forward_packed_train), or an empty tensor (then counted here).
 std::vector<at::Tensor> msdcn_backward_packed(const at::Tensor& gout, const at::Tensor& proj, const at::Tensor& prior,
                                               const at::Tensor& s0, const at::Tensor& smax, int64_t G, int64_t C, int64_t K,
-                                              bool trunc, int64_t pull_vec_req) {
+                                              bool trunc, int64_t pull_vec_req, const at::Tensor& counted) {
   const Packed v = packed_views(proj, prior, s0, smax, G, C, K);
   check_cuda(gout, "grad_out", proj);
   TORCH_CHECK(gout.sizes() == v.value.sizes() && gout.scalar_type() == proj.scalar_type(),
@@ -516,9 +553,10 @@ std::vector<at::Tensor> msdcn_backward_packed(const at::Tensor& gout, const at::
     p.goff = reinterpret_cast<F*>(g + G * C);
     p.gscale = reinterpret_cast<F*>(g + G * C + 2 * G * K);
     p.gweight = reinterpret_cast<F*>(g + G * C + 3 * G * K);
-    s0p = gather_backward<T, F, A>(p, true, v.value, g, pull_vec_req, stream);
+    if (counted.numel() > 0) check_cuda(counted, "the forward's bucketing", proj);
+    s0p = gather_backward<T, F, A>(p, true, v.value, g, pull_vec_req, stream, counted);
   });
-  return {gproj, s0p.sum(0)};
+  return {gproj, s0p};
 }
 
 }  // namespace flowdcn

@@ -13,9 +13,11 @@
 // four corners takes one integer atomic per point and writes one entry per point.
 //
 //   1. count:    per (query, group, point) item: geometry; rank = atomicAdd(count[cell, group], 1); key and
-//                rank are stored.
+//                rank are stored. The training forward of the packed op does this itself (MsdcnParams::bucket_count)
+//                and keeps count, key and rank for the backward, which then starts at 2.
 //   2. scan:     start = exclusive prefix sum of count (the host launcher, at::cumsum).
-//   3. fill:     entry e = start[key] + rank: the item's grad_out row (query, group) and w * bil of its 4 corners.
+//   3. fill:     entry e = start[key] + rank: the item's grad_out row (query, group) and w * bil of its 4 corners;
+//                pos[item] = e.
 //   4. pull:     per (pixel, group), C / (8 V) lanes of V runs of 8 channels: grad_value and the corner dots,
 //                stored by entry (consecutive lanes of a walk write neighbouring dots).
 //   5. epilogue: per item: its entry (start[key] + rank) and the chain rule of the field grads from the entry's
@@ -47,28 +49,32 @@ inline int64_t gather_buckets(int64_t B, int64_t H, int64_t W, int64_t G) { retu
 template <typename T, typename A>
 struct GatherBufs {
   int* count;   // [NB] zeroed: points per (cell, group) bucket, NB = gather_buckets(...)
-  int* start;   // [NB + 1] exclusive prefix sum of count (start[0] is written by the count kernel)
   int* key;     // [items]: bucket of each item (query, group, point), -1 when no corner is inside the grid
-  int* rank;    // [items]: position of the item inside its bucket; after the fill, the item's entry (start + rank)
+  int* rank;    // [items]: position of the item inside its bucket
+  int* start;   // [NB + 1] exclusive prefix sum of count (start[0] zeroed by the launcher)
   int* row;     // [items]: grad_out row (query, group) of each entry (entries sorted by bucket; the first start[NB] used)
+  int* pos;     // [items]: the item's entry, start[key] + rank (written by the fill; the epilogue reads it coalesced)
   A* cw;        // [items, 4]: w_k * bilinear weight of each entry's corners (0 outside the grid)
   A* dots;      // [items, 4]: <value[corner], grad_out[query]> over C of each entry's corners (unwritten outside the grid)
   T* gvalue;    // [N, G, C] grad_value in the value's dtype, pixel n at n * vs (the value's layout)
-  A* s0_part;   // FUSED: [blocks of the epilogue, G] per-block sums of d/ds0
+  A* s0_part;   // FUSED: [G, blocks of the epilogue] per-block sums of d/ds0
 };
 
-// The backward's two workspaces, shared by the launcher and the emulation harness: int32 [count NB | start NB + 1 |
-// key items | rank items | row items] (count zeroed by the caller) and A [cw 4 items | dots 4 items].
-inline int64_t gather_int_words(int64_t NB, int64_t items) { return NB + (NB + 1) + 3 * items; }
+// The backward's workspaces, shared by the launchers and the emulation harness: the bucketing, int32 [count NB | key items |
+// rank items] (count zeroed; written by the count kernel, or kept from the training forward), the rest of the int32
+// workspace [start NB + 1 | row items | pos items] (start[0] zeroed) and A [cw 4 items | dots 4 items].
+inline int64_t gather_count_words(int64_t NB, int64_t items) { return NB + 2 * items; }
+inline int64_t gather_int_words(int64_t NB, int64_t items) { return (NB + 1) + 2 * items; }
 inline int64_t gather_float_words(int64_t items) { return 8 * items; }
 template <typename T, typename A>
-GatherBufs<T, A> gather_bind(int* ints, A* floats, int64_t NB, int64_t items) {
+GatherBufs<T, A> gather_bind(int* counts, int* ints, A* floats, int64_t NB, int64_t items) {
   GatherBufs<T, A> b{};
-  b.count = ints;
-  b.start = b.count + NB;
-  b.key = b.start + NB + 1;
+  b.count = counts;
+  b.key = b.count + NB;
   b.rank = b.key + items;
-  b.row = b.rank + items;
+  b.start = ints;
+  b.row = b.start + NB + 1;
+  b.pos = b.row + items;
   b.cw = floats;
   b.dots = b.cw + 4 * items;
   return b;
@@ -118,13 +124,12 @@ __device__ __forceinline__ unsigned cell_inside(const MsdcnParams<T, F, A>& p, i
 template <typename T, typename F, typename A, bool FUSED>
 __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_count_kernel(const MsdcnParams<T, F, A> p, GatherBufs<T, A> b) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i == 0) b.start[0] = 0;
   if (i >= p.N * p.G * p.K) return;
   const ItemPos q = item_pos(p, i);
   const Corners<A> c = item_corners<FUSED>(p, q);
   int key = -1, rank = 0;
   if (c.any) {  // the launcher checks that the bucket count fits in int32
-    key = static_cast<int>(((q.b * (p.H + 1) + c.yi + 1) * (p.W + 1) + c.xi + 1) * p.G + q.g);
+    key = bucket_of(q.b, c.xi, c.yi, p.H, p.W, p.G, q.g);
     rank = atomicAdd(b.count + key, 1);
   }
   b.key[i] = key;
@@ -149,7 +154,7 @@ __global__ void __launch_bounds__(kGatherThreads) msdcn_gather_fill_kernel(const
   for (int j = 0; j < 4; ++j) cw[j] = (inside >> j) & 1 ? wk * c.bil[j] : A(0);
   store4(b.cw + 4 * pos, cw);
   b.row[pos] = static_cast<int>(i / p.K);  // < N * G < 2^29 (gather_serves: N * G * K * 4 < 2^31)
-  b.rank[i] = static_cast<int>(pos);       // from here on: the item's entry (the epilogue reads it coalesced)
+  b.pos[i] = static_cast<int>(pos);        // the epilogue reads it coalesced
 }
 
 // Pull geometry: a (pixel, group) row of C channels is served by C / (8 V) lanes, each owning V runs of 8 channels:
@@ -320,7 +325,7 @@ __global__ void __launch_bounds__(1024) msdcn_gather_epilogue_kernel(const Msdcn
     const int key = b.key[i];
     if (key >= 0) {
       A e[4];
-      load4(b.dots + 4 * static_cast<int64_t>(b.rank[i]), e);  // rank[i] holds the entry since the fill
+      load4(b.dots + 4 * static_cast<int64_t>(b.pos[i]), e);
       const unsigned inside = cell_inside(p, key);
 #pragma unroll
       for (int j = 0; j < 4; ++j) D[j] = (inside >> j) & 1 ? e[j] : A(0);  // a select: outside dots were never written
@@ -336,7 +341,7 @@ __global__ void __launch_bounds__(1024) msdcn_gather_epilogue_kernel(const Msdcn
       A s = A(0);
       for (int q = 0; q < static_cast<int>(blockDim.x) / per_query; ++q)
         for (int kk = 0; kk < p.K; ++kk) s += red[q * per_query + threadIdx.x * p.K + kk];
-      b.s0_part[static_cast<int64_t>(blockIdx.x) * p.G + threadIdx.x] = s;
+      b.s0_part[static_cast<int64_t>(threadIdx.x) * gridDim.x + blockIdx.x] = s;  // [G, blocks]: rows summed contiguously
     }
   }
 }

@@ -220,6 +220,11 @@ struct MsdcnParams {
   F* gscale;          // backward, FUSED: [N, G, K]
   F* gweight;         // backward: [N, G, K]
   A* s0_part;         // backward, FUSED: [gridDim.x, G] per-block partial sums of d/ds0
+  // Forward, when not null: also bucket every point for the gather backward, as its count kernel would (count[key] += 1;
+  // key and rank per item; msdcn_gather.cuh), so the backward starts from the scan (msdcn_forward_packed_train).
+  int* bucket_count;  // [NB] zeroed
+  int* item_key;      // [N * G * K]
+  int* item_rank;     // [N * G * K]
   int64_t N, H, W;
   int64_t vs, os, fs;  // per-pixel strides (elements) of value, off, scale/weight and of their grads (see above)
   int G, C, K, L, Q;  // L = C / 8 lanes per (query, group); Q queries per block and round
@@ -321,6 +326,13 @@ __device__ __forceinline__ A point_field_grads(const MsdcnParams<T, F, A>& p, Fi
   return gl;
 }
 
+// Bucket of a point whose cell (lower corner) is (xi, yi) in image b, group g: one per (cell, group), cells from -1, so
+// x0, y0 in [-1, W-1] x [-1, H-1] (the gather backward's counting sort; msdcn_gather.cuh). The launchers check that
+// B * (H + 1) * (W + 1) * G fits in int32.
+__device__ __forceinline__ int bucket_of(int64_t b, int64_t xi, int64_t yi, int64_t H, int64_t W, int G, int g) {
+  return static_cast<int>(((b * (H + 1) + yi + 1) * (W + 1) + xi + 1) * G + g);
+}
+
 // ---------------------------------------------------------------- per-point geometry in shared memory
 // The L lanes of a (query, group) need the same corner rows and weights for every point; computing
 // them once per (query, group, point) instead of once per lane removes ~40% of the forward's
@@ -333,7 +345,9 @@ struct __align__(16) PointGeo {
   A cw[4];      // w_k * bilinear weight of each corner (0 outside the grid)
 };
 
-template <bool FUSED, typename T, typename F, typename A>
+// COUNT: also bucket each point for the gather backward (p.bucket_count; a template switch, so the forward that does not
+// count keeps its 48 registers: counting takes 56).
+template <bool FUSED, bool COUNT, typename T, typename F, typename A>
 __device__ __forceinline__ void fill_geometry(const MsdcnParams<T, F, A>& p, int64_t round0, PointGeo<A>* geo) {
   const int items = p.Q * p.G * p.K;
   for (int it = threadIdx.x; it < items; it += blockDim.x) {
@@ -352,6 +366,12 @@ __device__ __forceinline__ void fill_geometry(const MsdcnParams<T, F, A>& p, int
       point_offset<FUSED>(p, fi, ig, ik, ox, oy);
       const A wk = to_acc(p.weight[fi.f], A());
       const Corners<A> c = corners(A(w) + ox, A(h) + oy, b, p.H, p.W, p.trunc);
+      if (COUNT) {  // the gather backward's count, done here where the geometry is at hand
+        const int64_t i = (n * p.G + ig) * p.K + ik;
+        const int key = c.any ? bucket_of(b, c.xi, c.yi, p.H, p.W, p.G, ig) : -1;
+        p.item_key[i] = key;
+        p.item_rank[i] = c.any ? atomicAdd(p.bucket_count + key, 1) : 0;
+      }
       if (c.any) {
         e.row = c.row[0];
 #pragma unroll
@@ -378,7 +398,7 @@ __device__ __forceinline__ int64_t corner_row(int64_t row, int j, int64_t W) {
 // kernel needs 48 registers instead of 59 (H200, XL: 0.089 vs 0.095 ms at 16², 0.347 vs 0.365 at 32²). Measured slower
 // (bench/RESULTS.md, 2026-12-01): 2 points' gathers in flight per step (85 registers), and V > 1 runs of 8 channels
 // per thread.
-template <typename T, typename F, typename A, bool FUSED, int MAXT = kMaxThreads, int MINB = 1>
+template <typename T, typename F, typename A, bool FUSED, bool COUNT = false, int MAXT = kMaxThreads, int MINB = 1>
 __global__ void __launch_bounds__(MAXT, MINB) msdcn_forward_kernel(const MsdcnParams<T, F, A> p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   PointGeo<A>* geo = reinterpret_cast<PointGeo<A>*>(smem_raw);  // [Q, G, K]
@@ -391,7 +411,7 @@ __global__ void __launch_bounds__(MAXT, MINB) msdcn_forward_kernel(const MsdcnPa
   for (int round = 0; round < p.R; ++round) {
     const int64_t round0 = (static_cast<int64_t>(blockIdx.x) * p.R + round) * p.Q;
     if (round0 >= p.N) break;  // uniform over the block
-    fill_geometry<FUSED>(p, round0, geo);
+    fill_geometry<FUSED, COUNT>(p, round0, geo);
     __syncthreads();
     const int64_t n = round0 + q;
     if (q < p.Q && n < p.N) {
@@ -454,7 +474,7 @@ __global__ void __launch_bounds__(MAXT, MINB) msdcn_backward_kernel(const MsdcnP
   for (int round = 0; round < p.R; ++round) {
     const int64_t round0 = (static_cast<int64_t>(blockIdx.x) * p.R + round) * p.Q;  // first query of the round
     if (round0 >= p.N) break;  // uniform over the block
-    fill_geometry<FUSED>(p, round0, geo);
+    fill_geometry<FUSED, false>(p, round0, geo);
     __syncthreads();
     const int64_t n = round0 + q;
     if (q < p.Q && n < p.N) {

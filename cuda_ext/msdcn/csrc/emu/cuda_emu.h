@@ -30,7 +30,7 @@ inline int max(int a, int b) { return a > b ? a : b; }
 
 namespace emu {
 inline thread_local dim3 tIdx, bIdx;
-inline dim3 bDim;
+inline dim3 bDim, gDim;
 inline std::unique_ptr<std::barrier<>> block_bar;
 inline std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
 inline std::vector<double> shfl_buf;
@@ -38,6 +38,7 @@ inline std::vector<double> shfl_buf;
 #define threadIdx (emu::tIdx)
 #define blockIdx (emu::bIdx)
 #define blockDim (emu::bDim)
+#define gridDim (emu::gDim)
 inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
 template <class T> T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }

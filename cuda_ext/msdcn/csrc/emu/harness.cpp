@@ -4,7 +4,8 @@
 //   harness DIR MODE FUSED TRUNC SPLIT B H W G C K TH TW R Q ROUNDS DTYPE VEC   (DTYPE: f64 | f32 | bf16)
 // MODE 0: untiled kernel (Q queries x ROUNDS per block); 1: tiled, atomic window; 2: tiled, sorted window
 // (tile TH x TW, radius R); 3: gather (count, prefix sum here on the host, fill, pull with VEC runs of 8 channels
-// per lane (0: the launcher's choice), epilogue); 4: the forward (Q queries x ROUNDS per block), output DIR/out.bin. Inputs DIR/{value,off,weight,gout[,scale,prior,s0,smax]}.bin (float64 in the
+// per lane (0: the launcher's choice), epilogue); 4: the forward (Q queries x ROUNDS per block), output DIR/out.bin; 5: the
+// forward bucketing the points as the packed training forward does, then the gather backward from its bucketing. Inputs DIR/{value,off,weight,gout[,scale,prior,s0,smax]}.bin (float64 in the
 // op's layouts, converted to the kernel's types); outputs DIR/{gvalue,goff,gweight,gscale,s0p}.bin (float64).
 #include "cuda_emu.h"
 #include <algorithm>
@@ -56,6 +57,7 @@ static void launch(dim3 grid, int threads, Fn fn, size_t smem = kUnchecked) {
   const bool check = smem != kUnchecked;
   if (check && smem + kGuard > sizeof(smem_raw)) { std::fprintf(stderr, "shared memory %zu exceeds the emulator's buffer\n", smem); std::exit(3); }
   emu::bDim = {unsigned(threads), 1, 1};
+  emu::gDim = grid;
   for (unsigned by = 0; by < grid.y; ++by)
     for (unsigned bx = 0; bx < grid.x; ++bx) {
       std::memset(smem_raw, 0xff, sizeof(smem_raw));  // NaN garbage: nothing may rely on zeroed shared memory
@@ -127,18 +129,29 @@ static int run(char** argv) {
     }
   }
   std::vector<A> s0p;
-  if (mode == 4) {  // forward: Q queries per block, ROUNDS rounds
+  const int64_t items = N * G * K, NB = gather_buckets(B, H, W, G);
+  std::vector<int> counts(gather_count_words(NB, items), -7);  // the gather's bucketing: count zeroed, key and rank garbage
+  std::fill(counts.begin(), counts.begin() + NB, 0);
+  if (mode == 4 || mode == 5) {  // forward: Q queries per block, ROUNDS rounds; mode 5 also buckets the points
     p.Q = Q; p.R = RO;
     std::vector<T> out(N * G * C);
     for (auto& x : out) from_f64(NAN, x);
     p.out = out.data();
+    if (mode == 5) {
+      if (!fused) { std::fprintf(stderr, "MODE 5 needs FUSED=1 (only the fused forward buckets)\n"); std::exit(2); }
+      p.bucket_count = counts.data();
+      p.item_key = counts.data() + NB;
+      p.item_rank = p.item_key + items;
+    }
     const int64_t blocks = (N + int64_t(Q) * RO - 1) / (int64_t(Q) * RO);
     launch({unsigned(blocks), 1, 1}, Q * G * p.L, [&] {
-      if (fused) msdcn_forward_kernel<T, F, A, true>(p); else msdcn_forward_kernel<T, F, A, false>(p);
+      if (mode == 5 && fused) msdcn_forward_kernel<T, F, A, true, true>(p);
+      else if (fused) msdcn_forward_kernel<T, F, A, true>(p);
+      else msdcn_forward_kernel<T, F, A, false>(p);
     }, static_cast<size_t>(G) * K * sizeof(PointGeo<A>) * Q);  // the launcher's per_query * Q
     wr(dir, "out", out);
     std::printf("ok forward\n");
-    return 0;
+    if (mode == 4) return 0;
   }
   if (mode == 0) {
     p.Q = Q; p.R = RO;
@@ -148,21 +161,22 @@ static int run(char** argv) {
     launch({unsigned(blocks), 1, 1}, Q * G * p.L, [&] {
       if (fused) msdcn_backward_kernel<T, F, A, true>(p); else msdcn_backward_kernel<T, F, A, false>(p);
     });
-  } else if (mode == 3) {
-    // The launcher's sequence (msdcn_cuda.cu gather_backward), with the prefix sum on the host.
-    const int64_t items = N * G * K, NB = gather_buckets(B, H, W, G);
-    // The launcher's workspaces (gather_bind): garbage except the zeroed counts; every used word must be written.
+  } else if (mode == 3 || mode == 5) {
+    // The launcher's sequence (msdcn_cuda.cu gather_backward), with the prefix sum on the host; mode 5 starts from the
+    // forward's bucketing (no count kernel).
+    // The launcher's workspaces (gather_bind): garbage except start[0] (zeroed); every used word must be written.
     std::vector<int> ints(gather_int_words(NB, items), -7);
-    std::fill(ints.begin(), ints.begin() + NB, 0);
+    ints[0] = 0;
     std::vector<A> floats(gather_float_words(items), A(NAN));
     std::vector<T> gv(N * G * C);
     for (auto& x : gv) from_f64(NAN, x);
-    GatherBufs<T, A> b = gather_bind<T, A>(ints.data(), floats.data(), NB, items);
+    GatherBufs<T, A> b = gather_bind<T, A>(counts.data(), ints.data(), floats.data(), NB, items);
     b.gvalue = packed ? gproj.data() : gv.data();
     const unsigned item_blocks = unsigned((items + kGatherThreads - 1) / kGatherThreads);
-    launch({item_blocks, 1, 1}, kGatherThreads, [&] {
-      if (fused) msdcn_gather_count_kernel<T, F, A, true>(p, b); else msdcn_gather_count_kernel<T, F, A, false>(p, b);
-    }, 0);
+    if (mode == 3)
+      launch({item_blocks, 1, 1}, kGatherThreads, [&] {
+        if (fused) msdcn_gather_count_kernel<T, F, A, true>(p, b); else msdcn_gather_count_kernel<T, F, A, false>(p, b);
+      }, 0);
     for (int64_t i = 0; i < NB; ++i) b.start[i + 1] = b.start[i] + b.count[i];  // the launcher's cumsum
     launch({item_blocks, 1, 1}, kGatherThreads, [&] {
       if (fused) msdcn_gather_fill_kernel<T, F, A, true>(p, b); else msdcn_gather_fill_kernel<T, F, A, false>(p, b);
@@ -179,6 +193,12 @@ static int run(char** argv) {
     launch({unsigned(ep_blocks), 1, 1}, ep_threads, [&] {
       if (fused) msdcn_gather_epilogue_kernel<T, F, A, true>(p, b); else msdcn_gather_epilogue_kernel<T, F, A, false>(p, b);
     }, ep_threads * sizeof(A));
+    {  // the epilogue's partials are [G, blocks]; written out as [blocks, G] like the other kernels'
+      std::vector<A> t(s0p.size());
+      for (int64_t blk = 0; blk < ep_blocks; ++blk)
+        for (int g = 0; g < G; ++g) t[blk * G + g] = s0p[g * ep_blocks + blk];
+      s0p.swap(t);
+    }
     if (packed) {
       for (int64_t n = 0; n < N; ++n)
         for (int64_t c = 0; c < GC; ++c) gvalue[n * GC + c] = static_cast<A>(to_f64(gproj[n * RW + c]));
