@@ -1,4 +1,6 @@
-"""The MSDCN op: ``msdcn(value, offsets, weights)`` and the fused ``msdcn_deform(...)``.
+"""The MSDCN op: ``msdcn(value, offsets, weights)``, the fused ``msdcn_deform(...)`` and ``msdcn_deform_packed(proj, ...)``
+(the fused op on one projection [B,H,W,G*C + 4*G*K] holding value | delta | scale_logit | weights per pixel: what the
+FlowDCN model calls; see split_packed).
 
 Contract (this docstring; the project's design.md):
   value   [B,H,W,G,C]   bf16 / fp16 / fp32 (fp64 for exact checks)

@@ -328,7 +328,7 @@ def packed_served(shape, groups: int, points: int, dtype: torch.dtype) -> bool:
     B, H, W, R = shape
     G, K = groups, points
     C = (R - 4 * G * K) // G
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     return (_BACKWARD == "gather" and not _TILED_BWD and dtype in _VALUE_DTYPES and K >= 1 and C % 8 == 0 and C // 8 <= 32
             and G * (C // 8) <= 512 and G * K <= 1024 and (R * itemsize) % 16 == 0 and B * H * W * G * K * 4 < _INT31
             and B * (H + 1) * (W + 1) * G < _INT31)
@@ -538,10 +538,10 @@ class _PackedFn(torch.autograd.Function):
     """Eager autograd wrapper of the packed op (same kernels as flowdcn::msdcn_deform_packed_cuda); inputs prepared once."""
 
     @staticmethod
-    def forward(ctx, proj, prior, s0, s_max, groups, channels, points, rounding):
+    def forward(ctx, proj, prior, s0, s_max, groups, channels, points, rounding, train):
         pj, p, z, m = _packed_prep(proj, prior, s0, s_max)
         ctx.meta = (groups, channels, points, rounding, s0.dtype, s0.device)
-        if not any(ctx.needs_input_grad):
+        if not train:  # (needs_input_grad ignores no_grad / inference_mode: the caller decides)
             return _packed_forward_prepped(pj, p, z, m, groups, channels, points, rounding)
         out, counts = _packed_forward_train_prepped(pj, p, z, m, groups, channels, points, rounding)
         ctx.save_for_backward(pj, p, z, m, counts)
@@ -553,7 +553,7 @@ class _PackedFn(torch.autograd.Function):
         groups, channels, points, rounding, s0dt, s0dev = ctx.meta
         pj, p, z, m, counts = ctx.saved_tensors
         gp, gs0 = _packed_backward_prepped(grad_out, pj, p, z, m, groups, channels, points, rounding, counts)
-        return gp, None, _s0_grad(gs0, s0dt, s0dev), None, None, None, None, None
+        return gp, None, _s0_grad(gs0, s0dt, s0dev), None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------- public entry points
@@ -596,8 +596,9 @@ def msdcn_deform_packed(proj: torch.Tensor, prior: torch.Tensor, s0: torch.Tenso
     if not packed_served(proj.shape, groups, points, proj.dtype):
         return msdcn_deform(value, delta, scale_logit, weights, prior, s0, s_max, rounding=rounding)
     channels = value.shape[-1]
+    train = torch.is_grad_enabled() and (proj.requires_grad or s0.requires_grad)   # then the forward buckets the points
     if torch.compiler.is_compiling():
-        if torch.is_grad_enabled() and (proj.requires_grad or s0.requires_grad):  # training: bucket in the forward
+        if train:
             return torch.ops.flowdcn.msdcn_deform_packed_cuda_train(proj, prior, s0, s_max, groups, channels, points, rounding)[0]
         return torch.ops.flowdcn.msdcn_deform_packed_cuda(proj, prior, s0, s_max, groups, channels, points, rounding)
-    return _PackedFn.apply(proj, prior, s0, s_max, groups, channels, points, rounding)
+    return _PackedFn.apply(proj, prior, s0, s_max, groups, channels, points, rounding, train)

@@ -778,6 +778,42 @@ def test_packed_training_forward_bucketing(cuda_mod, backward_kind, rounding):
 
 
 @cuda
+def test_packed_fallback_and_inference_path(cuda_mod, backward_kind, monkeypatch):
+    """Rows that are not 16-byte multiples (bf16, G*K odd) take the unpacked op on copies, with the same results; under
+    no_grad the packed op runs the plain forward (no bucketing), although s0 is a parameter that requires grad."""
+    backward_kind("gather")
+    shape = (2, 5, 6, 1, 8, 3)   # R = 8 + 12 = 20 bf16 values = 40 bytes per row
+    B, H, W, G, C, K = shape
+    inputs = make_deform(shape, dtype=torch.bfloat16, field_dtype=torch.bfloat16, seed=263)
+    assert not cuda_mod.packed_served((B, H, W, G * C + 4 * G * K), G, K, torch.bfloat16)
+    proj = pack(*inputs[:4]).requires_grad_(True)
+    parts = [t.clone().requires_grad_(True) for t in inputs[:4]]
+    out = cuda_mod.msdcn_deform_packed(proj, *inputs[4:], groups=G, points=K)
+    ref = cuda_mod.msdcn_deform(*parts, *inputs[4:])
+    assert torch.equal(out, ref)
+    gy = torch.randn(shape[:5], device="cuda").to(torch.bfloat16)
+    torch.autograd.backward(out, gy)
+    torch.autograd.backward(ref, gy)
+    want = pack(*(t.grad for t in parts))
+    assert rel_err(proj.grad[..., G * C:], want[..., G * C:]) < 1e-6 and rel_err(proj.grad, want) < 1e-2
+
+    def no_bucketing(*args, **kwargs):
+        raise AssertionError("the training forward ran under no_grad")
+
+    shape = (1, 4, 5, 2, 16, 9)
+    value, delta, scale, weights, prior, s0, s_max = make_deform(shape, dtype=torch.float32, seed=269)
+    pj, z = pack(value, delta, scale, weights).requires_grad_(True), s0.clone().requires_grad_(True)
+    want = cuda_mod.msdcn_deform_packed(pj, prior, z, s_max, groups=2, points=9)
+    monkeypatch.setattr(cuda_mod, "_packed_forward_train_prepped", no_bucketing)
+    with torch.no_grad():
+        assert torch.equal(cuda_mod.msdcn_deform_packed(pj, prior, z, s_max, groups=2, points=9), want)
+    with torch.inference_mode():
+        assert torch.equal(cuda_mod.msdcn_deform_packed(pj, prior, z, s_max, groups=2, points=9), want)
+    with pytest.raises(AssertionError, match="training forward ran"):
+        cuda_mod.msdcn_deform_packed(pj, prior, z, s_max, groups=2, points=9)   # with grad: it does bucket
+
+
+@cuda
 def test_packed_compile_opcheck_and_errors(cuda_mod, backward_kind):
     """torch.compile(fullgraph) through the packed op matches eager; opcheck of both packed ops; a proj whose last
     dimension is not G*C + 4*G*K is rejected naming proj, before any kernel runs; B = 0 gives an empty grad."""
@@ -935,15 +971,21 @@ def test_emulated_tiled_backward_matches_reference(emu_harness, tmp_path, roundi
             assert rel_err(g, w) < 1e-11, (mode, tile, radius, name)
 
 
-def test_emulated_tiled_deform_backward_matches_reference(emu_harness, tmp_path):
-    """Fused field at C=72, K=9 (two rounds of 32 queries per 8x8 tile): all grads, d/ds0 from the block partials."""
-    shape = (1, 11, 13, 2, 72, 9)
-    value, delta, scale, weights, prior, s0, s_max = make_deform(shape, seed=89, device="cpu")
+def emulated_deform_case(shape, seed):
+    """Fused-op inputs for the harness (as fp64 files) and the reference: (tensors, leaves with .grad, reference out)."""
+    value, delta, scale, weights, prior, s0, s_max = make_deform(shape, seed=seed, device="cpu")
     grad = torch.randn_like(value)
     leaves = [t.clone().requires_grad_(True) for t in (value, delta, scale, weights, s0)]
     out = msdcn_ref(leaves[0], deform_offsets_ref(leaves[1], leaves[2], prior, leaves[4], s_max), leaves[3])
     (out * grad).sum().backward()
     tensors = {"value": value, "off": delta, "weight": weights, "gout": grad, "scale": scale, "prior": prior, "s0": s0, "smax": s_max}
+    return tensors, leaves, out.detach()
+
+
+def test_emulated_tiled_deform_backward_matches_reference(emu_harness, tmp_path):
+    """Fused field at C=72, K=9 (two rounds of 32 queries per 8x8 tile): all grads, d/ds0 from the block partials."""
+    shape = (1, 11, 13, 2, 72, 9)
+    tensors, leaves, _ = emulated_deform_case(shape, seed=89)
     # mode 3 twice: the pull with 1 and with 3 runs of 8 channels per lane (9 and 3 lanes per pixel)
     for mode, tile, radius, vec in ((0, (8, 8), 0, 0), (2, (8, 8), 2, 0), (1, (8, 8), 2, 0), (2, (5, 4), 0, 0), (3, (8, 8), 0, 1),
                                     (3, (8, 8), 0, 3), (5, (8, 8), 0, 3)):
@@ -962,25 +1004,45 @@ def test_emulated_packed_layout_matches_reference(emu_harness, tmp_path, monkeyp
     monkeypatch.setenv("FLOWDCN_EMU_PACKED", "1")
     shape = (2, 5, 7, 2, 24, 9)
     B, H, W, G, C, K = shape
-    value, delta, scale, weights, prior, s0, s_max = make_deform(shape, seed=211, device="cpu")
-    grad = torch.randn_like(value)
-    leaves = [t.clone().requires_grad_(True) for t in (value, delta, scale, weights, s0)]
-    out = msdcn_ref(leaves[0], deform_offsets_ref(leaves[1], leaves[2], prior, leaves[4], s_max), leaves[3])
-    (out * grad).sum().backward()
-    tensors = {"value": value, "off": delta, "weight": weights, "gout": grad, "scale": scale, "prior": prior, "s0": s0, "smax": s_max}
+    tensors, leaves, out = emulated_deform_case(shape, seed=211)
     run_emulated(emu_harness, tmp_path, tensors, 4, True, "floor", shape, q=2, rounds=2, outputs=False)
     got = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float64)).view(B, H, W, G, C)
-    assert rel_err(got, out.detach()) < 1e-12
+    assert rel_err(got, out) < 1e-12
     # mode 5: the training forward buckets the points, the gather backward starts from its bucketing (no count kernel)
     for mode, tile, radius, vec in ((3, (8, 8), 0, 1), (3, (8, 8), 0, 3), (5, (8, 8), 0, 3), (0, (8, 8), 0, 0), (2, (4, 4), 1, 0)):
         gv, gd, gw, gs, gs0 = run_emulated(emu_harness, tmp_path, tensors, mode, True, "floor", shape, tile, radius, q=1, rounds=2,
                                            vec=vec)
         if mode == 5:
             got = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float64)).view(B, H, W, G, C)
-            assert rel_err(got, out.detach()) < 1e-12
+            assert rel_err(got, out) < 1e-12
         for name, g, leaf in (("value", gv, 0), ("delta", gd, 1), ("weights", gw, 3), ("scale_logit", gs, 2), ("s0", gs0, 4)):
             assert torch.isfinite(g).all(), (mode, vec, name)
             assert rel_err(g, leaves[leaf].grad) < 1e-10, (mode, vec, name)
+
+
+def test_emulated_packed_bf16_projection(emu_harness, tmp_path, monkeypatch):
+    """The model's case: one bf16 projection (bf16 value and fields) and bf16 grad_out, the training forward bucketing
+    the points, then the gather backward; against fp64 on the same rounded inputs. bf16 outputs and grads are one
+    rounding of fp32 sums (<= 2^-9 relative each); d/ds0 stays fp32."""
+    monkeypatch.setenv("FLOWDCN_EMU_PACKED", "1")
+    shape = (1, 6, 7, 2, 72, 9)
+    B, H, W, G, C, K = shape
+    inputs = list(make_deform(shape, seed=257, device="cpu"))
+    for i in range(4):
+        inputs[i] = inputs[i].to(torch.bfloat16).double()
+    value, delta, scale, weights, prior, s0, s_max = inputs
+    grad = torch.randn_like(value).to(torch.bfloat16).double()
+    leaves = [t.clone().requires_grad_(True) for t in (value, delta, scale, weights, s0)]
+    out = msdcn_ref(leaves[0], deform_offsets_ref(leaves[1], leaves[2], prior, leaves[4], s_max), leaves[3])
+    (out * grad).sum().backward()
+    tensors = {"value": value, "off": delta, "weight": weights, "gout": grad, "scale": scale, "prior": prior, "s0": s0, "smax": s_max}
+    got = run_emulated(emu_harness, tmp_path, tensors, 5, True, "floor", shape, q=1, rounds=2, dtype="bf16x")
+    y = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float64)).view(B, H, W, G, C)
+    assert rel_err(y, out.detach()) < 3e-3
+    for name, g, leaf, tol in (("value", got[0], 0, 3e-3), ("delta", got[1], 1, 3e-3), ("weights", got[2], 3, 3e-3),
+                               ("scale_logit", got[3], 2, 3e-3), ("s0", got[4], 4, 1e-4)):
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, leaves[leaf].grad) < tol, name
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])

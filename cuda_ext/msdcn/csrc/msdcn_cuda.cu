@@ -229,6 +229,14 @@ void check_cuda(const at::Tensor& t, const char* name, const at::Tensor& value) 
   TORCH_CHECK(t.is_contiguous(), errmsg("msdcn_cuda: ", name, " must be contiguous"));
 }
 
+// The kernels read prior[2K], s0[G] and s_max[2] unchecked: their sizes are checked here (the Python entry points check
+// shapes too; this guards direct calls of the ops).
+void check_consts(const at::Tensor& prior, const at::Tensor& s0, const at::Tensor& smax, int64_t G, int64_t K) {
+  TORCH_CHECK(prior.numel() == 2 * K && s0.numel() == G && smax.numel() == 2,
+              errmsg("msdcn_cuda: prior, s0 and s_max must have 2K = ", 2 * K, ", G = ", G, " and 2 elements, got ", prior.numel(), ", ",
+                     s0.numel(), " and ", smax.numel()));
+}
+
 void check_all(const at::Tensor& value, const at::Tensor& off, const at::Tensor& scale, const at::Tensor& weight,
                const at::Tensor& prior, const at::Tensor& s0, const at::Tensor& smax, bool fused) {
   check_cuda(value, "value", value);
@@ -245,6 +253,7 @@ void check_all(const at::Tensor& value, const at::Tensor& off, const at::Tensor&
     const auto adt = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     TORCH_CHECK(prior.scalar_type() == adt && s0.scalar_type() == adt && smax.scalar_type() == adt,
                 errmsg("msdcn_cuda: prior, s0 and s_max must be ", adt));
+    if (value.dim() == 5 && weight.dim() == 5) check_consts(prior, s0, smax, value.size(3), weight.size(4));
   }
 }
 
@@ -386,6 +395,7 @@ Packed packed_views(const at::Tensor& proj, const at::Tensor& prior, const at::T
     check_cuda(*t, t == &prior ? "prior" : t == &s0 ? "s0" : "s_max", proj);
     TORCH_CHECK(t->scalar_type() == adt, errmsg("msdcn_cuda: prior, s0 and s_max must be ", adt));
   }
+  check_consts(prior, s0, smax, G, K);
   const int64_t B = proj.size(0), H = proj.size(1), W = proj.size(2), o = proj.storage_offset();
   const int64_t sb = H * W * R, sh = W * R;
   Packed v;

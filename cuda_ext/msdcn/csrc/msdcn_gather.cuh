@@ -102,7 +102,7 @@ template <bool FUSED, typename T, typename F, typename A>
 __device__ __forceinline__ Corners<A> item_corners(const MsdcnParams<T, F, A>& p, const ItemPos& q) {
   A ox, oy;
   point_offset<FUSED>(p, field_idx(p, q.n, q.g, q.k), q.g, q.k, ox, oy);
-  return corners(A(q.w) + ox, A(q.h) + oy, q.b, p.H, p.W, p.trunc);
+  return corners(add_rn(A(q.w), ox), add_rn(A(q.h), oy), q.b, p.H, p.W, p.trunc);
 }
 
 // Corners of bucket `key`'s cell that lie inside the grid, bit j for corner (x0 + (j&1), y0 + (j>>1)). The fill and

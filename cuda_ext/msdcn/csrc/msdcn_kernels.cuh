@@ -32,26 +32,23 @@ __device__ __forceinline__ void from_acc(float x, __nv_bfloat16* o) { *o = __flo
 
 // ---------------------------------------------------------------- 8-channel vector loads/stores
 // Pointers are 16-byte aligned: the host checks the base address and C % 8 == 0.
+// 16 bytes of bf16 or fp16 pairs (H2) -> 8 floats.
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+__device__ __forceinline__ float2 to_float2(__half2 h) { return __half22float2(h); }
+template <typename H2>
+__device__ __forceinline__ void unpack_pairs8(const uint4& r, float* o) {
+  const H2* h = reinterpret_cast<const H2*>(&r);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = to_float2(h[i]);
+    o[2 * i] = f.x;
+    o[2 * i + 1] = f.y;
+  }
+}
 __device__ __forceinline__ void load8(const __nv_bfloat16* p, float* o) {
-  const uint4 r = __ldg(reinterpret_cast<const uint4*>(p));
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    o[2 * i] = f.x;
-    o[2 * i + 1] = f.y;
-  }
+  unpack_pairs8<__nv_bfloat162>(__ldg(reinterpret_cast<const uint4*>(p)), o);
 }
-__device__ __forceinline__ void load8(const __half* p, float* o) {
-  const uint4 r = __ldg(reinterpret_cast<const uint4*>(p));
-  const __half2* h = reinterpret_cast<const __half2*>(&r);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __half22float2(h[i]);
-    o[2 * i] = f.x;
-    o[2 * i + 1] = f.y;
-  }
-}
+__device__ __forceinline__ void load8(const __half* p, float* o) { unpack_pairs8<__half2>(__ldg(reinterpret_cast<const uint4*>(p)), o); }
 __device__ __forceinline__ void load8(const float* p, float* o) {
   const float4 a = __ldg(reinterpret_cast<const float4*>(p));
   const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
@@ -99,24 +96,8 @@ __device__ __forceinline__ void unpack8(const Raw8<T, A>& x, A* o) {
 #pragma unroll
   for (int i = 0; i < 8; ++i) o[i] = x.f[i];
 }
-__device__ __forceinline__ void unpack8(const Raw8<__nv_bfloat16, float>& x, float* o) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&x.r);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    o[2 * i] = f.x;
-    o[2 * i + 1] = f.y;
-  }
-}
-__device__ __forceinline__ void unpack8(const Raw8<__half, float>& x, float* o) {
-  const __half2* h = reinterpret_cast<const __half2*>(&x.r);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __half22float2(h[i]);
-    o[2 * i] = f.x;
-    o[2 * i + 1] = f.y;
-  }
-}
+__device__ __forceinline__ void unpack8(const Raw8<__nv_bfloat16, float>& x, float* o) { unpack_pairs8<__nv_bfloat162>(x.r, o); }
+__device__ __forceinline__ void unpack8(const Raw8<__half, float>& x, float* o) { unpack_pairs8<__half2>(x.r, o); }
 
 __device__ __forceinline__ void store8(__nv_bfloat16* p, const float* v) {
   uint4 r;
@@ -196,6 +177,14 @@ __device__ __forceinline__ void atomic_add8(double* p, const double* v) {
   for (int i = 0; i < kVec; ++i) atomicAdd(p + i, v[i]);
 }
 
+// Rounded as written, never contracted into an FMA: a point's sample position (whose floor picks its cell) is computed
+// by several kernels (the forward, which may bucket the point; the gather backward's count, fill and epilogue; the
+// scatter kernels) that must agree on it bit for bit, whatever contraction the compiler picks in each.
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
 __device__ __forceinline__ float sigmoid(float z) { return 1.f / (1.f + expf(-z)); }
 __device__ __forceinline__ double sigmoid(double z) { return 1.0 / (1.0 + exp(-z)); }
 
@@ -244,14 +233,15 @@ __device__ __forceinline__ FieldIdx field_idx(const MsdcnParams<T, F, A>& p, int
   return {n * p.fs + gk, n * p.os + 2 * gk};
 }
 
-// Offsets of point k in fp32/fp64; FUSED computes (delta + prior) * sigmoid(logit + s0) * S_max.
+// Offsets of point k in fp32/fp64; FUSED computes (delta + prior) * sigmoid(logit + s0) * S_max (rounded as written; the
+// caller adds the query's coordinate with add_rn).
 template <bool FUSED, typename T, typename F, typename A>
 __device__ __forceinline__ void point_offset(const MsdcnParams<T, F, A>& p, FieldIdx fi, int g, int k, A& ox, A& oy) {
   const A dx = to_acc(p.off[fi.o], A()), dy = to_acc(p.off[fi.o + 1], A());
   if (FUSED) {
     const A s = sigmoid(to_acc(p.scale[fi.f], A()) + p.s0[g]);
-    ox = (dx + p.prior[2 * k]) * s * p.smax[0];
-    oy = (dy + p.prior[2 * k + 1]) * s * p.smax[1];
+    ox = mul_rn(mul_rn(add_rn(dx, p.prior[2 * k]), s), p.smax[0]);
+    oy = mul_rn(mul_rn(add_rn(dy, p.prior[2 * k + 1]), s), p.smax[1]);
   } else {
     ox = dx;
     oy = dy;
@@ -365,7 +355,7 @@ __device__ __forceinline__ void fill_geometry(const MsdcnParams<T, F, A>& p, int
       A ox, oy;
       point_offset<FUSED>(p, fi, ig, ik, ox, oy);
       const A wk = to_acc(p.weight[fi.f], A());
-      const Corners<A> c = corners(A(w) + ox, A(h) + oy, b, p.H, p.W, p.trunc);
+      const Corners<A> c = corners(add_rn(A(w), ox), add_rn(A(h), oy), b, p.H, p.W, p.trunc);
       if (COUNT) {  // the gather backward's count, done here where the geometry is at hand
         const int64_t i = (n * p.G + ig) * p.K + ik;
         const int key = c.any ? bucket_of(b, c.xi, c.yi, p.H, p.W, p.G, ig) : -1;
@@ -531,7 +521,7 @@ __global__ void __launch_bounds__(MAXT, MINB) msdcn_backward_kernel(const MsdcnP
       const FieldIdx fi = field_idx(p, n2, ig, ik);
       A ox, oy;
       point_offset<FUSED>(p, fi, ig, ik, ox, oy);
-      const Corners<A> c = corners(A(w2) + ox, A(h2) + oy, b2, p.H, p.W, p.trunc);
+      const Corners<A> c = corners(add_rn(A(w2), ox), add_rn(A(h2), oy), b2, p.H, p.W, p.trunc);
       const A gl = point_field_grads<FUSED>(p, fi, ig, ik, c, D);  // D[j] is 0 for corners outside the grid
       if (FUSED) gl_buf[it] = gl;
     }

@@ -55,11 +55,11 @@ __device__ __forceinline__ void fill_geometry_tiled(const MsdcnParams<T, F, A>& 
       A ox, oy;
       point_offset<FUSED>(p, fi, g, ik, ox, oy);
       const A wk = to_acc(p.weight[fi.f], A());
-      const Corners<A> c = corners(A(x) + ox, A(y) + oy, b, p.H, p.W, p.trunc);
+      const Corners<A> c = corners(add_rn(A(x), ox), add_rn(A(y), oy), b, p.H, p.W, p.trunc);
       if (c.any) {
         e.row = c.row[0];
         // Corner (0, 0) in window coordinates; c.any bounds it to [-1, W-1] x [-1, H-1], so the casts are safe.
-        const A px = A(x) + ox, py = A(y) + oy;
+        const A px = add_rn(A(x), ox), py = add_rn(A(y), oy);
         const int64_t xi = static_cast<int64_t>(p.trunc ? trunc(px) : floor(px));
         const int64_t yi = static_cast<int64_t>(p.trunc ? trunc(py) : floor(py));
         const int lx = static_cast<int>(xi - (x0 - ts.R)), ly = static_cast<int>(yi - (y0 - ts.R));
@@ -279,7 +279,7 @@ __global__ void __launch_bounds__(MAXT, MINB) msdcn_backward_tiled_kernel(const 
       const FieldIdx fi = field_idx(p, n2, g, ik);
       A ox, oy;
       point_offset<FUSED>(p, fi, g, ik, ox, oy);
-      const Corners<A> c = corners(A(x2) + ox, A(y2) + oy, b, p.H, p.W, p.trunc);
+      const Corners<A> c = corners(add_rn(A(x2), ox), add_rn(A(y2), oy), b, p.H, p.W, p.trunc);
       s0_sum += point_field_grads<FUSED>(p, fi, g, ik, c, D);
     }
     __syncthreads();  // geometry, dots, buckets and staged grad_out are rewritten by the next round

@@ -18,6 +18,10 @@ inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c,
 inline double2 make_double2(double a, double b) { return {a, b}; }
 template <class T> inline T __ldg(const T* p) { return *p; }
 inline int min(int a, int b) { return a < b ? a : b; }
+inline float __fadd_rn(float a, float b) { return a + b; }  // g++ without -mfma: no contraction on x86-64
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 #define __global__
 #define __device__

@@ -1,7 +1,7 @@
 // CPU emulation harness: runs the MSDCN kernels of ../ (the backwards: untiled, both tiled modes, gather; the forward) on the
 // CPU, one std::thread per CUDA thread (cuda_emu.h), so their index and synchronisation logic is tested
 // without a GPU (tests/cuda_ext/test_msdcn_cuda.py builds it with g++). Not part of the extension build.
-//   harness DIR MODE FUSED TRUNC SPLIT B H W G C K TH TW R Q ROUNDS DTYPE VEC   (DTYPE: f64 | f32 | bf16)
+//   harness DIR MODE FUSED TRUNC SPLIT B H W G C K TH TW R Q ROUNDS DTYPE VEC   (DTYPE: f64 | f32 | bf16 | bf16x)
 // MODE 0: untiled kernel (Q queries x ROUNDS per block); 1: tiled, atomic window; 2: tiled, sorted window
 // (tile TH x TW, radius R); 3: gather (count, prefix sum here on the host, fill, pull with VEC runs of 8 channels
 // per lane (0: the launcher's choice), epilogue); 4: the forward (Q queries x ROUNDS per block), output DIR/out.bin; 5: the
@@ -102,7 +102,7 @@ static int run(char** argv) {
   p.N = N; p.H = H; p.W = W; p.G = G; p.C = C; p.K = K; p.L = C / 8; p.split = split; p.trunc = trunc_;
   const int64_t GC = int64_t(G) * C, GK = int64_t(G) * K, RW = GC + 4 * GK;
   p.vs = GC; p.os = 2 * GK; p.fs = GK;  // contiguous inputs (the launchers' make_params)
-  // FLOWDCN_EMU_PACKED=1 (fused, f64/f32): value and the fields in one [N, G*C + 4*G*K] array (value | delta | scale_logit |
+  // FLOWDCN_EMU_PACKED=1 (fused, f64/f32/bf16x): value and the fields in one [N, G*C + 4*G*K] array (value | delta | scale_logit |
   // weights per pixel), read at that row stride as the packed launchers pass them; the field grads (and the gather
   // backward's grad_value) are written into one such array, NaN-filled first, and read back from it.
   const char* pe = std::getenv("FLOWDCN_EMU_PACKED");
@@ -124,7 +124,7 @@ static int run(char** argv) {
       p.goff = gproj.data() + GC; p.gscale = gproj.data() + GC + 2 * GK; p.gweight = gproj.data() + GC + 3 * GK;
       p.vs = p.os = p.fs = RW;
     } else {
-      std::fprintf(stderr, "FLOWDCN_EMU_PACKED needs DTYPE f64 or f32 (one dtype for value and fields)\n");
+      std::fprintf(stderr, "FLOWDCN_EMU_PACKED needs DTYPE f64, f32 or bf16x (one dtype for value and fields)\n");
       std::exit(2);
     }
   }
@@ -242,6 +242,7 @@ int main(int argc, char** argv) {
   if (dt == "f64") return run<double, double, double>(argv);
   if (dt == "f32") return run<float, float, float>(argv);
   if (dt == "bf16") return run<__nv_bfloat16, float, float>(argv);  // bf16 value, fp32 fields (the benchmark's case)
-  std::fprintf(stderr, "DTYPE must be f64, f32 or bf16, got %s\n", dt.c_str());
+  if (dt == "bf16x") return run<__nv_bfloat16, __nv_bfloat16, float>(argv);  // bf16 value and fields (autocast: the model's case)
+  std::fprintf(stderr, "DTYPE must be f64, f32, bf16 or bf16x, got %s\n", dt.c_str());
   return 2;
 }
