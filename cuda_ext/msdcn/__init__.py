@@ -129,8 +129,8 @@ def msdcn_deform_packed(
     place (no split copies, no concatenation of the grads); the torch path takes views (split_packed) into msdcn_deform.
     """
     value, delta, scale_logit, weights = split_packed(proj, groups, points)   # validates proj's shape
-    check_deform_inputs(value, delta, scale_logit, weights, prior, s0, s_max, rounding)
-    if _auto_cuda(impl, value):
+    if _auto_cuda(impl, value):   # the backend checks the other inputs (once per call: the eager path is host-bound at 16²)
         return _cuda_backend().msdcn_deform_packed(proj, prior, s0, s_max, groups=groups, points=points, rounding=rounding)
+    check_deform_inputs(value, delta, scale_logit, weights, prior, s0, s_max, rounding)
     offsets = deform_offsets_ref(delta, scale_logit, prior, s0, s_max)
     return msdcn(value, offsets, weights, rounding=rounding, impl="torch")
