@@ -17,7 +17,7 @@ import torch
 
 from . import ops as _ops  # registers flowdcn::msdcn_ref
 from .reference import (check_deform_inputs, check_msdcn_inputs, deform_offsets_ref, msdcn_grid_sample_ref, msdcn_ref,
-                        split_packed)
+                        packed_channels, split_packed)
 
 IMPLS = ("auto", "torch", "cuda")
 
@@ -71,17 +71,17 @@ def _use_cuda(impl: str, device: torch.device) -> bool:
     return device.type == "cuda" and cuda_available()
 
 
-def _auto_cuda(impl: str, value: torch.Tensor) -> bool:
-    """_use_cuda, plus: "auto" falls back to the reference for shapes the kernels do not take."""
-    if not _use_cuda(impl, value.device):
+def _auto_cuda(impl: str, device: torch.device, shape) -> bool:
+    """_use_cuda, plus: "auto" falls back to the reference for value shapes [B,H,W,G,C] the kernels do not take."""
+    if not _use_cuda(impl, device):
         return False
-    return impl == "cuda" or _cuda_backend().supports(value.shape)
+    return impl == "cuda" or _cuda_backend().supports(shape)
 
 
 def msdcn(value: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, *, rounding: str = "floor", impl: str = "auto") -> torch.Tensor:
     """Groupwise deformable sampling: out[b,h,w,g] = sum_k weights[...,k] * bilinear(value[b,:,:,g], pos_k)."""
     check_msdcn_inputs(value, offsets, weights, rounding)
-    if _auto_cuda(impl, value):
+    if _auto_cuda(impl, value.device, value.shape):
         return _cuda_backend().msdcn(value, offsets, weights, rounding=rounding)
     return torch.ops.flowdcn.msdcn_ref(value, offsets, weights, rounding)
 
@@ -105,7 +105,7 @@ def msdcn_deform(
     the torch path composes deform_offsets_ref and msdcn_ref, and is the spec.
     """
     check_deform_inputs(value, delta, scale_logit, weights, prior, s0, s_max, rounding)   # both paths, before any work
-    if _auto_cuda(impl, value):
+    if _auto_cuda(impl, value.device, value.shape):
         return _cuda_backend().msdcn_deform(value, delta, scale_logit, weights, prior, s0, s_max, rounding=rounding)
     offsets = deform_offsets_ref(delta, scale_logit, prior, s0, s_max)
     return msdcn(value, offsets, weights, rounding=rounding, impl="torch")
@@ -128,9 +128,11 @@ def msdcn_deform_packed(
     the output of one GEMM (FlowDCN's four input projections). The CUDA path reads it in place and writes its grad in
     place (no split copies, no concatenation of the grads); the torch path takes views (split_packed) into msdcn_deform.
     """
-    value, delta, scale_logit, weights = split_packed(proj, groups, points)   # validates proj's shape
-    if _auto_cuda(impl, value):   # the backend checks the other inputs (once per call: the eager path is host-bound at 16²)
+    C = packed_channels(proj, groups, points)   # validates proj's shape
+    if _auto_cuda(impl, proj.device, (*proj.shape[:3], groups, C)):
+        # the backend checks the other inputs, without building views (the eager path is host-bound at 16²)
         return _cuda_backend().msdcn_deform_packed(proj, prior, s0, s_max, groups=groups, points=points, rounding=rounding)
+    value, delta, scale_logit, weights = split_packed(proj, groups, points)
     check_deform_inputs(value, delta, scale_logit, weights, prior, s0, s_max, rounding)
     offsets = deform_offsets_ref(delta, scale_logit, prior, s0, s_max)
     return msdcn(value, offsets, weights, rounding=rounding, impl="torch")

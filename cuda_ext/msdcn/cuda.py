@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import build
-from .reference import check_deform_inputs, check_msdcn_inputs, split_packed
+from .reference import check_deform_inputs, check_msdcn_inputs, check_packed_inputs, split_packed
 
 __all__ = ["available", "require", "supports", "msdcn", "msdcn_deform", "msdcn_deform_packed", "packed_served", "set_backward",
            "set_launch", "set_tiled"]
@@ -591,11 +591,9 @@ def msdcn_deform_packed(proj: torch.Tensor, prior: torch.Tensor, s0: torch.Tenso
                         points: int, rounding: str = "floor") -> torch.Tensor:
     """msdcn_deform of a packed projection proj [B,H,W,G*C + 4*G*K] (reference.split_packed) -> [B,H,W,G,C]; read and its
     grad written in place where packed_served(), else through msdcn_deform on contiguous copies of the four parts."""
-    value, delta, scale_logit, weights = split_packed(proj, groups, points)
-    check_deform_inputs(value, delta, scale_logit, weights, prior, s0, s_max, rounding)
+    channels = check_packed_inputs(proj, prior, s0, s_max, groups, points, rounding)   # no views: ~60 µs less per call
     if not packed_served(proj.shape, groups, points, proj.dtype):
-        return msdcn_deform(value, delta, scale_logit, weights, prior, s0, s_max, rounding=rounding)
-    channels = value.shape[-1]
+        return msdcn_deform(*split_packed(proj, groups, points), prior, s0, s_max, rounding=rounding)
     train = torch.is_grad_enabled() and (proj.requires_grad or s0.requires_grad)   # then the forward buckets the points
     if torch.compiler.is_compiling():
         if train:

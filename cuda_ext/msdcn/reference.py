@@ -65,21 +65,38 @@ def check_deform_inputs(value, delta, scale_logit, weights, prior, s0, s_max, ro
             raise ValueError(f"msdcn_deform: {name} is on {t.device} but value is on {value.device}")
 
 
-def split_packed(proj: torch.Tensor, groups: int, points: int):
-    """Views (value, delta, scale_logit, weights) of a packed projection proj [B,H,W,G*C + 4*G*K]: each pixel's row is
-    value (G*C, ordered (g, c)) | delta (2*G*K, (g, k, xy)) | scale_logit (G*K) | weights (G*K), one GEMM's output.
-    Raises a ValueError naming proj when its last dimension is not G*C + 4*G*K for a whole C >= 1."""
+def packed_channels(proj: torch.Tensor, groups: int, points: int) -> int:
+    """C of a packed projection proj [B,H,W,G*C + 4*G*K] (see split_packed); a ValueError naming proj when its shape
+    does not fit G and K."""
     G, K = int(groups), int(points)
     if G < 1 or K < 1:
         raise ValueError(f"msdcn_deform_packed: groups and points must be >= 1, got {G} and {K}")
     if proj.dim() != 4:
         raise ValueError(f"msdcn_deform_packed: proj must be [B,H,W,G*C+4*G*K], got shape {tuple(proj.shape)}")
-    B, H, W, R = proj.shape
+    R = proj.shape[-1]
     GC = R - 4 * G * K
     if GC < G or GC % G:
         raise ValueError(f"msdcn_deform_packed: proj's last dimension {R} is not G*C + 4*G*K for G={G}, K={K} and a whole C >= 1")
-    C, GK = GC // G, G * K
-    value, delta, scale, weights = proj.split([GC, 2 * GK, GK, GK], dim=-1)
+    return GC // G
+
+
+def check_packed_inputs(proj, prior, s0, s_max, groups: int, points: int, rounding: str) -> int:
+    """msdcn_deform_packed's checks without building the four views (the CUDA path reads proj in place): returns C."""
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"msdcn_deform_packed: rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+    C = packed_channels(proj, groups, points)
+    _check_shapes("msdcn_deform_packed", proj, {"prior": (prior, (points, 2)), "s0": (s0, (groups,)), "s_max": (s_max, (2,))})
+    return C
+
+
+def split_packed(proj: torch.Tensor, groups: int, points: int):
+    """Views (value, delta, scale_logit, weights) of a packed projection proj [B,H,W,G*C + 4*G*K]: each pixel's row is
+    value (G*C, ordered (g, c)) | delta (2*G*K, (g, k, xy)) | scale_logit (G*K) | weights (G*K), one GEMM's output.
+    Raises a ValueError naming proj when its last dimension is not G*C + 4*G*K for a whole C >= 1."""
+    G, K = int(groups), int(points)
+    C = packed_channels(proj, G, K)
+    GK = G * K
+    value, delta, scale, weights = proj.split([G * C, 2 * GK, GK, GK], dim=-1)
     return (value.unflatten(-1, (G, C)), delta.unflatten(-1, (G, K, 2)), scale.unflatten(-1, (G, K)),
             weights.unflatten(-1, (G, K)))
 

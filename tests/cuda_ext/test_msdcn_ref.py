@@ -191,3 +191,26 @@ def test_packed_projection_layout_and_grads_on_the_torch_path():
         msdcn_deform_packed(proj[..., 1:], prior, s0, smax, groups=G, points=K, impl="torch")
     with pytest.raises(ValueError, match="msdcn_deform: s0 must have shape"):
         msdcn_deform_packed(proj, prior, s0[:1], smax, groups=G, points=K, impl="torch")
+
+
+def test_packed_input_checks_without_views():
+    """check_packed_inputs (what the CUDA path runs instead of building views) rejects what split_packed and
+    check_deform_inputs reject, naming the argument, and returns C."""
+    from cuda_ext.msdcn.reference import check_packed_inputs
+
+    G, K, C = 2, 5, 3
+    proj = torch.zeros(1, 2, 3, G * C + 4 * G * K)
+    prior, s0, smax = torch.zeros(K, 2), torch.zeros(G), torch.ones(2)
+    assert check_packed_inputs(proj, prior, s0, smax, G, K, "trunc") == C
+    with pytest.raises(ValueError, match="proj's last dimension"):
+        check_packed_inputs(proj[..., 1:], prior, s0, smax, G, K, "floor")
+    with pytest.raises(ValueError, match="msdcn_deform_packed: prior must have shape \\[5, 2\\]"):
+        check_packed_inputs(proj, prior[:4], s0, smax, G, K, "floor")
+    with pytest.raises(ValueError, match="msdcn_deform_packed: s0 must have shape \\[2\\]"):
+        check_packed_inputs(proj, prior, torch.zeros(3), smax, G, K, "floor")
+    with pytest.raises(ValueError, match="msdcn_deform_packed: s_max must have shape \\[2\\]"):
+        check_packed_inputs(proj, prior, s0, torch.ones(1), G, K, "floor")
+    with pytest.raises(ValueError, match="rounding"):
+        check_packed_inputs(proj, prior, s0, smax, G, K, "round")
+    with pytest.raises(ValueError, match="proj must be"):
+        check_packed_inputs(proj[0], prior, s0, smax, G, K, "floor")
