@@ -280,8 +280,9 @@ bool gather_serves(const at::Tensor& value, const at::Tensor& weight) {
 
 // The gather backward (msdcn_gather.cuh): count, scan, fill, pull, epilogue on the current stream. grad_value is written
 // to gvalue (the value's dtype and layout: p.vs per pixel); returns d/ds0 [G] when fused (else an empty tensor).
-// One int32 workspace holds count, start and the per-item key, rank and entry rows; one float workspace the
-// entries' corner weights and dots (fewer allocations: at 16² the host's share shows in eager timings).
+// Workspaces (gather_bind): the bucketing [count | key | rank] (counted: kept from the training forward; else allocated
+// and counted here), one int32 workspace [start | row | pos] and one float workspace of the entries' corner weights and
+// dots (few allocations: at 16² the host's share shows in eager timings).
 template <typename T, typename F, typename A>
 at::Tensor gather_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor& value, T* gvalue, int64_t pull_vec_req,
                            cudaStream_t stream, const at::Tensor& counted = at::Tensor()) {
@@ -435,8 +436,7 @@ std::vector<at::Tensor> msdcn_forward_packed_train(const at::Tensor& proj, const
                                                       "serves (C <= 256, G*K <= 1024, fewer than 2^31 corner slots), got G=", G, ", C=", C, ", K=", K));
   const int64_t NB = gather_buckets(proj.size(0), proj.size(1), proj.size(2), G), items = v.weight.numel();
   auto counts = at::empty({gather_count_words(NB, items)}, proj.options().dtype(at::kInt));
-  if (proj.numel() == 0) return {forward_launch(v.value, v.delta, v.scale, v.weight, prior, s0, smax, true, trunc, threads, rounds, v.row),
-                                 counts.zero_()};
+  if (proj.numel() == 0) counts.zero_();  // (empty: the forward returns before counting)
   auto out = forward_launch(v.value, v.delta, v.scale, v.weight, prior, s0, smax, true, trunc, threads, rounds, v.row, counts);
   return {out, counts};
 }

@@ -20,15 +20,16 @@
 //                pos[item] = e.
 //   4. pull:     per (pixel, group), C / (8 V) lanes of V runs of 8 channels: grad_value and the corner dots,
 //                stored by entry (consecutive lanes of a walk write neighbouring dots).
-//   5. epilogue: per item: its entry (start[key] + rank) and the chain rule of the field grads from the entry's
+//   5. epilogue: per item: its entry (pos) and the chain rule of the field grads from the entry's
 //                dots of corners inside the grid (as the scatter kernel's phase 2), d/ds0 reduced per block in a
 //                fixed order.
-// Entries inside a bucket follow the count kernel's atomic order, so grad_value's fp32 sums have no fixed
+// Entries inside a bucket follow the counting's atomic order, so grad_value's fp32 sums have no fixed
 // order (like the scatter kernel's); every other grad is computed in a fixed order.
 // The stored key alone decides where an entry goes and which corners are inside the grid (the pull visits and
 // writes the dots of exactly those, the fill and the epilogue give the others weight and dot 0), so the fill and
-// epilogue kernels, which recompute the geometry for the weights, can never disagree with the count kernel about an
-// index or a corner.
+// epilogue kernels, which recompute the geometry for the weights, can never disagree with the counting about an
+// index or a corner; and every kernel computes the sample position with the same unfused roundings (add_rn, mul_rn),
+// so the recomputed weights belong to the stored cell.
 #pragma once
 
 #include "msdcn_kernels.cuh"
