@@ -292,6 +292,32 @@ def compare_backward(G, C, K, H, pull_vecs=(), kinds=("gather", "scatter")) -> d
     return out
 
 
+def packed_fwd(proj, p, z, m, g, G, K):
+    with torch.no_grad():
+        return msdcn_cuda.msdcn_deform_packed(proj, p, z, m, groups=G, points=K)
+
+
+# (key, FLOWDCN_MSDCN_PLANE, FLOWDCN_MSDCN_PLANE_THREADS) of --planes
+PLANE_RUNS = (("off", "off", None), ("on", "on", None), ("bwd", "bwd", None), ("fwd", "fwd", None), ("on_t512", "on", "512"),
+              ("on_t768", "on", "768"))
+
+
+def compare_planes(G, C, K, H) -> dict:
+    """The packed op (the model's path) with the plane kernels off, on (both; 1024 threads per plane block), only backward,
+    only forward, and with 512 / 768 threads per block: fwd+bwd ms eager and CUDA graph, forward-only CUDA graph, kernel
+    times."""
+    sets = [packed_inputs(*with_grad(make_inputs(BATCH, H, H, G, C, K, s))) for s in range(2)]
+    out = {}
+    for key, plane, threads in PLANE_RUNS:
+        with env_var("FLOWDCN_MSDCN_PLANE", plane), env_var("FLOWDCN_MSDCN_PLANE_THREADS", threads):
+            out[f"{key}_fwdbwd_ms"] = cuda_time(packed_fwdbwd, sets)
+            out[f"{key}_graph_fwdbwd_ms"] = graph_time(packed_fwdbwd, sets[0])
+            out[f"{key}_graph_fwd_ms"] = graph_time(packed_fwd, sets[0])
+            out[f"{key}_kernels_ms"] = kernel_times(sets, fn=packed_fwdbwd)
+    print(f"  planes G={G} C={C} {H}²: {json.dumps(out)}", flush=True)
+    return out
+
+
 def bench_op(bw: float, with_ref: bool) -> list[dict]:
     rows = []
     for name, (G, C, K) in SHAPES.items():
@@ -392,7 +418,9 @@ def main() -> None:
     ap.add_argument("--sweep-grid", type=int, default=32, help="with --sweep: the XL token grid swept")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of XL,B")
     ap.add_argument("--grids", default=",".join(map(str, GRIDS)), help="comma-separated subset of 16,32,64")
-    ap.add_argument("--no-op", action="store_true", help="skip the main op table (with --tiled / --tile-sweep)")
+    ap.add_argument("--no-op", action="store_true", help="skip the main op table (with --tiled / --tile-sweep / --planes)")
+    ap.add_argument("--planes", action="store_true", help="the packed op with the plane kernels off / on / per direction / "
+                    "at other block sizes (--shapes, --grids)")
     args = ap.parse_args()
     SHAPES = {k: SHAPES[k] for k in args.shapes.split(",")}
     GRIDS = tuple(int(h) for h in args.grids.split(","))
@@ -417,6 +445,8 @@ def main() -> None:
         vecs = tuple(int(v) for v in args.pull_vecs.split(",") if v)
         kinds = tuple(args.kinds.split(","))
         result["backwards"] = {f"{name}_{h}": compare_backward(*SHAPES[name], h, vecs, kinds) for name in SHAPES for h in GRIDS}
+    if args.planes:
+        result["planes"] = {f"{name}_{h}": compare_planes(*SHAPES[name], h) for name in SHAPES for h in GRIDS}
     result["op"] = [] if args.no_op else bench_op(bw, with_ref=not args.no_ref)
     if args.block:
         result["block"] = bench_blocks()
@@ -460,6 +490,13 @@ def main() -> None:
                 r = result["backwards"][key]
                 pull = next((t for k, t in r[f"gather_v{v}_kernels_ms"].items() if "pull" in k), float("nan"))
                 print(f"  {key} V={v}: {r[f'gather_v{v}_fwdbwd_ms']:.3f} / {r[f'gather_v{v}_graph_fwdbwd_ms']:.3f}, pull {pull:.3f}")
+    if args.planes:
+        print("\nPlane kernels (packed op, bf16): fwd+bwd ms eager / CUDA graph; forward-only CUDA graph")
+        print("| shape | grid | " + " | ".join(k for k, _, _ in PLANE_RUNS) + " |\n|---|---|" + "---|" * len(PLANE_RUNS))
+        for key, r in result["planes"].items():
+            name, h = key.split("_")
+            cells = [f"{r[k + '_fwdbwd_ms']:.3f} / {r[k + '_graph_fwdbwd_ms']:.3f}; {r[k + '_graph_fwd_ms']:.3f}" for k, _, _ in PLANE_RUNS]
+            print(f"| {name} | {h}² | " + " | ".join(cells) + " |")
     if args.block:
         print("\n| grid | FlowDCN-XL block fwd+bwd (ms) | SiT-XL block fwd+bwd (ms) |\n|---|---|---|")
         for r in result["block"]:

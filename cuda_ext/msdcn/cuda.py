@@ -374,6 +374,33 @@ def _packed_backward_impl(grad_out, proj, prior, s0, s_max, groups, channels, po
     return gp, _s0_grad(gs0, s0.dtype, s0.device)
 
 
+_PLANE_CACHE: dict[tuple, bool] = {}
+
+
+@torch.compiler.assume_constant_result   # torch.compile calls it while tracing and bakes the answer into the graph
+def _plane_serves_shape(B: int, H: int, W: int, G: int, C: int, K: int, itemsize: int, fp64: bool, device: int) -> bool:
+    """The extension's plane_serves for the backward (its shared-memory and block-count rule, FLOWDCN_MSDCN_PLANE), cached
+    per shape and switch value; device -1: the current device."""
+    if device < 0:
+        device = torch.cuda.current_device()
+    key = (B, H, W, G, C, K, itemsize, fp64, device, os.environ.get("FLOWDCN_MSDCN_PLANE", "on"))
+    hit = _PLANE_CACHE.get(key)
+    if hit is None:
+        hit = _PLANE_CACHE[key] = bool(_module(torch.device("cuda", device)).plane_serves(B, H, W, G, C, K, itemsize, fp64, device,
+                                                                                          True))
+    return hit
+
+
+def _plane_backward_serves(proj: torch.Tensor, groups: int, channels: int, points: int) -> bool:
+    """True when the plane backward (csrc/msdcn_plane.cuh: one block per (image, group), its planes in shared memory)
+    takes this packed shape on proj's device; then the training forward need not bucket the points for the gather
+    backward. Under torch.compile the answer is taken at trace time (FLOWDCN_MSDCN_PLANE included)."""
+    B, H, W, _ = proj.shape
+    index = proj.device.index
+    return _plane_serves_shape(B, H, W, groups, channels, points, proj.dtype.itemsize, proj.dtype == torch.float64,
+                               -1 if index is None else index)
+
+
 def _bucketing_words(proj, groups, points) -> int:
     """Length of the training forward's bucketing (csrc gather_count_words): count per (cell, group) bucket, key and
     rank per sampling point."""
@@ -538,13 +565,18 @@ class _PackedFn(torch.autograd.Function):
     """Eager autograd wrapper of the packed op (same kernels as flowdcn::msdcn_deform_packed_cuda); inputs prepared once."""
 
     @staticmethod
-    def forward(ctx, proj, prior, s0, s_max, groups, channels, points, rounding, train):
+    def forward(ctx, proj, prior, s0, s_max, groups, channels, points, rounding, mode):
+        # mode (the caller decides: needs_input_grad ignores no_grad / inference_mode): 0 no backward will follow; 1 a
+        # backward follows (the plane backward, or a gather backward that buckets the points itself); 2 the forward
+        # buckets the points for the gather backward
         pj, p, z, m = _packed_prep(proj, prior, s0, s_max)
         ctx.meta = (groups, channels, points, rounding, s0.dtype, s0.device)
-        if not train:  # (needs_input_grad ignores no_grad / inference_mode: the caller decides)
-            return _packed_forward_prepped(pj, p, z, m, groups, channels, points, rounding)
-        out, counts = _packed_forward_train_prepped(pj, p, z, m, groups, channels, points, rounding)
-        ctx.save_for_backward(pj, p, z, m, counts)
+        if mode == 2:
+            out, counts = _packed_forward_train_prepped(pj, p, z, m, groups, channels, points, rounding)
+        else:
+            out, counts = _packed_forward_prepped(pj, p, z, m, groups, channels, points, rounding), None
+        if mode:
+            ctx.save_for_backward(pj, p, z, m, counts)
         return out
 
     @staticmethod
@@ -594,9 +626,11 @@ def msdcn_deform_packed(proj: torch.Tensor, prior: torch.Tensor, s0: torch.Tenso
     channels = check_packed_inputs(proj, prior, s0, s_max, groups, points, rounding)   # no views: ~60 µs less per call
     if not packed_served(proj.shape, groups, points, proj.dtype):
         return msdcn_deform(*split_packed(proj, groups, points), prior, s0, s_max, rounding=rounding)
-    train = torch.is_grad_enabled() and (proj.requires_grad or s0.requires_grad)   # then the forward buckets the points
+    grad = torch.is_grad_enabled() and (proj.requires_grad or s0.requires_grad)
+    # a backward follows: the forward buckets the points for the gather backward, unless the plane backward serves
+    count = grad and not _plane_backward_serves(proj, groups, channels, points)
     if torch.compiler.is_compiling():
-        if train:
+        if count:
             return torch.ops.flowdcn.msdcn_deform_packed_cuda_train(proj, prior, s0, s_max, groups, channels, points, rounding)[0]
         return torch.ops.flowdcn.msdcn_deform_packed_cuda(proj, prior, s0, s_max, groups, channels, points, rounding)
-    return _PackedFn.apply(proj, prior, s0, s_max, groups, channels, points, rounding, train)
+    return _PackedFn.apply(proj, prior, s0, s_max, groups, channels, points, rounding, 2 if count else int(grad))

@@ -446,15 +446,22 @@ def test_flowdcn_debug_model_cuda_equals_torch(cuda_mod):
 
 # ---------------------------------------------------------------- gather vs scatter backward
 @pytest.fixture
-def backward_kind(cuda_mod):
-    """Yields set_backward; restores the module's backward choice afterwards."""
+def backward_kind(cuda_mod, monkeypatch):
+    """Yields a setter of the backward: "gather" (the plane kernels off), "scatter", or "plane" (the gather backward
+    selected and the plane kernels forced, FLOWDCN_MSDCN_PLANE=force, also below their block-count rule); restores
+    the module's backward choice afterwards."""
     saved = cuda_mod._BACKWARD
-    yield cuda_mod.set_backward
+
+    def choose(kind: str) -> None:
+        monkeypatch.setenv("FLOWDCN_MSDCN_PLANE", "force" if kind == "plane" else "off")
+        cuda_mod.set_backward("gather" if kind == "plane" else kind)
+
+    yield choose
     cuda_mod.set_backward(saved)
 
 
 @cuda
-@pytest.mark.parametrize("kind", ["gather", "scatter"])
+@pytest.mark.parametrize("kind", ["gather", "scatter", "plane"])
 @pytest.mark.parametrize("shape", [(2, 9, 11, 3, 24, 5), (1, 4, 5, 1, 264, 3)])  # C=264: 33 lanes, gather falls back
 def test_backward_kinds_fp64_match_reference(cuda_mod, backward_kind, kind, shape):
     backward_kind(kind)
@@ -682,11 +689,12 @@ def pack(value, delta, scale, weights):
 
 @cuda
 @pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("kind", ["gather", "plane"])
 @pytest.mark.parametrize("shape", [(2, 5, 7, 2, 24, 9), (1, 9, 4, 3, 72, 9), (3, 1, 6, 1, 16, 2), (2, 6, 5, 4, 64, 3)])
-def test_packed_fp64_forward_and_grads(cuda_mod, backward_kind, shape, rounding):
+def test_packed_fp64_forward_and_grads(cuda_mod, backward_kind, shape, rounding, kind):
     """The packed kernels (value and fields read in place from one projection, its grad written in place) against the
     fp64 reference; the grad of proj comes from the kernels (packed_served) and every element of it is written."""
-    backward_kind("gather")
+    backward_kind(kind)
     B, H, W, G, C, K = shape
     value, delta, scale, weights, prior, s0, s_max = make_deform(shape, seed=229)
     assert cuda_mod.packed_served((B, H, W, G * C + 4 * G * K), G, K, torch.float64)
@@ -706,8 +714,9 @@ def test_packed_fp64_forward_and_grads(cuda_mod, backward_kind, shape, rounding)
 
 
 @cuda
-def test_packed_gradcheck_fp64(cuda_mod, backward_kind):
-    backward_kind("gather")
+@pytest.mark.parametrize("kind", ["gather", "plane"])
+def test_packed_gradcheck_fp64(cuda_mod, backward_kind, kind):
+    backward_kind(kind)
     value, delta, scale, weights, prior, s0, s_max = make_deform((1, 3, 4, 2, 8, 2), seed=233)
     args = [pack(value, delta, scale, weights).requires_grad_(True), s0.requires_grad_(True)]
     fn = lambda pj, z: cuda_mod.msdcn_deform_packed(pj, prior, z, s_max, groups=2, points=2)  # noqa: E731
@@ -715,7 +724,7 @@ def test_packed_gradcheck_fp64(cuda_mod, backward_kind):
 
 
 @cuda
-@pytest.mark.parametrize("kind", ["gather", "scatter"])
+@pytest.mark.parametrize("kind", ["gather", "scatter", "plane"])
 def test_packed_bf16_equals_the_unpacked_op(cuda_mod, backward_kind, kind):
     """The training case (bf16 projection, XL's G=16, C=72, K=9): the packed op's output equals the unpacked op's on the
     four parts bit for bit and its grads match (grad_value's sums run in atomic order); with the scatter backward
@@ -724,7 +733,7 @@ def test_packed_bf16_equals_the_unpacked_op(cuda_mod, backward_kind, kind):
     shape = (2, 8, 10, 16, 72, 9)
     B, H, W, G, C, K = shape
     value, delta, scale, weights, prior, s0, s_max = make_deform(shape, dtype=torch.bfloat16, field_dtype=torch.bfloat16, seed=239)
-    assert cuda_mod.packed_served((B, H, W, G * C + 4 * G * K), G, K, torch.bfloat16) == (kind == "gather")
+    assert cuda_mod.packed_served((B, H, W, G * C + 4 * G * K), G, K, torch.bfloat16) == (kind != "scatter")
     proj = pack(value, delta, scale, weights).requires_grad_(True)
     z1, z2 = s0.clone().requires_grad_(True), s0.clone().requires_grad_(True)
     parts = [t.clone().requires_grad_(True) for t in (value, delta, scale, weights)]
@@ -851,6 +860,42 @@ def test_packed_compile_opcheck_and_errors(cuda_mod, backward_kind):
     assert out.shape == (0, H, W, G, C)
     out.sum().backward()
     assert empty.grad.shape == empty.shape
+
+
+@cuda
+def test_plane_kernels_at_the_training_shape(cuda_mod, monkeypatch):
+    """FlowDCN-XL/2 at 256 px (B=32, 16x16 tokens, G=16, C=72, K=9, bf16 projection): with the default switch the plane
+    kernels serve, so the training forward does not bucket the points; the plane forward and backward agree with the
+    regular forward and the gather backward (FLOWDCN_MSDCN_PLANE=off) up to fp32 summation order and bf16 rounding."""
+    shape = (32, 16, 16, 16, 72, 9)
+    B, H, W, G, C, K = shape
+    value, delta, scale, weights, prior, s0, s_max = make_deform(shape, dtype=torch.bfloat16, field_dtype=torch.bfloat16, seed=401)
+    proj = pack(value, delta, scale, weights)
+    gy = torch.randn(shape[:5], device="cuda").to(torch.bfloat16)
+    monkeypatch.setenv("FLOWDCN_MSDCN_PLANE", "on")
+    assert cuda_mod._plane_backward_serves(proj, G, C, K)
+
+    def run():
+        pj, z = proj.clone().requires_grad_(True), s0.clone().requires_grad_(True)
+        out = cuda_mod.msdcn_deform_packed(pj, prior, z, s_max, groups=G, points=K)
+        torch.autograd.backward(out, gy)
+        return out, pj.grad, z.grad
+
+    def no_bucketing(*args, **kwargs):
+        raise AssertionError("the training forward bucketed the points although the plane backward serves")
+
+    with monkeypatch.context() as m:
+        m.setattr(cuda_mod, "_packed_forward_train_prepped", no_bucketing)
+        out_p, gp_p, gz_p = run()
+    monkeypatch.setenv("FLOWDCN_MSDCN_PLANE", "off")
+    assert not cuda_mod._plane_backward_serves(proj, G, C, K)
+    out_g, gp_g, gz_g = run()
+    assert torch.isfinite(gp_p).all()
+    assert rel_err(out_p.float(), out_g.float()) < 1e-3
+    GC = G * C
+    assert rel_err(gp_p[..., :GC].float(), gp_g[..., :GC].float()) < 1e-2   # grad_value: bf16 sums in other orders
+    assert rel_err(gp_p[..., GC:].float(), gp_g[..., GC:].float()) < 1e-2   # field grads: dots summed in another order
+    assert rel_err(gz_p, gz_g) < 1e-4
 
 
 # ---------------------------------------------------------------- backward kernels under CPU emulation (no GPU)
@@ -1068,3 +1113,41 @@ def test_emulated_tiled_deform_backward_low_precision(emu_harness, tmp_path, dty
             # bf16 rounding, relative error <= 2^-9 per element
             tol = 2e-3 if (mode == 3 and dtype == "bf16" and name == "value") else 1e-5
             assert rel_err(g, leaves[leaf].grad) < tol, (mode, tile, radius, name)
+
+
+# ---------------------------------------------------------------- the plane kernels (csrc/msdcn_plane.cuh) under emulation
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("fused,shape,threads", [(True, (2, 6, 7, 2, 72, 9), 96), (False, (2, 5, 9, 3, 24, 5), 64),
+                                                 (True, (1, 1, 3, 1, 16, 1), 32)])
+def test_emulated_plane_backward_and_forward(emu_harness, tmp_path, rounding, fused, shape, threads):
+    """The plane kernels (one block per (image, group), the group's planes in shared memory) in fp64 against the
+    reference: forward, and every grad of the backward (d/ds0 from the per-(group, image) partials), fused and plain,
+    both roundings, blocks of several thread counts (loops with remainders), offsets in and out of the grid; a 1x3
+    grid with K = 1 (the pull's division special case). Unwritten elements are NaN and fail the finiteness checks."""
+    B, H, W, G, C, K = shape
+    if fused:
+        tensors, leaves, out = emulated_deform_case(shape, seed=307 + C)
+        names = (("value", 0), ("delta", 1), ("weights", 3), ("scale_logit", 2), ("s0", 4))
+    else:
+        value, offsets, weights = make_inputs(shape, seed=311, spread=3.0, device="cpu")
+        grad = torch.randn_like(value)
+        leaves = [t.clone().requires_grad_(True) for t in (value, offsets, weights)]
+        out = msdcn_ref(*leaves, rounding=rounding)
+        (out * grad).sum().backward()
+        tensors = {"value": value, "off": offsets, "weight": weights, "gout": grad}
+        names = (("value", 0), ("offsets", 1), ("weights", 2))
+    if fused and rounding == "trunc":
+        leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+        out = msdcn_ref(leaves[0], deform_offsets_ref(leaves[1], leaves[2], tensors["prior"], leaves[4], tensors["smax"]), leaves[3],
+                        rounding="trunc")
+        (out * tensors["gout"]).sum().backward()
+    run_emulated(emu_harness, tmp_path, tensors, 7, fused, rounding, shape, q=threads, outputs=False)
+    got = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float64)).view(B, H, W, G, C)
+    assert torch.isfinite(got).all()
+    assert rel_err(got, out.detach()) < 1e-12
+    grads = run_emulated(emu_harness, tmp_path, tensors, 6, fused, rounding, shape, q=threads)
+    order = (0, 1, 2, 3, 4) if fused else (0, 1, 2)
+    for (name, leaf), idx in zip(names, order):
+        g = grads[idx]
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, leaves[leaf].grad) < 1e-10, name

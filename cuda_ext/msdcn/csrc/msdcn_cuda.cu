@@ -18,6 +18,7 @@
 #include "msdcn_kernels.cuh"
 #include "msdcn_tiled.cuh"
 #include "msdcn_gather.cuh"
+#include "msdcn_plane.cuh"
 
 namespace flowdcn {
 namespace {
@@ -278,6 +279,64 @@ bool gather_serves(const at::Tensor& value, const at::Tensor& weight) {
   return C / kVec <= 32 && G * K <= 1024 && B * H * W * G * K * 4 < limit && gather_buckets(B, H, W, G) < limit;
 }
 
+// Streaming multiprocessors of a device (cached: asked on every layer).
+int sm_count(int device) {
+  static std::mutex mu;
+  static std::map<int, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  return cache[device] = n;
+}
+
+// FLOWDCN_MSDCN_PLANE=on (default) | off | fwd | bwd | force: which plane kernels (msdcn_plane.cuh) may run; force: both,
+// also below the block-count rule of plane_serves (the tests' small shapes). Read on every call (a benchmark switch:
+// bench/msdcn_op.py compares them in one process).
+std::string plane_switch() { return env_choice("FLOWDCN_MSDCN_PLANE", "on", {"on", "off", "fwd", "bwd", "force"}); }
+
+// True when a plane kernel serves this shape on this device: its block's shared memory (a group's value plane, and for
+// the backward grad_out's and the per-point lists) fits the device, its indices fit, C is a multiple of 8, and there
+// are at least half as many (image, group) blocks as SMs (below that the regular kernels spread the work wider).
+// Threads per plane block: FLOWDCN_MSDCN_PLANE_THREADS (a benchmark switch; a multiple of 32 up to 1024), default 512.
+int plane_threads() {
+  const char* e = std::getenv("FLOWDCN_MSDCN_PLANE_THREADS");
+  if (!e) return kPlaneThreads;
+  const int n = std::atoi(e);
+  TORCH_CHECK(n >= 32 && n <= kPlaneMaxThreads && n % 32 == 0,
+              errmsg("FLOWDCN_MSDCN_PLANE_THREADS must be a multiple of 32 in [32, ", kPlaneMaxThreads, "], got ", e));
+  return n;
+}
+
+bool plane_serves(int64_t B, int64_t H, int64_t W, int64_t G, int64_t C, int64_t K, size_t tbytes, size_t abytes, bool backward,
+                  int device) {
+  const std::string sw = plane_switch();
+  if (sw == "off" || sw == (backward ? "fwd" : "bwd")) return false;
+  if (C % kVec != 0 || C <= 0 || !plane_indices_fit(B, H, W, G, K)) return false;
+  if (sw != "force" && 2 * B * G < sm_count(device)) return false;
+  const PlaneLayout lay = plane_layout(H, W, static_cast<int>(C), static_cast<int>(K), tbytes, abytes, backward);
+  return lay.bytes <= static_cast<size_t>(max_smem_per_block(device));
+}
+
+// The plane backward (msdcn_plane.cuh): one block per (image, group); grad_value written to gvalue (the value's dtype
+// and layout, p.vs per pixel); returns d/ds0 [G] when fused (else an empty tensor).
+template <typename T, typename F, typename A>
+at::Tensor plane_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor& value, T* gvalue, cudaStream_t stream) {
+  const int64_t B = value.size(0);
+  const PlaneLayout lay = plane_layout(p.H, p.W, p.C, p.K, sizeof(T), sizeof(A), true);
+  const auto aopt = value.options().dtype(value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor s0p = fused ? at::empty({p.G, B}, aopt) : at::empty({0}, aopt);
+  if (fused) p.s0_part = reinterpret_cast<A*>(s0p.data_ptr());
+  auto kernel = fused ? msdcn_plane_backward_kernel<T, F, A, true> : msdcn_plane_backward_kernel<T, F, A, false>;
+  Geometry geo{};
+  geo.G = p.G; geo.C = p.C; geo.K = p.K;
+  allow_smem(kernel, lay.bytes, value.get_device(), geo);
+  kernel<<<static_cast<unsigned>(B * p.G), plane_threads(), lay.bytes, stream>>>(p, gvalue, lay);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return fused ? s0p.sum(1) : s0p;
+}
+
 // The gather backward (msdcn_gather.cuh): count, scan, fill, pull, epilogue on the current stream. grad_value is written
 // to gvalue (the value's dtype and layout: p.vs per pixel); returns d/ds0 [G] when fused (else an empty tensor).
 // Workspaces (gather_bind): the bucketing [count | key | rank] (counted: kept from the training forward; else allocated
@@ -286,6 +345,8 @@ bool gather_serves(const at::Tensor& value, const at::Tensor& weight) {
 template <typename T, typename F, typename A>
 at::Tensor gather_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor& value, T* gvalue, int64_t pull_vec_req,
                            cudaStream_t stream, const at::Tensor& counted = at::Tensor()) {
+  if (plane_serves(value.size(0), p.H, p.W, p.G, p.C, p.K, sizeof(T), sizeof(A), true, value.get_device()))
+    return plane_backward<T, F, A>(p, fused, value, gvalue, stream);  // the forward's bucketing, if any, is not needed
   const int64_t items = p.N * p.G * p.K, NB = gather_buckets(value.size(0), p.H, p.W, p.G);
   const auto aopt = value.options().dtype(value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   // Runs of 8 channels per pull lane (requested by cuda.py from FLOWDCN_MSDCN_PULL_VEC, which it validates; 0 = auto).
@@ -361,6 +422,14 @@ at::Tensor forward_launch(const at::Tensor& value, const at::Tensor& off, const 
       p.item_key = p.bucket_count + NB;
       p.item_rank = p.item_key + items;
       C10_CUDA_CHECK(cudaMemsetAsync(p.bucket_count, 0, NB * sizeof(int), stream));
+    }
+    if (!counts.defined() && plane_serves(value.size(0), geo.H, geo.W, geo.G, geo.C, geo.K, sizeof(T), sizeof(A), false, value.get_device())) {
+      const PlaneLayout lay = plane_layout(geo.H, geo.W, geo.C, geo.K, sizeof(T), sizeof(A), false);
+      auto plane = fused ? msdcn_plane_forward_kernel<T, F, A, true> : msdcn_plane_forward_kernel<T, F, A, false>;
+      allow_smem(plane, lay.bytes, value.get_device(), geo);
+      plane<<<static_cast<unsigned>(value.size(0) * geo.G), plane_threads(), lay.bytes, stream>>>(p, lay);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
     }
     const size_t smem = per_query * geo.Q;
     auto kernel = !fused ? msdcn_forward_kernel<T, F, A, false> : counts.defined() ? msdcn_forward_kernel<T, F, A, true, true>
@@ -439,6 +508,14 @@ std::vector<at::Tensor> msdcn_forward_packed_train(const at::Tensor& proj, const
   if (proj.numel() == 0) counts.zero_();  // (empty: the forward returns before counting)
   auto out = forward_launch(v.value, v.delta, v.scale, v.weight, prior, s0, smax, true, trunc, threads, rounds, v.row, counts);
   return {out, counts};
+}
+
+// Whether the plane backward (backward=true) or forward serves a [B, H, W, G, C] value (itemsize bytes; fp64: fp64
+// accumulation) with K points on device
+// (plane_serves): cuda.py asks before a training forward, which then need not bucket the points for the gather backward.
+bool msdcn_plane_serves(int64_t B, int64_t H, int64_t W, int64_t G, int64_t C, int64_t K, int64_t itemsize, bool fp64,
+                        int64_t device, bool backward) {
+  return plane_serves(B, H, W, G, C, K, static_cast<size_t>(itemsize), fp64 ? 8 : 4, backward, static_cast<int>(device));
 }
 
 // variant: 0 scatter (fp32 atomics), 1 tiled scatter with an atomic window, 2 tiled with a sorted window,

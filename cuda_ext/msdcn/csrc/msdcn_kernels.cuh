@@ -162,6 +162,51 @@ __device__ __forceinline__ void store4(double* p, const double* v) {
   reinterpret_cast<double2*>(p)[1] = make_double2(v[2], v[3]);
 }
 
+// ---------------------------------------------------------------- shared-memory vector loads
+// 16 bytes of shared memory in one 128-bit load. Written as a plain uint4 dereference, nvcc split the bf16 unpack's
+// load into four 32-bit loads (ld.shared.v2.u16 in the PTX): 4x the shared-memory requests, which made the first plane
+// kernels (msdcn_plane.cuh) bound by shared-memory throughput (ncu, H200: L1/TEX 80 % busy, 0.12 ms forward at XL 16^2).
+__device__ __forceinline__ uint4 lds128(const void* p) {
+#if defined(__CUDA_ARCH__)
+  uint4 r;
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a));
+  return r;
+#else
+  return *reinterpret_cast<const uint4*>(p);
+#endif
+}
+__device__ __forceinline__ float4 as_float4(uint4 r) {
+  return make_float4(__uint_as_float(r.x), __uint_as_float(r.y), __uint_as_float(r.z), __uint_as_float(r.w));
+}
+
+// 8 channels of a plane row (shared memory, 16-byte aligned) -> accumulation type.
+__device__ __forceinline__ void lds8(const __nv_bfloat16* p, float* o) { unpack_pairs8<__nv_bfloat162>(lds128(p), o); }
+__device__ __forceinline__ void lds8(const __half* p, float* o) { unpack_pairs8<__half2>(lds128(p), o); }
+__device__ __forceinline__ void lds8(const float* p, float* o) {
+  const float4 a = as_float4(lds128(p)), b = as_float4(lds128(p + 4));
+  o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
+  o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+}
+__device__ __forceinline__ void lds8(const double* p, double* o) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const double2 d = reinterpret_cast<const double2*>(p)[i];
+    o[2 * i] = d.x;
+    o[2 * i + 1] = d.y;
+  }
+}
+
+// 4 accumulators of shared memory (16-byte aligned).
+__device__ __forceinline__ void lds4(const float* p, float* o) {
+  const float4 a = as_float4(lds128(p));
+  o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
+}
+__device__ __forceinline__ void lds4(const double* p, double* o) {
+  const double2 a = reinterpret_cast<const double2*>(p)[0], b = reinterpret_cast<const double2*>(p)[1];
+  o[0] = a.x; o[1] = a.y; o[2] = b.x; o[3] = b.y;
+}
+
 // grad_value accumulates in an fp32 (fp64) buffer; sm_90 has 16-byte vector float atomics.
 __device__ __forceinline__ void atomic_add8(float* p, const float* v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -85,14 +85,6 @@ __device__ __forceinline__ void fill_geometry_tiled(const MsdcnParams<T, F, A>& 
 // One block per (tile of one image, group): blockIdx.x = tile (b, ty, tx), blockIdx.y = group.
 // Shared memory: window [WH*WW, C] of A, geometry [P, K], corner dots [threads, 4K+1], reduction [32].
 // 4 consecutive values in shared memory (16-byte aligned for float: C % 8 == 0 and 4-channel runs).
-__device__ __forceinline__ void lds4(const float* s, float* o) {
-  const float4 v = *reinterpret_cast<const float4*>(s);
-  o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
-}
-__device__ __forceinline__ void lds4(const double* s, double* o) {
-  const double2 a = reinterpret_cast<const double2*>(s)[0], b = reinterpret_cast<const double2*>(s)[1];
-  o[0] = a.x; o[1] = a.y; o[2] = b.x; o[3] = b.y;
-}
 __device__ __forceinline__ void sts4(float* s, const float* v) { *reinterpret_cast<float4*>(s) = make_float4(v[0], v[1], v[2], v[3]); }
 __device__ __forceinline__ void sts4(double* s, const double* v) {
   reinterpret_cast<double2*>(s)[0] = make_double2(v[0], v[1]);

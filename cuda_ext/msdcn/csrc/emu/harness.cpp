@@ -5,7 +5,8 @@
 // MODE 0: untiled kernel (Q queries x ROUNDS per block); 1: tiled, atomic window; 2: tiled, sorted window
 // (tile TH x TW, radius R); 3: gather (count, prefix sum here on the host, fill, pull with VEC runs of 8 channels
 // per lane (0: the launcher's choice), epilogue); 4: the forward (Q queries x ROUNDS per block), output DIR/out.bin; 5: the
-// forward bucketing the points as the packed training forward does, then the gather backward from its bucketing. Inputs DIR/{value,off,weight,gout[,scale,prior,s0,smax]}.bin (float64 in the
+// forward bucketing the points as the packed training forward does, then the gather backward from its bucketing; 6: the
+// plane backward, 7: the plane forward (output DIR/out.bin), B * G blocks of Q threads (msdcn_plane.cuh). Inputs DIR/{value,off,weight,gout[,scale,prior,s0,smax]}.bin (float64 in the
 // op's layouts, converted to the kernel's types); outputs DIR/{gvalue,goff,gweight,gscale,s0p}.bin (float64).
 #include "cuda_emu.h"
 #include <algorithm>
@@ -18,6 +19,7 @@
 namespace flowdcn { alignas(16) unsigned char smem_raw[1 << 21]; }
 #include "msdcn_tiled.cuh"
 #include "msdcn_gather.cuh"
+#include "msdcn_plane.cuh"
 using namespace flowdcn;
 
 inline double to_f64(double x) { return x; }
@@ -153,7 +155,40 @@ static int run(char** argv) {
     std::printf("ok forward\n");
     if (mode == 4) return 0;
   }
-  if (mode == 0) {
+  if (mode == 6 || mode == 7) {  // the plane kernels: B * G blocks of Q threads (a multiple of 32)
+    const PlaneLayout lay = plane_layout(H, W, C, K, sizeof(T), sizeof(A), mode == 6);
+    if (Q % 32 != 0) { std::fprintf(stderr, "plane kernels: Q (threads) must be a multiple of 32, got %d\n", Q); std::exit(2); }
+    if (mode == 7) {
+      std::vector<T> out(N * G * C);
+      for (auto& x : out) from_f64(NAN, x);
+      p.out = out.data();
+      launch({unsigned(B * G), 1, 1}, Q, [&] {
+        if (fused) msdcn_plane_forward_kernel<T, F, A, true>(p, lay); else msdcn_plane_forward_kernel<T, F, A, false>(p, lay);
+      }, lay.bytes);
+      wr(dir, "out", out);
+      std::printf("ok plane forward %zu bytes\n", lay.bytes);
+      return 0;
+    }
+    std::vector<T> gv(N * G * C);
+    for (auto& x : gv) from_f64(NAN, x);
+    T* gdst = packed ? gproj.data() : gv.data();
+    std::vector<A> part(B * G, A(NAN));
+    p.s0_part = part.data();
+    launch({unsigned(B * G), 1, 1}, Q, [&] {
+      if (fused) msdcn_plane_backward_kernel<T, F, A, true>(p, gdst, lay); else msdcn_plane_backward_kernel<T, F, A, false>(p, gdst, lay);
+    }, lay.bytes);
+    s0p.assign(B * G, A(0));  // the kernel's [G, B] partials written out as [B, G] like the other kernels'
+    if (fused)
+      for (int64_t bb = 0; bb < B; ++bb)
+        for (int g = 0; g < G; ++g) s0p[bb * G + g] = part[g * B + bb];
+    if (packed) {
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = 0; c < GC; ++c) gvalue[n * GC + c] = static_cast<A>(to_f64(gproj[n * RW + c]));
+    } else {
+      for (size_t i = 0; i < gv.size(); ++i) gvalue[i] = static_cast<A>(to_f64(gv[i]));
+    }
+    std::printf("plane backward %zu bytes\n", lay.bytes);
+  } else if (mode == 0) {
     p.Q = Q; p.R = RO;
     const int64_t blocks = (N + int64_t(Q) * RO - 1) / (int64_t(Q) * RO);
     s0p.assign(blocks * G, NAN);

@@ -1,0 +1,361 @@
+// "Plane" MSDCN kernels for small grids: one block per (image, group) with the group's whole value plane (and, backward,
+// its grad_out plane) in shared memory.
+//
+// At small grids (256 px training: 16x16 tokens) the gather backward is bound by latency, not bytes: its pull walks
+// bucket lists through L2 (entry -> grad_out row), one dependent chain per entry, at 37.5 % occupancy (0.177 of its
+// 0.354 ms at XL 16^2 on an H200). But there an image's plane of one group is small (16 * 16 * 72 bf16 = 36 KB), and
+// every sampling point of the image's queries reads inside it (or outside the grid: zero padding). So a block loads the
+// plane once (16-byte async copies, overlapped with the point geometry) and does every gather from shared memory:
+//
+// Backward, block (b, g):
+//   1. copy the value and grad_out planes to shared memory (cp.async), zero the cell counts;
+//   2. per point: geometry (the forward's), its cell (lower corner, cells from -1 as in the gather backward) and corner
+//      weights w * bil into shared memory, count[cell] += 1 (native shared integer atomics);
+//   3. exclusive scan of the counts (one warp);
+//   4. per point: its entry in its cell's list, the four corner dots <value[corner], grad_out[query]> over C from the
+//      planes, and the chain rule of the field grads (as the gather epilogue), d/ds0 summed in registers;
+//   5. per (pixel, 8 channels): grad_value = sum over the entries of the 4 cells the pixel is a corner of of
+//      cw * grad_out[query] (the gather pull, from shared memory), written once in the value's dtype;
+//   6. d/ds0: the block's sum in a fixed order (warp trees, then the warps in order), one partial per (group, image).
+// Entries in a cell follow the shared atomics' order, so grad_value's fp32 sums have no fixed order (as the gather
+// backward's); every other grad is computed in a fixed order.
+//
+// Forward, block (b, g): the value plane (cp.async) and every point's corners and weights in shared memory, then one
+// thread per (query, 8 channels) sums its K points' corners from the plane.
+//
+// A shape is served when the block's shared memory fits the device (plane_layout): at C = 72 in bf16 up to about
+// 22 x 22 tokens backward; larger grids take the gather backward and the regular forward.
+#pragma once
+
+#include "msdcn_kernels.cuh"
+
+namespace flowdcn {
+
+constexpr int kPlaneMaxThreads = 1024;  // launch bound of the plane kernels (they need <= 64 registers: 40-46 on sm_90)
+// Threads per block by default (FLOWDCN_MSDCN_PLANE_THREADS: a multiple of 32). Measured on an H200 (bench/RESULTS.md):
+// XL 16^2 fwd+bwd 0.268 ms with 1024, 0.297 with 512, 0.417 with 256 (one backward block per SM: more warps hide more
+// of the shared-memory and barrier latency).
+constexpr int kPlaneThreads = 1024;
+
+// ---------------------------------------------------------------- shared-memory helpers
+// 16 bytes global -> shared without a round trip through registers (sm_80+; a plain copy elsewhere and in the emulator).
+__device__ __forceinline__ void copy16_async(void* dst_smem, const void* src_gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst_smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src_gmem));
+#else
+  *reinterpret_cast<uint4*>(dst_smem) = *reinterpret_cast<const uint4*>(src_gmem);
+#endif
+}
+__device__ __forceinline__ void copy_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::);
+#endif
+}
+
+// ---------------------------------------------------------------- layout (shared by the launchers, the emulator, the kernels)
+// A plane row holds C channels at a stride of rs elements: rs * sizeof(T) is an odd number of 16-byte units, so the
+// 16-byte loads of 8 lanes reading 8 different rows (a quarter-warp's shared-memory wavefront) hit 8 distinct bank
+// quads when the rows are consecutive (C = 72 bf16: 9 units, no padding; C = 64: 8 -> 9 units).
+inline int plane_row_stride(int C, size_t tbytes) {
+  const int per_unit = static_cast<int>(16 / tbytes);  // elements per 16 bytes (2 for fp64)
+  const int units = C / per_unit;
+  return (units % 2 == 0 ? units + 1 : units) * per_unit;
+}
+
+struct PlaneLayout {
+  int rs;                 // plane row stride (elements)
+  size_t vpl, opl;        // value plane, grad_out plane (backward): [H*W, rs] of T
+  size_t ptw;             // [P, 4] of A: corner weights w * bil (0 outside the grid)
+  size_t pinfo;           // backward: [P] int, cell | inside-mask << 24, or -1 when no corner is inside the grid;
+                          // forward: [P] int2, the plane pixel of corner (0, 0) (may be negative) and the inside-mask
+  size_t ent;             // backward: [P] int, the points sorted by cell
+  size_t cstart;          // backward: [cells + 1] int, exclusive scan of the counts
+  size_t ccur;            // backward: [cells] int, counts, then each cell's next free entry
+  size_t red;             // backward: [32] A, the warps' d/ds0 partials
+  size_t bytes;           // total
+};
+
+inline size_t align16(size_t x) { return (x + 15) / 16 * 16; }
+
+// P = H * W * K points; cells = (H + 1) * (W + 1) (lower corners from -1).
+inline PlaneLayout plane_layout(int64_t H, int64_t W, int C, int K, size_t tbytes, size_t abytes, bool backward) {
+  PlaneLayout l{};
+  const int64_t HW = H * W, P = HW * K, cells = (H + 1) * (W + 1);
+  l.rs = plane_row_stride(C, tbytes);
+  size_t at = 0;
+  l.vpl = at;
+  at = align16(at + static_cast<size_t>(HW) * l.rs * tbytes);
+  if (!backward) {
+    l.ptw = at;
+    at = align16(at + static_cast<size_t>(P) * 4 * abytes);
+    l.pinfo = at;
+    at = align16(at + static_cast<size_t>(P) * 8);
+    l.bytes = at;
+    return l;
+  }
+  l.opl = at;
+  at = align16(at + static_cast<size_t>(HW) * l.rs * tbytes);
+  l.ptw = at;
+  at = align16(at + static_cast<size_t>(P) * 4 * abytes);
+  l.pinfo = at;
+  at = align16(at + static_cast<size_t>(P) * 4);
+  l.ent = at;
+  at = align16(at + static_cast<size_t>(P) * 4);
+  l.cstart = at;
+  at = align16(at + static_cast<size_t>(cells + 1) * 4);
+  l.ccur = at;
+  at = align16(at + static_cast<size_t>(cells) * 4);
+  l.red = at;
+  at = align16(at + 32 * abytes);
+  l.bytes = at;
+  return l;
+}
+
+// Index limits of the plane kernels (smem bounds them far below these; checked anyway): cells < 2^24 (pinfo packs the
+// mask above them), P * K < 2^31 (the pull's reciprocal division), B * G blocks < 2^31.
+inline bool plane_indices_fit(int64_t B, int64_t H, int64_t W, int64_t G, int64_t K) {
+  const int64_t P = H * W * K;
+  return (H + 1) * (W + 1) < (int64_t(1) << 24) && P * K < (int64_t(1) << 31) && B * G < (int64_t(1) << 31) && P > 0;
+}
+
+// Copy a [H*W] x C slab of group g of image b (pixel n at n * stride elements) into a plane of row stride rs, in
+// 16-byte units, asynchronously (copy_async_wait + __syncthreads before use).
+template <typename T>
+__device__ __forceinline__ void plane_load(T* plane, int rs, const T* src, int64_t stride, int64_t HW, int C) {
+  const int per_unit = static_cast<int>(16 / sizeof(T)), units = C / per_unit;
+  const int total = static_cast<int>(HW) * units;  // 32-bit index math: a plane fits in shared memory
+  for (int t = threadIdx.x; t < total; t += blockDim.x) {
+    const int pix = t / units, u = t - pix * units;
+    copy16_async(plane + pix * rs + u * per_unit, src + pix * stride + u * per_unit);
+  }
+}
+
+// Geometry of point i = q * K + k of block (b, g) (q: the query's pixel inside the image).
+template <bool FUSED, typename T, typename F, typename A>
+__device__ __forceinline__ Corners<A> plane_point(const MsdcnParams<T, F, A>& p, int64_t b, int g, int q, int k, FieldIdx& fi) {
+  const int64_t n = b * p.H * p.W + q;
+  fi = field_idx(p, n, g, k);
+  A ox, oy;
+  point_offset<FUSED>(p, fi, g, k, ox, oy);
+  const int W = static_cast<int>(p.W), y = q / W;  // 32-bit: H * W fits in shared memory
+  return corners(add_rn(A(q - y * W), ox), add_rn(A(y), oy), int64_t(0), p.H, p.W, p.trunc);
+}
+
+// ---------------------------------------------------------------- backward
+// grid: B * G blocks, block = b * G + g. gvalue: grad_value in the value's dtype, pixel n at n * p.vs (the value's layout).
+// p.s0_part (FUSED): [G, B] per-(group, image) sums of d/ds0.
+template <typename T, typename F, typename A, bool FUSED>
+__global__ void __launch_bounds__(kPlaneMaxThreads) msdcn_plane_backward_kernel(const MsdcnParams<T, F, A> p, T* __restrict__ gvalue,
+                                                                             PlaneLayout lay) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* vpl = reinterpret_cast<T*>(smem_raw + lay.vpl);
+  T* opl = reinterpret_cast<T*>(smem_raw + lay.opl);
+  A* ptw = reinterpret_cast<A*>(smem_raw + lay.ptw);
+  int* pinfo = reinterpret_cast<int*>(smem_raw + lay.pinfo);
+  int* ent = reinterpret_cast<int*>(smem_raw + lay.ent);
+  int* cstart = reinterpret_cast<int*>(smem_raw + lay.cstart);
+  int* ccur = reinterpret_cast<int*>(smem_raw + lay.ccur);
+  A* red = reinterpret_cast<A*>(smem_raw + lay.red);
+  const int g = static_cast<int>(blockIdx.x % p.G);
+  const int64_t b = blockIdx.x / p.G;
+  // 32-bit index math inside the image (its planes fit in shared memory); 64-bit for global offsets
+  const int H = static_cast<int>(p.H), W = static_cast<int>(p.W), HW = H * W, W1 = W + 1;
+  const int K = p.K, C = p.C, rs = lay.rs, L = C / kVec;
+  const int P = HW * K, cells = (H + 1) * W1;
+  const int64_t GC = static_cast<int64_t>(p.G) * C;
+  const int tid = threadIdx.x, nthr = blockDim.x;
+
+  // 1. planes in flight while the geometry is computed
+  plane_load(vpl, rs, p.value + b * HW * p.vs + g * C, p.vs, HW, C);
+  plane_load(opl, rs, p.gout + b * HW * GC + g * C, GC, HW, C);  // (b * HW: int64)
+  for (int c = tid; c < cells; c += nthr) ccur[c] = 0;
+  __syncthreads();
+
+  // 2. geometry, corner weights, counts
+  for (int i = tid; i < P; i += nthr) {
+    const int q = i / K, k = i - q * K;
+    FieldIdx fi;
+    const Corners<A> c = plane_point<FUSED>(p, b, g, q, k, fi);
+    const A wk = to_acc(p.weight[fi.f], A());
+    int info = -1;
+    A cw[4] = {A(0), A(0), A(0), A(0)};
+    if (c.any) {
+      const int cell = static_cast<int>(c.yi + 1) * W1 + static_cast<int>(c.xi) + 1;
+      int mask = 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (c.ok[j]) {
+          mask |= 1 << j;
+          cw[j] = wk * c.bil[j];
+        }
+      }
+      info = cell | (mask << 24);
+      atomicAdd(ccur + cell, 1);
+    }
+    pinfo[i] = info;
+    store4(ptw + 4 * i, cw);
+  }
+  copy_async_wait();
+  __syncthreads();
+
+  // 3. exclusive scan of the counts (warp 0: a run of cells per lane, then a shuffle scan of the runs)
+  if (tid < 32) {
+    const int per = (cells + 31) / 32, c0 = min(tid * per, cells), c1 = min(c0 + per, cells);
+    int s = 0;
+    for (int c = c0; c < c1; ++c) s += ccur[c];
+    int incl = s;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (tid >= o) incl += v;
+    }
+    int run = incl - s;
+    for (int c = c0; c < c1; ++c) {
+      const int n = ccur[c];
+      cstart[c] = run;
+      ccur[c] = run;
+      run += n;
+    }
+    if (tid == 31) cstart[cells] = incl;
+  }
+  __syncthreads();
+
+  // 4. entries, corner dots, field grads
+  A s0_acc = A(0);
+  for (int i = tid; i < P; i += nthr) {
+    const int info = pinfo[i];
+    const int q = i / K, k = i - q * K;
+    A D[4] = {A(0), A(0), A(0), A(0)};
+    if (info >= 0) {
+      const int cell = info & 0xffffff, mask = info >> 24;
+      ent[atomicAdd(ccur + cell, 1)] = i;
+      const int y0 = cell / W1 - 1, x0 = cell - (y0 + 1) * W1 - 1;
+      const T* orow = opl + q * rs;
+      const T* vrow[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) vrow[j] = vpl + ((y0 + (j >> 1)) * W + x0 + (j & 1)) * rs;  // used only where inside
+      for (int u = 0; u < L; ++u) {
+        A o[kVec];
+        lds8(orow + u * kVec, o);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (!((mask >> j) & 1)) continue;
+          A v[kVec];
+          lds8(vrow[j] + u * kVec, v);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) D[j] += v[e] * o[e];
+        }
+      }
+    }
+    FieldIdx fi;
+    const Corners<A> c = plane_point<FUSED>(p, b, g, q, k, fi);
+    s0_acc += point_field_grads<FUSED>(p, fi, g, k, c, D);
+  }
+  __syncthreads();
+
+  // 5. grad_value: per (pixel, 8 channels), the entries of the 4 cells it is a corner of
+  const unsigned invK = K == 1 ? 0u : static_cast<unsigned>((0x100000000ull + K - 1) / K);  // i / K = umulhi(i, invK)
+  const int tasks = HW * L;
+  for (int t = tid; t < tasks; t += nthr) {
+    const int pix = t / L, u = t - pix * L;
+    const int y = pix / W, x = pix - y * W;
+    const int c00 = (y + 1) * W1 + x + 1;  // the cell whose corner 0 is this pixel
+    A acc[kVec];
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) acc[e] = A(0);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int cell = c00 - (j & 1) - ((j >> 1) ? W1 : 0);  // this pixel is corner j of it
+      const int e1 = cstart[cell + 1];
+      for (int e = cstart[cell]; e < e1; ++e) {
+        const int i = ent[e];
+        const unsigned qq = K == 1 ? static_cast<unsigned>(i) : __umulhi(static_cast<unsigned>(i), invK);
+        const A w = ptw[4 * i + j];
+        A o[kVec];
+        lds8(opl + static_cast<int>(qq) * rs + u * kVec, o);
+#pragma unroll
+        for (int m = 0; m < kVec; ++m) acc[m] += w * o[m];
+      }
+    }
+    store8(gvalue + (b * HW + pix) * p.vs + g * C + u * kVec, acc);  // b int64
+  }
+
+  // 6. d/ds0 of the block, in a fixed order
+  if (FUSED) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s0_acc += __shfl_xor_sync(0xffffffffu, s0_acc, o);
+    if ((tid & 31) == 0) red[tid >> 5] = s0_acc;
+    __syncthreads();
+    if (tid == 0) {
+      A s = A(0);
+      for (int w = 0; w < (nthr + 31) / 32; ++w) s += red[w];
+      p.s0_part[static_cast<int64_t>(g) * (gridDim.x / p.G) + b] = s;  // [G, B]
+    }
+  }
+}
+
+// ---------------------------------------------------------------- forward
+// grid: B * G blocks, block = b * G + g; out contiguous [N, G, C].
+template <typename T, typename F, typename A, bool FUSED>
+__global__ void __launch_bounds__(kPlaneMaxThreads) msdcn_plane_forward_kernel(const MsdcnParams<T, F, A> p, PlaneLayout lay) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* vpl = reinterpret_cast<T*>(smem_raw + lay.vpl);
+  A* ptw = reinterpret_cast<A*>(smem_raw + lay.ptw);
+  int2* pinfo = reinterpret_cast<int2*>(smem_raw + lay.pinfo);
+  const int g = static_cast<int>(blockIdx.x % p.G);
+  const int64_t b = blockIdx.x / p.G;
+  const int H = static_cast<int>(p.H), W = static_cast<int>(p.W), HW = H * W;  // 32-bit inside the image
+  const int K = p.K, C = p.C, rs = lay.rs, L = C / kVec;
+  const int P = HW * K;
+  const int64_t GC = static_cast<int64_t>(p.G) * C;
+  const int tid = threadIdx.x, nthr = blockDim.x;
+
+  plane_load(vpl, rs, p.value + b * HW * p.vs + g * C, p.vs, HW, C);
+  for (int i = tid; i < P; i += nthr) {
+    const int q = i / K, k = i - q * K;
+    FieldIdx fi;
+    const Corners<A> c = plane_point<FUSED>(p, b, g, q, k, fi);
+    const A wk = to_acc(p.weight[fi.f], A());
+    int2 e = make_int2(0, 0);
+    A cw[4] = {A(0), A(0), A(0), A(0)};
+    if (c.any) {
+      e.x = static_cast<int>(c.yi) * W + static_cast<int>(c.xi);  // may be negative (-W - 1 at least): only inside corners are read
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (c.ok[j]) {
+          e.y |= 1 << j;
+          cw[j] = wk * c.bil[j];
+        }
+      }
+    }
+    pinfo[i] = e;
+    store4(ptw + 4 * i, cw);
+  }
+  copy_async_wait();
+  __syncthreads();
+
+  const int tasks = HW * L;
+  for (int t = tid; t < tasks; t += nthr) {
+    const int q = t / L, u = t - q * L;
+    A acc[kVec];
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) acc[e] = A(0);
+    for (int k = 0; k < K; ++k) {
+      const int2 e = pinfo[q * K + k];
+      A cw[4];
+      lds4(ptw + 4 * (q * K + k), cw);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (!((e.y >> j) & 1)) continue;
+        A v[kVec];
+        lds8(vpl + (e.x + (j & 1) + ((j >> 1) ? W : 0)) * rs + u * kVec, v);
+#pragma unroll
+        for (int m = 0; m < kVec; ++m) acc[m] += cw[j] * v[m];
+      }
+    }
+    store8(p.out + (b * HW + q) * GC + g * C + u * kVec, acc);
+  }
+}
+
+}  // namespace flowdcn
