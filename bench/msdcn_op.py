@@ -299,13 +299,16 @@ def packed_fwd(proj, p, z, m, g, G, K):
 
 # (key, FLOWDCN_MSDCN_PLANE, FLOWDCN_MSDCN_PLANE_THREADS) of --planes
 PLANE_RUNS = (("off", "off", None), ("on", "on", None), ("bwd", "bwd", None), ("fwd", "fwd", None), ("on_t512", "on", "512"),
-              ("on_t768", "on", "768"))
+              ("on_t576", "on", "576"), ("on_t1024", "on", "1024"))
+# --plane-diag: the plane backward with phases left out (FLOWDCN_MSDCN_PLANE_DIAG bits: 1 the grad_value pull, 2 the corner
+# dots, 4 the field grads; wrong grads, timing only)
+PLANE_DIAGS = ("0", "1", "2", "4", "7")
 
 
-def compare_planes(G, C, K, H) -> dict:
-    """The packed op (the model's path) with the plane kernels off, on (both; 1024 threads per plane block), only backward,
-    only forward, and with 512 / 768 threads per block: fwd+bwd ms eager and CUDA graph, forward-only CUDA graph, kernel
-    times."""
+def compare_planes(G, C, K, H, diag: bool = False) -> dict:
+    """The packed op (the model's path) with the plane kernels off, on (both; the launcher's threads per block), only
+    backward, only forward, and with 512 / 576 / 1024 threads per block: fwd+bwd ms eager and CUDA graph, forward-only
+    CUDA graph, kernel times."""
     sets = [packed_inputs(*with_grad(make_inputs(BATCH, H, H, G, C, K, s))) for s in range(2)]
     out = {}
     for key, plane, threads in PLANE_RUNS:
@@ -314,6 +317,11 @@ def compare_planes(G, C, K, H) -> dict:
             out[f"{key}_graph_fwdbwd_ms"] = graph_time(packed_fwdbwd, sets[0])
             out[f"{key}_graph_fwd_ms"] = graph_time(packed_fwd, sets[0])
             out[f"{key}_kernels_ms"] = kernel_times(sets, fn=packed_fwdbwd)
+    if diag:
+        for bits in PLANE_DIAGS:
+            with env_var("FLOWDCN_MSDCN_PLANE_DIAG", bits):
+                ks = kernel_times(sets, fn=packed_fwdbwd)
+                out[f"diag{bits}_backward_ms"] = next((v for k, v in ks.items() if "plane_backward" in k), float("nan"))
     print(f"  planes G={G} C={C} {H}²: {json.dumps(out)}", flush=True)
     return out
 
@@ -419,6 +427,7 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of XL,B")
     ap.add_argument("--grids", default=",".join(map(str, GRIDS)), help="comma-separated subset of 16,32,64")
     ap.add_argument("--no-op", action="store_true", help="skip the main op table (with --tiled / --tile-sweep / --planes)")
+    ap.add_argument("--plane-diag", action="store_true", help="with --planes: the plane backward kernel's time with phases left out")
     ap.add_argument("--planes", action="store_true", help="the packed op with the plane kernels off / on / per direction / "
                     "at other block sizes (--shapes, --grids)")
     args = ap.parse_args()
@@ -446,7 +455,7 @@ def main() -> None:
         kinds = tuple(args.kinds.split(","))
         result["backwards"] = {f"{name}_{h}": compare_backward(*SHAPES[name], h, vecs, kinds) for name in SHAPES for h in GRIDS}
     if args.planes:
-        result["planes"] = {f"{name}_{h}": compare_planes(*SHAPES[name], h) for name in SHAPES for h in GRIDS}
+        result["planes"] = {f"{name}_{h}": compare_planes(*SHAPES[name], h, args.plane_diag) for name in SHAPES for h in GRIDS}
     result["op"] = [] if args.no_op else bench_op(bw, with_ref=not args.no_ref)
     if args.block:
         result["block"] = bench_blocks()
@@ -492,11 +501,14 @@ def main() -> None:
                 print(f"  {key} V={v}: {r[f'gather_v{v}_fwdbwd_ms']:.3f} / {r[f'gather_v{v}_graph_fwdbwd_ms']:.3f}, pull {pull:.3f}")
     if args.planes:
         print("\nPlane kernels (packed op, bf16): fwd+bwd ms eager / CUDA graph; forward-only CUDA graph")
-        print("| shape | grid | " + " | ".join(k for k, _, _ in PLANE_RUNS) + " |\n|---|---|" + "---|" * len(PLANE_RUNS))
+        print("| shape | grid | " + " | ".join(k for k, *_ in PLANE_RUNS) + " |\n|---|---|" + "---|" * len(PLANE_RUNS))
         for key, r in result["planes"].items():
             name, h = key.split("_")
-            cells = [f"{r[k + '_fwdbwd_ms']:.3f} / {r[k + '_graph_fwdbwd_ms']:.3f}; {r[k + '_graph_fwd_ms']:.3f}" for k, _, _ in PLANE_RUNS]
+            cells = [f"{r[k + '_fwdbwd_ms']:.3f} / {r[k + '_graph_fwdbwd_ms']:.3f}; {r[k + '_graph_fwd_ms']:.3f}" for k, *_ in PLANE_RUNS]
             print(f"| {name} | {h}² | " + " | ".join(cells) + " |")
+            if args.plane_diag:
+                print("    plane backward kernel ms with phases left out (diag bits): " +
+                      ", ".join(f"{b}: {r[f'diag{b}_backward_ms']:.4f}" for b in PLANE_DIAGS))
     if args.block:
         print("\n| grid | FlowDCN-XL block fwd+bwd (ms) | SiT-XL block fwd+bwd (ms) |\n|---|---|---|")
         for r in result["block"]:

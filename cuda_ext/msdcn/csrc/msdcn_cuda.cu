@@ -299,14 +299,49 @@ std::string plane_switch() { return env_choice("FLOWDCN_MSDCN_PLANE", "on", {"on
 // True when a plane kernel serves this shape on this device: its block's shared memory (a group's value plane, and for
 // the backward grad_out's and the per-point lists) fits the device, its indices fit, C is a multiple of 8, and there
 // are at least half as many (image, group) blocks as SMs (below that the regular kernels spread the work wider).
-// Threads per plane block: FLOWDCN_MSDCN_PLANE_THREADS (a benchmark switch; a multiple of 32 up to 1024), default 512.
-int plane_threads() {
+// Registers per thread of a kernel (cached per kernel: asked on every launch).
+int kernel_regs(const void* kernel) {
+  static std::mutex mu;
+  static std::map<const void*, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(kernel);
+  if (it != cache.end()) return it->second;
+  cudaFuncAttributes fa{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+  return cache[kernel] = fa.numRegs;
+}
+
+// Threads per plane block: FLOWDCN_MSDCN_PLANE_THREADS (a benchmark switch; a multiple of 32 up to 1024). Else the forward
+// takes 1024; the backward, when two blocks fit an SM's shared memory (they overlap each other's phases), 512 or 576,
+// whichever leaves fewer idle thread slots over its two per-item loops (P points, tasks (pixel, 8 channels)) and lets
+// two blocks' registers fit (XL 16^2: 576 = 2304 / 4), else 1024. Measured on an H200: bench/RESULTS.md.
+int plane_threads(size_t smem, int64_t P, int64_t tasks, const void* kernel, bool backward, int device) {
   const char* e = std::getenv("FLOWDCN_MSDCN_PLANE_THREADS");
-  if (!e) return kPlaneThreads;
-  const int n = std::atoi(e);
-  TORCH_CHECK(n >= 32 && n <= kPlaneMaxThreads && n % 32 == 0,
-              errmsg("FLOWDCN_MSDCN_PLANE_THREADS must be a multiple of 32 in [32, ", kPlaneMaxThreads, "], got ", e));
-  return n;
+  if (e) {
+    const int n = std::atoi(e);
+    TORCH_CHECK(n >= 32 && n <= kPlaneMaxThreads && n % 32 == 0,
+                errmsg("FLOWDCN_MSDCN_PLANE_THREADS must be a multiple of 32 in [32, ", kPlaneMaxThreads, "], got ", e));
+    return n;
+  }
+  if (!backward) return kPlaneMaxThreads;
+  int per_sm = 0;
+  {
+    std::lock_guard<std::mutex> lock(attr_cache().mu);
+    per_sm = device_smem(device).second;
+  }
+  if (2 * (smem + 1024) > static_cast<size_t>(per_sm)) return kPlaneMaxThreads;
+  const int regs = kernel_regs(kernel);
+  int best = 512;
+  int64_t best_slots = -1;
+  for (int t : {512, 576}) {
+    if (2 * t * ((regs + 7) / 8 * 8) > 65536) continue;  // two blocks' registers (allocated in 8s) must fit the 64K
+    const int64_t slots = ((P + t - 1) / t + (tasks + t - 1) / t) * t;
+    if (best_slots < 0 || slots <= best_slots) {
+      best = t;
+      best_slots = slots;
+    }
+  }
+  return best;
 }
 
 bool plane_serves(int64_t B, int64_t H, int64_t W, int64_t G, int64_t C, int64_t K, size_t tbytes, size_t abytes, bool backward,
@@ -324,7 +359,9 @@ bool plane_serves(int64_t B, int64_t H, int64_t W, int64_t G, int64_t C, int64_t
 template <typename T, typename F, typename A>
 at::Tensor plane_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor& value, T* gvalue, cudaStream_t stream) {
   const int64_t B = value.size(0);
-  const PlaneLayout lay = plane_layout(p.H, p.W, p.C, p.K, sizeof(T), sizeof(A), true);
+  PlaneLayout lay = plane_layout(p.H, p.W, p.C, p.K, sizeof(T), sizeof(A), true);
+  const char* diag = std::getenv("FLOWDCN_MSDCN_PLANE_DIAG");  // benchmark diagnostic only (wrong grads)
+  lay.diag = diag ? std::atoi(diag) : 0;
   const auto aopt = value.options().dtype(value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor s0p = fused ? at::empty({p.G, B}, aopt) : at::empty({0}, aopt);
   if (fused) p.s0_part = reinterpret_cast<A*>(s0p.data_ptr());
@@ -332,7 +369,9 @@ at::Tensor plane_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor& 
   Geometry geo{};
   geo.G = p.G; geo.C = p.C; geo.K = p.K;
   allow_smem(kernel, lay.bytes, value.get_device(), geo);
-  kernel<<<static_cast<unsigned>(B * p.G), plane_threads(), lay.bytes, stream>>>(p, gvalue, lay);
+  const int threads = plane_threads(lay.bytes, p.H * p.W * p.K, p.H * p.W * (p.C / kVec), reinterpret_cast<const void*>(kernel), true,
+                                    value.get_device());
+  kernel<<<static_cast<unsigned>(B * p.G), threads, lay.bytes, stream>>>(p, gvalue, lay);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return fused ? s0p.sum(1) : s0p;
 }
@@ -427,7 +466,8 @@ at::Tensor forward_launch(const at::Tensor& value, const at::Tensor& off, const 
       const PlaneLayout lay = plane_layout(geo.H, geo.W, geo.C, geo.K, sizeof(T), sizeof(A), false);
       auto plane = fused ? msdcn_plane_forward_kernel<T, F, A, true> : msdcn_plane_forward_kernel<T, F, A, false>;
       allow_smem(plane, lay.bytes, value.get_device(), geo);
-      plane<<<static_cast<unsigned>(value.size(0) * geo.G), plane_threads(), lay.bytes, stream>>>(p, lay);
+      plane<<<static_cast<unsigned>(value.size(0) * geo.G), plane_threads(lay.bytes, 0, 0, nullptr, false, value.get_device()), lay.bytes,
+                                                                  stream>>>(p, lay);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }

@@ -9,13 +9,13 @@
 //
 // Backward, block (b, g):
 //   1. copy the value and grad_out planes to shared memory (cp.async), zero the cell counts;
-//   2. per point: geometry (the forward's), its cell (lower corner, cells from -1 as in the gather backward) and corner
-//      weights w * bil into shared memory, count[cell] += 1 (native shared integer atomics);
+//   2. per point: geometry (the forward's), its cell (lower corner, cells from -1 as in the gather backward), weight and
+//      position inside the cell into shared memory, count[cell] += 1 (native shared integer atomics);
 //   3. exclusive scan of the counts (one warp);
 //   4. per point: its entry in its cell's list, the four corner dots <value[corner], grad_out[query]> over C from the
 //      planes, and the chain rule of the field grads (as the gather epilogue), d/ds0 summed in registers;
 //   5. per (pixel, 8 channels): grad_value = sum over the entries of the 4 cells the pixel is a corner of of
-//      cw * grad_out[query] (the gather pull, from shared memory), written once in the value's dtype;
+//      w * bil * grad_out[query] (the gather pull, from shared memory), written once in the value's dtype;
 //   6. d/ds0: the block's sum in a fixed order (warp trees, then the warps in order), one partial per (group, image).
 // Entries in a cell follow the shared atomics' order, so grad_value's fp32 sums have no fixed order (as the gather
 // backward's); every other grad is computed in a fixed order.
@@ -23,8 +23,8 @@
 // Forward, block (b, g): the value plane (cp.async) and every point's corners and weights in shared memory, then one
 // thread per (query, 8 channels) sums its K points' corners from the plane.
 //
-// A shape is served when the block's shared memory fits the device (plane_layout): at C = 72 in bf16 up to about
-// 22 x 22 tokens backward; larger grids take the gather backward and the regular forward.
+// A shape is served when the block's shared memory fits the device (plane_layout): at C = 72, K = 9 in bf16 up to about
+// 23 x 23 tokens backward; larger grids take the gather backward and the regular forward.
 #pragma once
 
 #include "msdcn_kernels.cuh"
@@ -32,10 +32,6 @@
 namespace flowdcn {
 
 constexpr int kPlaneMaxThreads = 1024;  // launch bound of the plane kernels (they need <= 64 registers: 40-46 on sm_90)
-// Threads per block by default (FLOWDCN_MSDCN_PLANE_THREADS: a multiple of 32). Measured on an H200 (bench/RESULTS.md):
-// XL 16^2 fwd+bwd 0.268 ms with 1024, 0.297 with 512, 0.417 with 256 (one backward block per SM: more warps hide more
-// of the shared-memory and barrier latency).
-constexpr int kPlaneThreads = 1024;
 
 // ---------------------------------------------------------------- shared-memory helpers
 // 16 bytes global -> shared without a round trip through registers (sm_80+; a plain copy elsewhere and in the emulator).
@@ -63,18 +59,24 @@ inline int plane_row_stride(int C, size_t tbytes) {
   return (units % 2 == 0 ? units + 1 : units) * per_unit;
 }
 
+// The backward keeps its per-point lists small enough for two blocks per SM at XL 16^2 (110 KB): 16-bit cell and entry
+// indices (plane_indices_fit) and 12 bytes per point.
 struct PlaneLayout {
   int rs;                 // plane row stride (elements)
   size_t vpl, opl;        // value plane, grad_out plane (backward): [H*W, rs] of T
-  size_t ptw;             // [P, 4] of A: corner weights w * bil (0 outside the grid)
-  size_t pinfo;           // backward: [P] int, cell | inside-mask << 24, or -1 when no corner is inside the grid;
+  size_t ptw;             // forward: [P, 4] of A, corner weights w * bil (0 outside the grid); backward: [P] of A, w
+  size_t pxy;             // backward: [P, 2] of A, the sample's offset from its cell's corner (0, 0): (lx, ly)
+  size_t pinfo;           // backward: [P] uint16, cell | inside-mask << 12, or kNoCell when no corner is inside the grid;
                           // forward: [P] int2, the plane pixel of corner (0, 0) (may be negative) and the inside-mask
-  size_t ent;             // backward: [P] int, the points sorted by cell
+  size_t ent;             // backward: [P] uint16, the points sorted by cell
   size_t cstart;          // backward: [cells + 1] int, exclusive scan of the counts
   size_t ccur;            // backward: [cells] int, counts, then each cell's next free entry
   size_t red;             // backward: [32] A, the warps' d/ds0 partials
   size_t bytes;           // total
+  int diag;               // benchmark diagnostic only (FLOWDCN_MSDCN_PLANE_DIAG; wrong grads): backward bit 0 skips the
+                          // grad_value pull, bit 1 the corner dots, bit 2 the field grads
 };
+constexpr unsigned short kNoCell = 0xffff;
 
 inline size_t align16(size_t x) { return (x + 15) / 16 * 16; }
 
@@ -97,11 +99,13 @@ inline PlaneLayout plane_layout(int64_t H, int64_t W, int C, int K, size_t tbyte
   l.opl = at;
   at = align16(at + static_cast<size_t>(HW) * l.rs * tbytes);
   l.ptw = at;
-  at = align16(at + static_cast<size_t>(P) * 4 * abytes);
+  at = align16(at + static_cast<size_t>(P) * abytes);
+  l.pxy = at;
+  at = align16(at + static_cast<size_t>(P) * 2 * abytes);
   l.pinfo = at;
-  at = align16(at + static_cast<size_t>(P) * 4);
+  at = align16(at + static_cast<size_t>(P) * 2);
   l.ent = at;
-  at = align16(at + static_cast<size_t>(P) * 4);
+  at = align16(at + static_cast<size_t>(P) * 2);
   l.cstart = at;
   at = align16(at + static_cast<size_t>(cells + 1) * 4);
   l.ccur = at;
@@ -112,11 +116,12 @@ inline PlaneLayout plane_layout(int64_t H, int64_t W, int C, int K, size_t tbyte
   return l;
 }
 
-// Index limits of the plane kernels (smem bounds them far below these; checked anyway): cells < 2^24 (pinfo packs the
-// mask above them), P * K < 2^31 (the pull's reciprocal division), B * G blocks < 2^31.
+// Index limits of the plane kernels: cells < 2^12 (pinfo packs the mask above them in 16 bits), P < 2^16 (16-bit entries;
+// also P * K < 2^31 for the pull's reciprocal division), B * G blocks < 2^31. Shared memory bounds the grids served
+// first in practice (C = 72 bf16: about 20 x 20); a large K can exceed P's limit (then the gather backward serves).
 inline bool plane_indices_fit(int64_t B, int64_t H, int64_t W, int64_t G, int64_t K) {
   const int64_t P = H * W * K;
-  return (H + 1) * (W + 1) < (int64_t(1) << 24) && P * K < (int64_t(1) << 31) && B * G < (int64_t(1) << 31) && P > 0;
+  return (H + 1) * (W + 1) < (int64_t(1) << 12) && P < (int64_t(1) << 16) && B * G < (int64_t(1) << 31) && P > 0;
 }
 
 // Copy a [H*W] x C slab of group g of image b (pixel n at n * stride elements) into a plane of row stride rs, in
@@ -151,9 +156,10 @@ __global__ void __launch_bounds__(kPlaneMaxThreads) msdcn_plane_backward_kernel(
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* vpl = reinterpret_cast<T*>(smem_raw + lay.vpl);
   T* opl = reinterpret_cast<T*>(smem_raw + lay.opl);
-  A* ptw = reinterpret_cast<A*>(smem_raw + lay.ptw);
-  int* pinfo = reinterpret_cast<int*>(smem_raw + lay.pinfo);
-  int* ent = reinterpret_cast<int*>(smem_raw + lay.ent);
+  A* pw = reinterpret_cast<A*>(smem_raw + lay.ptw);
+  A* pxy = reinterpret_cast<A*>(smem_raw + lay.pxy);
+  unsigned short* pinfo = reinterpret_cast<unsigned short*>(smem_raw + lay.pinfo);
+  unsigned short* ent = reinterpret_cast<unsigned short*>(smem_raw + lay.ent);
   int* cstart = reinterpret_cast<int*>(smem_raw + lay.cstart);
   int* ccur = reinterpret_cast<int*>(smem_raw + lay.ccur);
   A* red = reinterpret_cast<A*>(smem_raw + lay.red);
@@ -172,29 +178,24 @@ __global__ void __launch_bounds__(kPlaneMaxThreads) msdcn_plane_backward_kernel(
   for (int c = tid; c < cells; c += nthr) ccur[c] = 0;
   __syncthreads();
 
-  // 2. geometry, corner weights, counts
+  // 2. geometry (the weight and the sample's offset inside its cell), counts
   for (int i = tid; i < P; i += nthr) {
     const int q = i / K, k = i - q * K;
     FieldIdx fi;
     const Corners<A> c = plane_point<FUSED>(p, b, g, q, k, fi);
-    const A wk = to_acc(p.weight[fi.f], A());
-    int info = -1;
-    A cw[4] = {A(0), A(0), A(0), A(0)};
+    unsigned short info = kNoCell;
     if (c.any) {
       const int cell = static_cast<int>(c.yi + 1) * W1 + static_cast<int>(c.xi) + 1;
       int mask = 0;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (c.ok[j]) {
-          mask |= 1 << j;
-          cw[j] = wk * c.bil[j];
-        }
-      }
-      info = cell | (mask << 24);
+      for (int j = 0; j < 4; ++j) mask |= c.ok[j] ? 1 << j : 0;
+      info = static_cast<unsigned short>(cell | (mask << 12));
       atomicAdd(ccur + cell, 1);
     }
     pinfo[i] = info;
-    store4(ptw + 4 * i, cw);
+    pw[i] = to_acc(p.weight[fi.f], A());
+    pxy[2 * i] = c.ddy[3];      // lx (corners() keeps it as d bil_3 / d py)
+    pxy[2 * i + 1] = c.ddx[3];  // ly (d bil_3 / d px)
   }
   copy_async_wait();
   __syncthreads();
@@ -227,9 +228,9 @@ __global__ void __launch_bounds__(kPlaneMaxThreads) msdcn_plane_backward_kernel(
     const int info = pinfo[i];
     const int q = i / K, k = i - q * K;
     A D[4] = {A(0), A(0), A(0), A(0)};
-    if (info >= 0) {
-      const int cell = info & 0xffffff, mask = info >> 24;
-      ent[atomicAdd(ccur + cell, 1)] = i;
+    if (info != kNoCell) {
+      const int cell = info & 0xfff, mask = lay.diag & 2 ? 0 : info >> 12;
+      ent[atomicAdd(ccur + cell, 1)] = static_cast<unsigned short>(i);
       const int y0 = cell / W1 - 1, x0 = cell - (y0 + 1) * W1 - 1;
       const T* orow = opl + q * rs;
       const T* vrow[4];
@@ -248,6 +249,10 @@ __global__ void __launch_bounds__(kPlaneMaxThreads) msdcn_plane_backward_kernel(
         }
       }
     }
+    if (lay.diag & 4) {
+      s0_acc += D[0] + D[1] + D[2] + D[3];
+      continue;
+    }
     FieldIdx fi;
     const Corners<A> c = plane_point<FUSED>(p, b, g, q, k, fi);
     s0_acc += point_field_grads<FUSED>(p, fi, g, k, c, D);
@@ -256,7 +261,7 @@ __global__ void __launch_bounds__(kPlaneMaxThreads) msdcn_plane_backward_kernel(
 
   // 5. grad_value: per (pixel, 8 channels), the entries of the 4 cells it is a corner of
   const unsigned invK = K == 1 ? 0u : static_cast<unsigned>((0x100000000ull + K - 1) / K);  // i / K = umulhi(i, invK)
-  const int tasks = HW * L;
+  const int tasks = lay.diag & 1 ? 0 : HW * L;
   for (int t = tid; t < tasks; t += nthr) {
     const int pix = t / L, u = t - pix * L;
     const int y = pix / W, x = pix - y * W;
@@ -271,7 +276,8 @@ __global__ void __launch_bounds__(kPlaneMaxThreads) msdcn_plane_backward_kernel(
       for (int e = cstart[cell]; e < e1; ++e) {
         const int i = ent[e];
         const unsigned qq = K == 1 ? static_cast<unsigned>(i) : __umulhi(static_cast<unsigned>(i), invK);
-        const A w = ptw[4 * i + j];
+        const A lx = pxy[2 * i], ly = pxy[2 * i + 1];
+        const A w = pw[i] * (((j & 1) ? lx : A(1) - lx) * ((j >> 1) ? ly : A(1) - ly));  // w * bil_j, as corners() forms it
         A o[kVec];
         lds8(opl + static_cast<int>(qq) * rs + u * kVec, o);
 #pragma unroll
