@@ -98,6 +98,7 @@ def _module(device: torch.device | None = None):
     mod = _LOADED.get(index)
     if mod is None:
         mod = _LOADED[index] = build.load(index)
+        _PLANE_LIMITS[index] = tuple(mod.device_limits(index))   # for _plane_backward_serves
     return mod
 
 
@@ -379,31 +380,50 @@ def _packed_backward_impl(grad_out, proj, prior, s0, s_max, groups, channels, po
     return gp, _s0_grad(gs0, s0.dtype, s0.device)
 
 
-_PLANE_CACHE: dict[tuple, bool] = {}
+# Per CUDA device: (shared memory per block, opt-in; streaming multiprocessors), recorded when the extension loads for it.
+_PLANE_LIMITS: dict[int, tuple[int, int]] = {}
 
 
-@torch.compiler.assume_constant_result   # torch.compile calls it while tracing and bakes the answer into the graph
-def _plane_serves_shape(B: int, H: int, W: int, G: int, C: int, K: int, itemsize: int, fp64: bool, device: int) -> bool:
-    """The extension's plane_serves for the backward (its shared-memory and block-count rule, FLOWDCN_MSDCN_PLANE), cached
-    per shape and switch value; device -1: the current device."""
-    if device < 0:
-        device = torch.cuda.current_device()
-    key = (B, H, W, G, C, K, itemsize, fp64, device, os.environ.get("FLOWDCN_MSDCN_PLANE", "on"))
-    hit = _PLANE_CACHE.get(key)
-    if hit is None:
-        hit = _PLANE_CACHE[key] = bool(_module(torch.device("cuda", device)).plane_serves(B, H, W, G, C, K, itemsize, fp64, device,
-                                                                                          True))
-    return hit
+def _plane_backward_bytes(H, W, C: int, K: int, itemsize: int, accsize: int):
+    """Shared memory of a plane-backward block (csrc/msdcn_plane.cuh plane_layout, backward), from shape arithmetic only:
+    torch.compile traces it with static or symbolic H, W (tests/cuda_ext: it equals the extension's rule on a GPU)."""
+    per_unit = 16 // itemsize
+    units = C // per_unit
+    rs = (units + 1 if units % 2 == 0 else units) * per_unit   # plane row stride: an odd number of 16-byte units
+    HW, P, cells = H * W, H * W * K, (H + 1) * (W + 1)
+
+    def a16(n):
+        return (n + 15) // 16 * 16
+
+    return (2 * a16(HW * rs * itemsize) + a16(P * accsize) + a16(2 * P * accsize) + 2 * a16(2 * P) + a16(4 * (cells + 1))
+            + a16(4 * cells) + a16(32 * accsize))
 
 
 def _plane_backward_serves(proj: torch.Tensor, groups: int, channels: int, points: int) -> bool:
     """True when the plane backward (csrc/msdcn_plane.cuh: one block per (image, group), its planes in shared memory)
     takes this packed shape on proj's device; then the training forward need not bucket the points for the gather
-    backward. Under torch.compile the answer is taken at trace time (FLOWDCN_MSDCN_PLANE included)."""
+    backward. The extension's rule (plane_serves: shared memory, 16-bit indices, at least half as many blocks as SMs,
+    FLOWDCN_MSDCN_PLANE) in plain arithmetic on the shape, so torch.compile traces it with static and dynamic shapes
+    (guards, no specialisation). Were the two rules ever to disagree, only speed would suffer: the C++ backward takes
+    the plane kernels where they serve and ignores a bucketing, and counts for itself where it got none."""
     B, H, W, _ = proj.shape
-    index = proj.device.index
-    return _plane_serves_shape(B, H, W, groups, channels, points, proj.dtype.itemsize, proj.dtype == torch.float64,
-                               -1 if index is None else index)
+    return _plane_rule(B, H, W, groups, channels, points, proj.dtype, proj.device.index)
+
+
+def _plane_rule(B, H, W, G: int, C: int, K: int, dtype: torch.dtype, device: int | None) -> bool:
+    """_plane_backward_serves on a value shape [B, H, W, G, C], K points, dtype, CUDA device index."""
+    switch = os.environ.get("FLOWDCN_MSDCN_PLANE", "on")
+    if switch in ("off", "fwd"):
+        return False
+    limits = _PLANE_LIMITS.get(device) if device is not None else None
+    if limits is None or C % 8 or C <= 0:
+        return False
+    smem, sms = limits
+    if (H + 1) * (W + 1) >= 4096 or H * W * K >= 65536 or H * W * K <= 0:   # 16-bit cell and entry indices
+        return False
+    if switch != "force" and 2 * B * G < sms:
+        return False
+    return _plane_backward_bytes(H, W, C, K, dtype.itemsize, 8 if dtype == torch.float64 else 4) <= smem
 
 
 def _bucketing_words(proj, groups, points) -> int:

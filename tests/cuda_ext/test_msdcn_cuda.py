@@ -464,7 +464,11 @@ def backward_kind(cuda_mod, monkeypatch):
 @pytest.mark.parametrize("kind", ["gather", "scatter", "plane"])
 @pytest.mark.parametrize("shape", [(2, 9, 11, 3, 24, 5), (1, 4, 5, 1, 264, 3)])  # C=264: 33 lanes, gather falls back
 def test_backward_kinds_fp64_match_reference(cuda_mod, backward_kind, kind, shape):
+    """Each backward against the reference in fp64; the plane kernels also serve C = 264 (no lane limit), where the
+    gather backward falls back to the scatter one."""
     backward_kind(kind)
+    B, H, W, G, C = shape[:5]
+    assert cuda_mod._module().plane_serves(B, H, W, G, C, shape[5], 8, True, torch.cuda.current_device(), True) == (kind == "plane")
     value, offsets, weights = make_inputs(shape, seed=61, spread=4.0)
     check_backward_fp64(value, offsets, weights, "floor")
 
@@ -609,6 +613,48 @@ def test_pull_width_switch_is_validated(monkeypatch):
             cuda_backend._pull_runs(C)
 
 
+def test_plane_decision_under_torch_compile(monkeypatch):
+    """msdcn_deform_packed asks whether the plane backward serves (then the training forward does not bucket the points).
+    The rule is shape arithmetic, so torch.compile(fullgraph=True) traces it with static and with dynamic shapes, and
+    decides as eager does: XL 16^2 at batch 32 yes; 32^2 no (shared memory); batch 2 no (fewer blocks than half the
+    SMs); off with FLOWDCN_MSDCN_PLANE=off; unknown device no. No GPU needed: an H200's limits are filled in."""
+    from cuda_ext.msdcn import cuda as cuda_backend
+
+    monkeypatch.setitem(cuda_backend._PLANE_LIMITS, 0, (232448, 132))
+    monkeypatch.delenv("FLOWDCN_MSDCN_PLANE", raising=False)
+
+    def f(x, device):
+        B, H, W = x.shape[:3]
+        return x * 2 if cuda_backend._plane_rule(B, H, W, 16, 72, 9, torch.bfloat16, device) else x + 1
+
+    cases = (((32, 16, 16), 0, True), ((32, 32, 32), 0, False), ((2, 16, 16), 0, False), ((32, 20, 20), 0, True),
+             ((32, 16, 16), 3, False))
+    for dynamic in (None, False, True):
+        torch._dynamo.reset()
+        g = f if dynamic is None else torch.compile(f, fullgraph=True, dynamic=dynamic, backend="eager")
+        for shape, device, want in cases:
+            y = g(torch.full((*shape, 1), 3.0), device)
+            assert y.flatten()[0].item() == (6.0 if want else 4.0), (dynamic, shape, device)
+    monkeypatch.setenv("FLOWDCN_MSDCN_PLANE", "off")
+    assert not cuda_backend._plane_rule(32, 16, 16, 16, 72, 9, torch.bfloat16, 0)
+    torch._dynamo.reset()
+
+
+def test_plane_bytes_match_the_kernels_layout(emu_harness, tmp_path):
+    """cuda.py's shared-memory size of a plane-backward block equals the C++ layout's (plane_layout, as the emulation
+    harness prints it) for fp64, fp32 and bf16 values, K = 9 and 5, C = 24 and 72."""
+    from cuda_ext.msdcn import cuda as cuda_backend
+
+    for shape, dtype, itemsize, acc in (((1, 5, 7, 1, 24, 9), "f64", 8, 8), ((1, 6, 4, 1, 72, 5), "f32", 4, 4),
+                                        ((1, 5, 7, 1, 72, 9), "bf16", 2, 4)):
+        B, H, W, G, C, K = shape
+        value, offsets, weights = make_inputs(shape, seed=5, device="cpu")
+        tensors = {"value": value, "off": offsets, "weight": weights, "gout": value}
+        run_emulated(emu_harness, tmp_path, tensors, 6, False, "floor", shape, q=32, dtype=dtype)
+        assert f"plane backward {cuda_backend._plane_backward_bytes(H, W, C, K, itemsize, acc)} bytes" in LAST_STDOUT[0], \
+            (shape, dtype, LAST_STDOUT[0])
+
+
 # ---------------------------------------------------------------- tiled backward (shared-memory grad_value window)
 @pytest.fixture
 def tiled(cuda_mod):
@@ -698,6 +744,7 @@ def test_packed_fp64_forward_and_grads(cuda_mod, backward_kind, shape, rounding,
     B, H, W, G, C, K = shape
     value, delta, scale, weights, prior, s0, s_max = make_deform(shape, seed=229)
     assert cuda_mod.packed_served((B, H, W, G * C + 4 * G * K), G, K, torch.float64)
+    assert cuda_mod._module().plane_serves(B, H, W, G, C, K, 8, True, torch.cuda.current_device(), True) == (kind == "plane")
     proj = pack(value, delta, scale, weights).requires_grad_(True)
     z = s0.clone().requires_grad_(True)
     gy = torch.randn(shape[:5], dtype=torch.float64, device="cuda")
@@ -823,10 +870,12 @@ def test_packed_fallback_and_inference_path(cuda_mod, backward_kind, monkeypatch
 
 
 @cuda
-def test_packed_compile_opcheck_and_errors(cuda_mod, backward_kind):
-    """torch.compile(fullgraph) through the packed op matches eager; opcheck of both packed ops; a proj whose last
-    dimension is not G*C + 4*G*K is rejected naming proj, before any kernel runs; B = 0 gives an empty grad."""
-    backward_kind("gather")
+@pytest.mark.parametrize("kind", ["gather", "plane"])
+def test_packed_compile_opcheck_and_errors(cuda_mod, backward_kind, kind):
+    """torch.compile(fullgraph) through the packed op matches eager (with the plane kernels forced: the forward does not
+    bucket, the decision taken at trace time); opcheck of both packed ops; a proj whose last dimension is not
+    G*C + 4*G*K is rejected naming proj, before any kernel runs; B = 0 gives an empty grad."""
+    backward_kind(kind)
     shape = (2, 6, 6, 2, 16, 9)
     B, H, W, G, C, K = shape
     value, delta, scale, weights, prior, s0, s_max = make_deform(shape, dtype=torch.float32, seed=241)
@@ -874,6 +923,14 @@ def test_plane_kernels_at_the_training_shape(cuda_mod, monkeypatch):
     gy = torch.randn(shape[:5], device="cuda").to(torch.bfloat16)
     monkeypatch.setenv("FLOWDCN_MSDCN_PLANE", "on")
     assert cuda_mod._plane_backward_serves(proj, G, C, K)
+    dev = torch.cuda.current_device()
+    for b, h, w, g, c, k, dt in ((32, 16, 16, 16, 72, 9, torch.bfloat16), (32, 23, 23, 16, 72, 9, torch.bfloat16),
+                                 (32, 24, 24, 16, 72, 9, torch.bfloat16), (32, 32, 32, 16, 72, 9, torch.bfloat16),
+                                 (2, 16, 16, 16, 72, 9, torch.bfloat16), (32, 16, 16, 12, 64, 9, torch.float32),
+                                 (8, 9, 11, 4, 24, 5, torch.float64), (64, 60, 60, 1, 8, 1, torch.float16)):
+        # cuda.py's rule (shape arithmetic, traceable) agrees with the extension's (plane_serves)
+        want = cuda_mod._module().plane_serves(b, h, w, g, c, k, dt.itemsize, dt == torch.float64, dev, True)
+        assert cuda_mod._plane_rule(b, h, w, g, c, k, dt, dev) == want, (b, h, w, g, c, k, dt)
 
     def run():
         pj, z = proj.clone().requires_grad_(True), s0.clone().requires_grad_(True)
@@ -915,6 +972,9 @@ def emu_harness(tmp_path_factory):
     return exe
 
 
+LAST_STDOUT = [""]   # the harness's stdout of the last run_emulated call
+
+
 def run_emulated(exe, tmp, tensors, mode, fused, rounding, shape, tile=(8, 8), radius=2, split=True, q=2, rounds=3, dtype="f64",
                  vec=0, outputs=True):
     """Write the inputs (as fp64), run the harness's kernels in dtype, return (g_value, g_off, g_weight, g_scale, s0 sums).
@@ -927,6 +987,7 @@ def run_emulated(exe, tmp, tensors, mode, fused, rounding, shape, tile=(8, 8), r
     args = [exe, tmp, mode, int(fused), int(rounding == "trunc"), int(split), B, H, W, G, C, K, *tile, radius, q, rounds, dtype, vec]
     res = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
+    LAST_STDOUT[0] = res.stdout
     if mode in (3, 5) and vec:  # the pull ran with the width asked for (not the automatic one)
         assert f"runs {vec}\n" in res.stdout, res.stdout
     if not outputs:  # the forward (mode 4) writes out.bin only
@@ -1176,3 +1237,18 @@ def test_emulated_plane_bf16_projection(emu_harness, tmp_path, monkeypatch):
                                ("scale_logit", got[3], 2, 3e-3), ("s0", got[4], 4, 1e-4)):
         assert torch.isfinite(g).all(), name
         assert rel_err(g, leaves[leaf].grad) < tol, name
+
+
+def test_emulated_plane_fp32(emu_harness, tmp_path):
+    """The plane kernels with fp32 values and fields (the fp32 plane rows: two 16-byte shared loads per 8 channels,
+    padded row stride) against fp64 grads of the same inputs."""
+    shape = (2, 5, 6, 2, 24, 9)
+    B, H, W, G, C, K = shape
+    tensors, leaves, out = emulated_deform_case(shape, seed=419)
+    run_emulated(emu_harness, tmp_path, tensors, 7, True, "floor", shape, q=64, dtype="f32", outputs=False)
+    y = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float64)).view(B, H, W, G, C)
+    assert torch.isfinite(y).all() and rel_err(y, out) < 1e-5
+    got = run_emulated(emu_harness, tmp_path, tensors, 6, True, "floor", shape, q=64, dtype="f32")
+    for name, g, leaf in zip(("value", "delta", "weights", "scale_logit", "s0"), got, (0, 1, 3, 2, 4)):
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, leaves[leaf].grad) < 1e-5, name

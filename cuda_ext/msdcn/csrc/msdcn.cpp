@@ -21,6 +21,7 @@ std::vector<at::Tensor> msdcn_backward_packed(const at::Tensor& gout, const at::
                                               bool trunc, int64_t pull_vec, const at::Tensor& counted);
 bool msdcn_plane_serves(int64_t B, int64_t H, int64_t W, int64_t G, int64_t C, int64_t K, int64_t itemsize, bool fp64,
                         int64_t device, bool backward);
+std::vector<int64_t> msdcn_device_limits(int64_t device);
 }  // namespace flowdcn
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -29,6 +30,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_packed", &flowdcn::msdcn_forward_packed, "fused MSDCN forward on the packed projection (proj, prior, s0, s_max, G, C, K, trunc, threads, rounds)");
   m.def("forward_packed_train", &flowdcn::msdcn_forward_packed_train, "the same, also bucketing the points for the backward -> [out, bucketing]");
   m.def("backward_packed", &flowdcn::msdcn_backward_packed, "its gather backward (grad_out, proj, prior, s0, s_max, G, C, K, trunc, pull_vec, bucketing or empty) -> [grad_proj, grad_s0]");
+  m.def("device_limits", &flowdcn::msdcn_device_limits, "[shared memory per block (opt-in), SMs] of a device");
   m.def("plane_serves", &flowdcn::msdcn_plane_serves, "whether a plane kernel serves (B, H, W, G, C, K, value itemsize, fp64, device, backward)");
   m.def("backward", &flowdcn::msdcn_backward, "MSDCN backward (grad_out, value, off|delta, scale_logit, weights, prior, s0, s_max, fused, trunc, threads, rounds, split, lean, l1_pref, skip_value_grad, variant, tile_h, tile_w, radius, pull_vec)");
 }

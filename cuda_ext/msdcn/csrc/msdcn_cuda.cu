@@ -314,7 +314,7 @@ int kernel_regs(const void* kernel) {
 // Threads per plane block: FLOWDCN_MSDCN_PLANE_THREADS (a benchmark switch; a multiple of 32 up to 1024). Else the forward
 // takes 1024; the backward, when two blocks fit an SM's shared memory (they overlap each other's phases), 512 or 576,
 // whichever leaves fewer idle thread slots over its two per-item loops (P points, tasks (pixel, 8 channels)) and lets
-// two blocks' registers fit (XL 16^2: 576 = 2304 / 4), else 1024. Measured on an H200: bench/RESULTS.md.
+// two blocks' registers fit (XL 16^2: 576 = 2304 / 4); when only one block fits, 1024. Measured on an H200: bench/RESULTS.md.
 int plane_threads(size_t smem, int64_t P, int64_t tasks, const void* kernel, bool backward, int device) {
   const char* e = std::getenv("FLOWDCN_MSDCN_PLANE_THREADS");
   if (e) {
@@ -330,6 +330,7 @@ int plane_threads(size_t smem, int64_t P, int64_t tasks, const void* kernel, boo
     per_sm = device_smem(device).second;
   }
   if (2 * (smem + 1024) > static_cast<size_t>(per_sm)) return kPlaneMaxThreads;
+  // (512 always passes the register test: the launch bound caps the kernel at 64 registers, 2 * 512 * 64 = 64K)
   const int regs = kernel_regs(kernel);
   int best = 512;
   int64_t best_slots = -1;
@@ -362,6 +363,9 @@ at::Tensor plane_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor& 
   PlaneLayout lay = plane_layout(p.H, p.W, p.C, p.K, sizeof(T), sizeof(A), true);
   const char* diag = std::getenv("FLOWDCN_MSDCN_PLANE_DIAG");  // benchmark diagnostic only (wrong grads)
   lay.diag = diag ? std::atoi(diag) : 0;
+  if (lay.diag)
+    TORCH_WARN_ONCE(errmsg("FLOWDCN_MSDCN_PLANE_DIAG=", diag, " is set: the plane backward leaves phases out and its gradients are "
+                           "WRONG (a benchmark diagnostic; unset it for training)"));
   const auto aopt = value.options().dtype(value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor s0p = fused ? at::empty({p.G, B}, aopt) : at::empty({0}, aopt);
   if (fused) p.s0_part = reinterpret_cast<A*>(s0p.data_ptr());
@@ -550,6 +554,11 @@ std::vector<at::Tensor> msdcn_forward_packed_train(const at::Tensor& proj, const
   return {out, counts};
 }
 
+// [shared memory per block (opt-in), streaming multiprocessors] of a device: cuda.py's copy of the plane kernels' rule.
+std::vector<int64_t> msdcn_device_limits(int64_t device) {
+  return {static_cast<int64_t>(max_smem_per_block(static_cast<int>(device))), static_cast<int64_t>(sm_count(static_cast<int>(device)))};
+}
+
 // Whether the plane backward (backward=true) or forward serves a [B, H, W, G, C] value (itemsize bytes; fp64: fp64
 // accumulation) with K points on device
 // (plane_serves): cuda.py asks before a training forward, which then need not bucket the points for the gather backward.
@@ -578,7 +587,12 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
   const auto adt = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(variant >= 0 && variant <= 3, errmsg("msdcn_cuda: backward variant must be 0 (scatter), 1 (tiled, atomic window), ",
                                                   "2 (tiled, sorted window) or 3 (gather), got ", variant));
-  const bool gather = variant == 3 && gather_serves(value, weight);
+  // the gather variant: the gather backward, or the plane backward where it serves (plane_serves, checked first by
+  // gather_backward; it has no limit on C)
+  const bool gather = variant == 3 && (gather_serves(value, weight) ||
+                                       plane_serves(value.size(0), value.size(1), value.size(2), value.size(3), value.size(4),
+                                                    weight.size(4), value.element_size(), value.scalar_type() == at::kDouble ? 8 : 4,
+                                                    true, value.get_device()));
   at::Tensor gvalue;
   if (value.numel() == 0 || weight.numel() == 0 || !gather) gvalue = at::zeros(value.sizes(), value.options().dtype(adt));
   auto goff = at::empty_like(off);

@@ -163,18 +163,18 @@ __device__ __forceinline__ void store4(double* p, const double* v) {
 }
 
 // ---------------------------------------------------------------- shared-memory vector loads
-// 16 bytes of shared memory in one 128-bit load. Written as a plain uint4 dereference, nvcc split the bf16 unpack's
-// load into four 32-bit loads (ld.shared.v2.u16 in the PTX): 4x the shared-memory requests, which made the first plane
-// kernels (msdcn_plane.cuh) bound by shared-memory throughput (ncu, H200: L1/TEX 80 % busy, 0.12 ms forward at XL 16^2).
+// 16 bytes of shared memory in one 128-bit load. Written as a plain uint4 dereference feeding the bf16 unpack, nvcc split
+// the load into four 32-bit loads (ld.shared.v2.u16 in the PTX): 4x the shared-memory requests, which made the first
+// plane kernels (msdcn_plane.cuh) bound by shared-memory throughput (ncu, H200: L1/TEX 80 % busy, 0.12 ms forward at
+// XL 16^2). An empty asm that takes the four words as operands makes the whole uint4 live at once, so the load stays one
+// ld.shared.v4; the load itself is ordinary C++ (ordered by __syncthreads like any other shared access, unlike an
+// ld.shared inside the asm, which the compiler would not know reads memory).
 __device__ __forceinline__ uint4 lds128(const void* p) {
+  uint4 r = *reinterpret_cast<const uint4*>(p);
 #if defined(__CUDA_ARCH__)
-  uint4 r;
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a));
-  return r;
-#else
-  return *reinterpret_cast<const uint4*>(p);
+  asm volatile("" : "+r"(r.x), "+r"(r.y), "+r"(r.z), "+r"(r.w));
 #endif
+  return r;
 }
 __device__ __forceinline__ float4 as_float4(uint4 r) {
   return make_float4(__uint_as_float(r.x), __uint_as_float(r.y), __uint_as_float(r.z), __uint_as_float(r.w));

@@ -59,8 +59,8 @@ inline int plane_row_stride(int C, size_t tbytes) {
   return (units % 2 == 0 ? units + 1 : units) * per_unit;
 }
 
-// The backward keeps its per-point lists small enough for two blocks per SM at XL 16^2 (110 KB): 16-bit cell and entry
-// indices (plane_indices_fit) and 12 bytes per point.
+// The backward keeps its per-point lists small enough for two blocks per SM at XL 16^2 (110 KB): 16 bytes per point with
+// fp32 accumulation (weight 4, (lx, ly) 8, 16-bit cell and entry indices 2 + 2; plane_indices_fit).
 struct PlaneLayout {
   int rs;                 // plane row stride (elements)
   size_t vpl, opl;        // value plane, grad_out plane (backward): [H*W, rs] of T
@@ -116,8 +116,9 @@ inline PlaneLayout plane_layout(int64_t H, int64_t W, int C, int K, size_t tbyte
   return l;
 }
 
-// Index limits of the plane kernels: cells < 2^12 (pinfo packs the mask above them in 16 bits), P < 2^16 (16-bit entries;
-// also P * K < 2^31 for the pull's reciprocal division), B * G blocks < 2^31. Shared memory bounds the grids served
+// Index limits of the plane kernels: cells < 2^12 (pinfo packs the mask above them in 16 bits, so no valid info equals
+// kNoCell), P < 2^16 (16-bit entries; the pull's division i / K = umulhi(i, ceil(2^32 / K)) is exact while
+// i * (K - 1) < 2^32, which i < P < 2^16 and K <= P guarantee), B * G blocks < 2^31. Shared memory bounds the grids served
 // first in practice (C = 72 bf16: about 20 x 20); a large K can exceed P's limit (then the gather backward serves).
 inline bool plane_indices_fit(int64_t B, int64_t H, int64_t W, int64_t G, int64_t K) {
   const int64_t P = H * W * K;
