@@ -1126,14 +1126,16 @@ def test_emulated_packed_layout_matches_reference(emu_harness, tmp_path, monkeyp
             assert rel_err(g, leaves[leaf].grad) < 1e-10, (mode, vec, name)
 
 
-def test_emulated_packed_bf16_projection(emu_harness, tmp_path, monkeypatch):
-    """The model's case: one bf16 projection (bf16 value and fields) and bf16 grad_out, the training forward bucketing
-    the points, then the gather backward; against fp64 on the same rounded inputs. bf16 outputs and grads are one
-    rounding of fp32 sums (<= 2^-9 relative each); d/ds0 stays fp32."""
+@pytest.mark.parametrize("path", ["gather", "plane"])
+def test_emulated_packed_bf16_projection(emu_harness, tmp_path, monkeypatch, path):
+    """The model's case: one bf16 projection (bf16 value and fields, read in place) and bf16 grad_out; gather: the
+    training forward bucketing the points, then the gather backward; plane: the plane forward and backward (the planes
+    held as bf16). Against fp64 on the same rounded inputs: bf16 outputs and grads are one rounding of fp32 sums (<= 2^-9
+    relative each); d/ds0 stays fp32."""
     monkeypatch.setenv("FLOWDCN_EMU_PACKED", "1")
-    shape = (1, 6, 7, 2, 72, 9)
+    shape = (1, 6, 7, 2, 72, 9) if path == "gather" else (2, 5, 6, 2, 72, 9)
     B, H, W, G, C, K = shape
-    inputs = list(make_deform(shape, seed=257, device="cpu"))
+    inputs = list(make_deform(shape, seed=257 if path == "gather" else 409, device="cpu"))
     for i in range(4):
         inputs[i] = inputs[i].to(torch.bfloat16).double()
     value, delta, scale, weights, prior, s0, s_max = inputs
@@ -1142,9 +1144,14 @@ def test_emulated_packed_bf16_projection(emu_harness, tmp_path, monkeypatch):
     out = msdcn_ref(leaves[0], deform_offsets_ref(leaves[1], leaves[2], prior, leaves[4], s_max), leaves[3])
     (out * grad).sum().backward()
     tensors = {"value": value, "off": delta, "weight": weights, "gout": grad, "scale": scale, "prior": prior, "s0": s0, "smax": s_max}
-    got = run_emulated(emu_harness, tmp_path, tensors, 5, True, "floor", shape, q=1, rounds=2, dtype="bf16x")
+    if path == "gather":
+        got = run_emulated(emu_harness, tmp_path, tensors, 5, True, "floor", shape, q=1, rounds=2, dtype="bf16x")
+    else:
+        run_emulated(emu_harness, tmp_path, tensors, 7, True, "floor", shape, q=64, dtype="bf16x", outputs=False)
     y = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float64)).view(B, H, W, G, C)
     assert rel_err(y, out.detach()) < 3e-3
+    if path == "plane":
+        got = run_emulated(emu_harness, tmp_path, tensors, 6, True, "floor", shape, q=64, dtype="bf16x")
     for name, g, leaf, tol in (("value", got[0], 0, 3e-3), ("delta", got[1], 1, 3e-3), ("weights", got[2], 3, 3e-3),
                                ("scale_logit", got[3], 2, 3e-3), ("s0", got[4], 4, 1e-4)):
         assert torch.isfinite(g).all(), name
@@ -1212,31 +1219,6 @@ def test_emulated_plane_backward_and_forward(emu_harness, tmp_path, rounding, fu
         g = grads[idx]
         assert torch.isfinite(g).all(), name
         assert rel_err(g, leaves[leaf].grad) < 1e-10, name
-
-
-def test_emulated_plane_bf16_projection(emu_harness, tmp_path, monkeypatch):
-    """The model's case through the plane kernels: one bf16 projection read in place (packed layout) and bf16 grad_out,
-    the planes held as bf16; against fp64 on the same rounded inputs."""
-    monkeypatch.setenv("FLOWDCN_EMU_PACKED", "1")
-    shape = (2, 5, 6, 2, 72, 9)
-    B, H, W, G, C, K = shape
-    inputs = list(make_deform(shape, seed=409, device="cpu"))
-    for i in range(4):
-        inputs[i] = inputs[i].to(torch.bfloat16).double()
-    value, delta, scale, weights, prior, s0, s_max = inputs
-    grad = torch.randn_like(value).to(torch.bfloat16).double()
-    leaves = [t.clone().requires_grad_(True) for t in (value, delta, scale, weights, s0)]
-    out = msdcn_ref(leaves[0], deform_offsets_ref(leaves[1], leaves[2], prior, leaves[4], s_max), leaves[3])
-    (out * grad).sum().backward()
-    tensors = {"value": value, "off": delta, "weight": weights, "gout": grad, "scale": scale, "prior": prior, "s0": s0, "smax": s_max}
-    run_emulated(emu_harness, tmp_path, tensors, 7, True, "floor", shape, q=64, dtype="bf16x", outputs=False)
-    y = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float64)).view(B, H, W, G, C)
-    assert rel_err(y, out.detach()) < 3e-3
-    got = run_emulated(emu_harness, tmp_path, tensors, 6, True, "floor", shape, q=64, dtype="bf16x")
-    for name, g, leaf, tol in (("value", got[0], 0, 3e-3), ("delta", got[1], 1, 3e-3), ("weights", got[2], 3, 3e-3),
-                               ("scale_logit", got[3], 2, 3e-3), ("s0", got[4], 4, 1e-4)):
-        assert torch.isfinite(g).all(), name
-        assert rel_err(g, leaves[leaf].grad) < tol, name
 
 
 def test_emulated_plane_fp32(emu_harness, tmp_path):

@@ -361,6 +361,20 @@ __device__ __forceinline__ A point_field_grads(const MsdcnParams<T, F, A>& p, Fi
   return gl;
 }
 
+// Sum of v over the block in a fixed order (warp shuffle trees, then the warps in order), valid in thread 0. Every thread of
+// the block calls it (full-mask shuffles, one __syncthreads; blockDim a multiple of 32); red: 32 slots of shared memory.
+template <typename A>
+__device__ __forceinline__ A block_sum_ordered(A v, A* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  A tot = A(0);
+  if (threadIdx.x == 0)
+    for (int w = 0; w < static_cast<int>(blockDim.x + 31) / 32; ++w) tot += red[w];
+  return tot;
+}
+
 // Bucket of a point whose cell (lower corner) is (xi, yi) in image b, group g: one per (cell, group), cells from -1, so
 // x0, y0 in [-1, W-1] x [-1, H-1] (the gather backward's counting sort; msdcn_gather.cuh). The launchers check that
 // B * (H + 1) * (W + 1) * G fits in int32.

@@ -290,15 +290,8 @@ __global__ void __launch_bounds__(kPlaneMaxThreads) msdcn_plane_backward_kernel(
 
   // 6. d/ds0 of the block, in a fixed order
   if (FUSED) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s0_acc += __shfl_xor_sync(0xffffffffu, s0_acc, o);
-    if ((tid & 31) == 0) red[tid >> 5] = s0_acc;
-    __syncthreads();
-    if (tid == 0) {
-      A s = A(0);
-      for (int w = 0; w < (nthr + 31) / 32; ++w) s += red[w];
-      p.s0_part[static_cast<int64_t>(g) * (gridDim.x / p.G) + b] = s;  // [G, B]
-    }
+    const A s = block_sum_ordered(s0_acc, red);
+    if (tid == 0) p.s0_part[static_cast<int64_t>(g) * (gridDim.x / p.G) + b] = s;  // [G, B]
   }
 }
 

@@ -290,15 +290,9 @@ __global__ void __launch_bounds__(MAXT, MINB) msdcn_backward_tiled_kernel(const 
       atomic_add4(p.gvalue + ((b * p.H + y) * p.W + x) * GC + g * p.C + 4 * r4, v);
     }
   }
-  if (FUSED) {  // block sum of d/ds0[g]: warp shuffles, then one value per warp
-    for (int o = 16; o > 0; o >>= 1) s0_sum += __shfl_down_sync(0xffffffffu, s0_sum, o);
-    if ((tid & 31) == 0) red[tid >> 5] = s0_sum;
-    __syncthreads();
-    if (tid == 0) {
-      A tot = A(0);
-      for (int w = 0; w < (nthreads + 31) / 32; ++w) tot += red[w];
-      p.s0_part[static_cast<int64_t>(blockIdx.x) * p.G + g] = tot;
-    }
+  if (FUSED) {  // block sum of d/ds0[g]
+    const A tot = block_sum_ordered(s0_sum, red);
+    if (tid == 0) p.s0_part[static_cast<int64_t>(blockIdx.x) * p.G + g] = tot;
   }
 }
 
