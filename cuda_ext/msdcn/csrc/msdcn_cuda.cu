@@ -296,9 +296,6 @@ int sm_count(int device) {
 // bench/msdcn_op.py compares them in one process).
 std::string plane_switch() { return env_choice("FLOWDCN_MSDCN_PLANE", "on", {"on", "off", "fwd", "bwd", "force"}); }
 
-// True when a plane kernel serves this shape on this device: its block's shared memory (a group's value plane, and for
-// the backward grad_out's and the per-point lists) fits the device, its indices fit, C is a multiple of 8, and there
-// are at least half as many (image, group) blocks as SMs (below that the regular kernels spread the work wider).
 // Registers per thread of a kernel (cached per kernel: asked on every launch).
 int kernel_regs(const void* kernel) {
   static std::mutex mu;
@@ -345,6 +342,9 @@ int plane_threads(size_t smem, int64_t P, int64_t tasks, const void* kernel, boo
   return best;
 }
 
+// True when a plane kernel serves this shape on this device: its block's shared memory (a group's value plane, and for
+// the backward grad_out's and the per-point lists) fits the device, its indices fit, C is a multiple of 8, and there
+// are at least half as many (image, group) blocks as SMs (below that the regular kernels spread the work wider).
 bool plane_serves(int64_t B, int64_t H, int64_t W, int64_t G, int64_t C, int64_t K, size_t tbytes, size_t abytes, bool backward,
                   int device) {
   const std::string sw = plane_switch();
@@ -560,8 +560,8 @@ std::vector<int64_t> msdcn_device_limits(int64_t device) {
 }
 
 // Whether the plane backward (backward=true) or forward serves a [B, H, W, G, C] value (itemsize bytes; fp64: fp64
-// accumulation) with K points on device
-// (plane_serves): cuda.py asks before a training forward, which then need not bucket the points for the gather backward.
+// accumulation) with K points on device (plane_serves). cuda.py decides with its own copy of the rule (_plane_rule: shape
+// arithmetic that torch.compile can trace); the GPU tests compare the two through this.
 bool msdcn_plane_serves(int64_t B, int64_t H, int64_t W, int64_t G, int64_t C, int64_t K, int64_t itemsize, bool fp64,
                         int64_t device, bool backward) {
   return plane_serves(B, H, W, G, C, K, static_cast<size_t>(itemsize), fp64 ? 8 : 4, backward, static_cast<int>(device));

@@ -31,7 +31,7 @@
 
 namespace flowdcn {
 
-constexpr int kPlaneMaxThreads = 1024;  // launch bound of the plane kernels (they need <= 64 registers: 40-46 on sm_90)
+constexpr int kPlaneMaxThreads = 1024;  // launch bound of the plane kernels (<= 64 registers under it: 31-51 on sm_90)
 
 // ---------------------------------------------------------------- shared-memory helpers
 // 16 bytes global -> shared without a round trip through registers (sm_80+; a plain copy elsewhere and in the emulator).
@@ -119,7 +119,7 @@ inline PlaneLayout plane_layout(int64_t H, int64_t W, int C, int K, size_t tbyte
 // Index limits of the plane kernels: cells < 2^12 (pinfo packs the mask above them in 16 bits, so no valid info equals
 // kNoCell), P < 2^16 (16-bit entries; the pull's division i / K = umulhi(i, ceil(2^32 / K)) is exact while
 // i * (K - 1) < 2^32, which i < P < 2^16 and K <= P guarantee), B * G blocks < 2^31. Shared memory bounds the grids served
-// first in practice (C = 72 bf16: about 20 x 20); a large K can exceed P's limit (then the gather backward serves).
+// first in practice (C = 72, K = 9 bf16: about 23 x 23); a large K can exceed P's limit (then the gather backward serves).
 inline bool plane_indices_fit(int64_t B, int64_t H, int64_t W, int64_t G, int64_t K) {
   const int64_t P = H * W * K;
   return (H + 1) * (W + 1) < (int64_t(1) << 12) && P < (int64_t(1) << 16) && B * G < (int64_t(1) << 31) && P > 0;
