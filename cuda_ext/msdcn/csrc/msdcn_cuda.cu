@@ -85,6 +85,8 @@ struct AttrCache {
   std::map<std::pair<const void*, int>, int> carveout;                  // (kernel, device) -> carveout % set
   std::map<std::tuple<const void*, int, int, size_t>, int> carveout_for;  // (kernel, device, threads, smem) -> %
   std::map<int, std::pair<int, int>> device_smem;                       // device -> (per block opt-in, per SM)
+  std::map<int, int> sms;                                               // device -> streaming multiprocessors
+  std::map<const void*, int> regs;                                      // kernel -> registers per thread
 };
 AttrCache& attr_cache() {
   static AttrCache cache;
@@ -281,14 +283,13 @@ bool gather_serves(const at::Tensor& value, const at::Tensor& weight) {
 
 // Streaming multiprocessors of a device (cached: asked on every layer).
 int sm_count(int device) {
-  static std::mutex mu;
-  static std::map<int, int> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(device);
-  if (it != cache.end()) return it->second;
+  auto& c = attr_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  auto it = c.sms.find(device);
+  if (it != c.sms.end()) return it->second;
   int n = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  return cache[device] = n;
+  return c.sms[device] = n;
 }
 
 // FLOWDCN_MSDCN_PLANE=on (default) | off | fwd | bwd | force: which plane kernels (msdcn_plane.cuh) may run; force: both,
@@ -298,14 +299,13 @@ std::string plane_switch() { return env_choice("FLOWDCN_MSDCN_PLANE", "on", {"on
 
 // Registers per thread of a kernel (cached per kernel: asked on every launch).
 int kernel_regs(const void* kernel) {
-  static std::mutex mu;
-  static std::map<const void*, int> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(kernel);
-  if (it != cache.end()) return it->second;
+  auto& c = attr_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  auto it = c.regs.find(kernel);
+  if (it != c.regs.end()) return it->second;
   cudaFuncAttributes fa{};
   C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
-  return cache[kernel] = fa.numRegs;
+  return c.regs[kernel] = fa.numRegs;
 }
 
 // Threads per plane block: FLOWDCN_MSDCN_PLANE_THREADS (a benchmark switch; a multiple of 32 up to 1024). Else the forward
@@ -384,12 +384,12 @@ at::Tensor plane_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor& 
 // to gvalue (the value's dtype and layout: p.vs per pixel); returns d/ds0 [G] when fused (else an empty tensor).
 // Workspaces (gather_bind): the bucketing [count | key | rank] (counted: kept from the training forward; else allocated
 // and counted here), one int32 workspace [start | row | pos] and one float workspace of the entries' corner weights and
-// dots (few allocations: at 16² the host's share shows in eager timings).
+// dots (few allocations: at 16² the host's share shows in eager timings). plane: the caller found that the plane backward
+// serves the shape (plane_serves, asked once per call); it then runs instead.
 template <typename T, typename F, typename A>
 at::Tensor gather_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor& value, T* gvalue, int64_t pull_vec_req,
-                           cudaStream_t stream, const at::Tensor& counted = at::Tensor()) {
-  if (plane_serves(value.size(0), p.H, p.W, p.G, p.C, p.K, sizeof(T), sizeof(A), true, value.get_device()))
-    return plane_backward<T, F, A>(p, fused, value, gvalue, stream);  // the forward's bucketing, if any, is not needed
+                           cudaStream_t stream, bool plane, const at::Tensor& counted = at::Tensor()) {
+  if (plane) return plane_backward<T, F, A>(p, fused, value, gvalue, stream);  // the forward's bucketing, if any, is not needed
   const int64_t items = p.N * p.G * p.K, NB = gather_buckets(value.size(0), p.H, p.W, p.G);
   const auto aopt = value.options().dtype(value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   // Runs of 8 channels per pull lane (requested by cuda.py from FLOWDCN_MSDCN_PULL_VEC, which it validates; 0 = auto).
@@ -587,12 +587,11 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
   const auto adt = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(variant >= 0 && variant <= 3, errmsg("msdcn_cuda: backward variant must be 0 (scatter), 1 (tiled, atomic window), ",
                                                   "2 (tiled, sorted window) or 3 (gather), got ", variant));
-  // the gather variant: the gather backward, or the plane backward where it serves (plane_serves, checked first by
-  // gather_backward; it has no limit on C)
-  const bool gather = variant == 3 && (gather_serves(value, weight) ||
-                                       plane_serves(value.size(0), value.size(1), value.size(2), value.size(3), value.size(4),
-                                                    weight.size(4), value.element_size(), value.scalar_type() == at::kDouble ? 8 : 4,
-                                                    true, value.get_device()));
+  // the gather variant: the plane backward where it serves (it has no limit on C), else the gather backward
+  const bool plane = variant == 3 && plane_serves(value.size(0), value.size(1), value.size(2), value.size(3), value.size(4),
+                                                  weight.size(4), value.element_size(), value.scalar_type() == at::kDouble ? 8 : 4,
+                                                  true, value.get_device());
+  const bool gather = plane || (variant == 3 && gather_serves(value, weight));
   at::Tensor gvalue;
   if (value.numel() == 0 || weight.numel() == 0 || !gather) gvalue = at::zeros(value.sizes(), value.options().dtype(adt));
   auto goff = at::empty_like(off);
@@ -627,7 +626,7 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
     if (fused) p.gscale = reinterpret_cast<F*>(gscale.data_ptr());
     if (gather) {
       gvalue = at::empty_like(value);
-      s0p = gather_backward<T, F, A>(p, fused, value, reinterpret_cast<T*>(gvalue.data_ptr()), pull_vec_req, stream);
+      s0p = gather_backward<T, F, A>(p, fused, value, reinterpret_cast<T*>(gvalue.data_ptr()), pull_vec_req, stream, plane);
       return;
     }
     p.gvalue = reinterpret_cast<A*>(gvalue.data_ptr());
@@ -695,7 +694,8 @@ std::vector<at::Tensor> msdcn_backward_packed(const at::Tensor& gout, const at::
     p.gscale = reinterpret_cast<F*>(g + G * C + 2 * G * K);
     p.gweight = reinterpret_cast<F*>(g + G * C + 3 * G * K);
     if (counted.numel() > 0) check_cuda(counted, "the forward's bucketing", proj);
-    s0p = gather_backward<T, F, A>(p, true, v.value, g, pull_vec_req, stream, counted);
+    const bool plane = plane_serves(v.value.size(0), p.H, p.W, p.G, p.C, p.K, sizeof(T), sizeof(A), true, proj.get_device());
+    s0p = gather_backward<T, F, A>(p, true, v.value, g, pull_vec_req, stream, plane, counted);
   });
   return {gproj, s0p};
 }
