@@ -395,7 +395,8 @@ def _plane_backward_bytes(H, W, C: int, K: int, itemsize: int, accsize: int):
     def a16(n):
         return (n + 15) // 16 * 16
 
-    return (2 * a16(HW * rs * itemsize) + a16(P * accsize) + a16(2 * P * accsize) + 2 * a16(2 * P) + a16(4 * (cells + 1))
+    # the value plane has one more row, of zeros (the zero padding)
+    return (a16((HW + 1) * rs * itemsize) + a16(HW * rs * itemsize) + a16(P * accsize) + a16(2 * P * accsize) + 2 * a16(2 * P) + a16(4 * (cells + 1))
             + a16(4 * cells) + a16(32 * accsize))
 
 
@@ -419,7 +420,7 @@ def _plane_rule(B, H, W, G: int, C: int, K: int, dtype: torch.dtype, device: int
     if limits is None or C % 8 or C <= 0:
         return False
     smem, sms = limits
-    if (H + 1) * (W + 1) >= 4096 or H * W * K >= 65536 or H * W * K <= 0:   # 16-bit cell and entry indices
+    if (H + 1) * (W + 1) >= 4096 or H * W * K <= 0:   # 16-bit cells (plane_indices_fit)
         return False
     if switch != "force" and 2 * B * G < sms:
         return False

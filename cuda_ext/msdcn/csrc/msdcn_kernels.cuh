@@ -33,7 +33,6 @@ __device__ __forceinline__ void from_acc(float x, __nv_bfloat16* o) { *o = __flo
 // ---------------------------------------------------------------- 8-channel vector loads/stores
 // Pointers are 16-byte aligned: the host checks the base address and C % 8 == 0.
 // 16 bytes of bf16 or fp16 pairs (H2) -> 8 floats.
-__device__ __forceinline__ float2 to_float2(__nv_bfloat162 h) { return __bfloat1622float2(h); }
 __device__ __forceinline__ float2 to_float2(__half2 h) { return __half22float2(h); }
 template <typename H2>
 __device__ __forceinline__ void unpack_pairs8(const uint4& r, float* o) {
@@ -43,6 +42,18 @@ __device__ __forceinline__ void unpack_pairs8(const uint4& r, float* o) {
     const float2 f = to_float2(h[i]);
     o[2 * i] = f.x;
     o[2 * i + 1] = f.y;
+  }
+}
+// bf16 -> fp32 is exact and takes no arithmetic: a bf16 is the top half of the float with the same value. So a pair
+// (element 0 in the low half) is one shift and one mask. __bfloat1622float2 compiled to three instructions per pair on
+// sm_90 (PRMT + two shifts), and these unpacks sit in the inner loops of every kernel (one per 8 channels read).
+template <>
+__device__ __forceinline__ void unpack_pairs8<__nv_bfloat162>(const uint4& r, float* o) {
+  const unsigned w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    o[2 * i] = __uint_as_float(w[i] << 16);
+    o[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
   }
 }
 __device__ __forceinline__ void load8(const __nv_bfloat16* p, float* o) {
@@ -206,6 +217,20 @@ __device__ __forceinline__ void lds4(const double* p, double* o) {
   const double2 a = reinterpret_cast<const double2*>(p)[0], b = reinterpret_cast<const double2*>(p)[1];
   o[0] = a.x; o[1] = a.y; o[2] = b.x; o[3] = b.y;
 }
+
+// 2 accumulators of shared memory (8-byte aligned for float, 16 for double) in one access.
+__device__ __forceinline__ void lds2(const float* p, float& a, float& b) {
+  const float2 v = *reinterpret_cast<const float2*>(p);
+  a = v.x;
+  b = v.y;
+}
+__device__ __forceinline__ void lds2(const double* p, double& a, double& b) {
+  const double2 v = *reinterpret_cast<const double2*>(p);
+  a = v.x;
+  b = v.y;
+}
+__device__ __forceinline__ void sts2(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
+__device__ __forceinline__ void sts2(double* p, double a, double b) { *reinterpret_cast<double2*>(p) = make_double2(a, b); }
 
 // grad_value accumulates in an fp32 (fp64) buffer; sm_90 has 16-byte vector float atomics.
 __device__ __forceinline__ void atomic_add8(float* p, const float* v) {

@@ -9,11 +9,12 @@
 //
 // Backward, block (b, g):
 //   1. copy the value and grad_out planes to shared memory (cp.async), zero the cell counts;
-//   2. per point: geometry (the forward's), its cell (lower corner, cells from -1 as in the gather backward), weight and
-//      position inside the cell into shared memory, count[cell] += 1 (native shared integer atomics);
+//   2. per point: geometry (the forward's), its cell (lower corner, cells from -1 as in the gather backward) and
+//      inside-mask into shared memory, count[cell] += 1 (native shared integer atomics);
 //   3. exclusive scan of the counts (one warp);
-//   4. per point: its entry in its cell's list, the four corner dots <value[corner], grad_out[query]> over C from the
-//      planes, and the chain rule of the field grads (as the gather epilogue), d/ds0 summed in registers;
+//   4. per point: the four corner dots <value[corner], grad_out[query]> over C from the planes, the chain rule of the
+//      field grads (as the gather epilogue; d/ds0 summed in registers), and its entry in its cell's list: the query,
+//      the weight and the position inside the cell, stored at the entry's index;
 //   5. per (pixel, 8 channels): grad_value = sum over the entries of the 4 cells the pixel is a corner of of
 //      w * bil * grad_out[query] (the gather pull, from shared memory), written once in the value's dtype;
 //   6. d/ds0: the block's sum in a fixed order (warp trees, then the warps in order), one partial per (group, image).
@@ -31,7 +32,15 @@
 
 namespace flowdcn {
 
-constexpr int kPlaneMaxThreads = 1024;  // launch bound of the plane kernels (<= 64 registers under it: 31-51 on sm_90)
+constexpr int kPlaneMaxThreads = 1024;  // largest block of the plane kernels (the forward's launch bound: <= 64 registers)
+// The backward's register cap for 16-bit values: two blocks of 576 threads per SM (plane_threads) need
+// <= 65536 / 1152 = 56 registers. Without the cap nvcc took 57-58 on sm_90 once the corner dots lost their branches (all
+// four corners' loads in flight); with it, 53-54 and no spills. fp32/fp64 planes are twice as large or more (one block per
+// SM at the shapes where 16-bit values fit two) and would spill under 56: they keep the 1024-thread bound's 64.
+template <typename T>
+constexpr int plane_backward_regs() {
+  return sizeof(T) == 2 ? 56 : 64;
+}
 
 // ---------------------------------------------------------------- shared-memory helpers
 // 16 bytes global -> shared without a round trip through registers (sm_80+; a plain copy elsewhere and in the emulator).
@@ -60,15 +69,18 @@ inline int plane_row_stride(int C, size_t tbytes) {
 }
 
 // The backward keeps its per-point lists small enough for two blocks per SM at XL 16^2 (110 KB): 16 bytes per point with
-// fp32 accumulation (weight 4, (lx, ly) 8, 16-bit cell and entry indices 2 + 2; plane_indices_fit).
+// fp32 accumulation (weight 4, (lx, ly) 8, 16-bit cell and query indices 2 + 2; plane_indices_fit).
 struct PlaneLayout {
-  int rs;                 // plane row stride (elements)
-  size_t vpl, opl;        // value plane, grad_out plane (backward): [H*W, rs] of T
-  size_t ptw;             // forward: [P, 4] of A, corner weights w * bil (0 outside the grid); backward: [P] of A, w
-  size_t pxy;             // backward: [P, 2] of A, the sample's offset from its cell's corner (0, 0): (lx, ly)
+  int rs;                 // plane row stride (elements); rs * sizeof(T) is a multiple of 16 bytes
+  size_t vpl, opl;        // value plane [H*W + 1, rs] of T, whose last row is zeros (the zero padding: corners outside
+                          // the grid read it, so the inner loops have no branches); grad_out plane (backward) [H*W, rs]
+  size_t ptw;             // forward: [P, 4] of A, corner weights w * bil (0 outside the grid); backward: [P] of A, the
+                          // entries' weights w
+  size_t pxy;             // backward: [P, 2] of A, the entries' offsets from their cell's corner (0, 0): (lx, ly)
   size_t pinfo;           // backward: [P] uint16, cell | inside-mask << 12, or kNoCell when no corner is inside the grid;
-                          // forward: [P] int2, the plane pixel of corner (0, 0) (may be negative) and the inside-mask
-  size_t ent;             // backward: [P] uint16, the points sorted by cell
+                          // forward: [P] 4 x uint16, the plane rows of the corners in 16-byte units (the zero row outside)
+  size_t ent;             // backward: [P] uint16, the entries' grad_out plane rows in 16-byte units (their queries), the
+                          // points sorted by cell
   size_t cstart;          // backward: [cells + 1] int, exclusive scan of the counts
   size_t ccur;            // backward: [cells] int, counts, then each cell's next free entry
   size_t red;             // backward: [32] A, the warps' d/ds0 partials
@@ -87,7 +99,7 @@ inline PlaneLayout plane_layout(int64_t H, int64_t W, int C, int K, size_t tbyte
   l.rs = plane_row_stride(C, tbytes);
   size_t at = 0;
   l.vpl = at;
-  at = align16(at + static_cast<size_t>(HW) * l.rs * tbytes);
+  at = align16(at + static_cast<size_t>(HW + 1) * l.rs * tbytes);
   if (!backward) {
     l.ptw = at;
     at = align16(at + static_cast<size_t>(P) * 4 * abytes);
@@ -117,12 +129,11 @@ inline PlaneLayout plane_layout(int64_t H, int64_t W, int C, int K, size_t tbyte
 }
 
 // Index limits of the plane kernels: cells < 2^12 (pinfo packs the mask above them in 16 bits, so no valid info equals
-// kNoCell), P < 2^16 (16-bit entries; the pull's division i / K = umulhi(i, ceil(2^32 / K)) is exact while
-// i * (K - 1) < 2^32, which i < P < 2^16 and K <= P guarantee), B * G blocks < 2^31. Shared memory bounds the grids served
-// first in practice (C = 72, K = 9 bf16: about 23 x 23); a large K can exceed P's limit (then the gather backward serves).
+// kNoCell), B * G blocks < 2^31. A plane row's offset in 16-byte units fits 16 bits: the plane fits in shared memory.
+// The per-point index math is 32-bit: shared memory (at least 16 bytes per point backward) bounds P far below 2^31, and
+// it bounds the grids served first in practice (C = 72, K = 9 bf16: about 23 x 23).
 inline bool plane_indices_fit(int64_t B, int64_t H, int64_t W, int64_t G, int64_t K) {
-  const int64_t P = H * W * K;
-  return (H + 1) * (W + 1) < (int64_t(1) << 12) && P < (int64_t(1) << 16) && B * G < (int64_t(1) << 31) && P > 0;
+  return (H + 1) * (W + 1) < (int64_t(1) << 12) && B * G < (int64_t(1) << 31) && H * W * K > 0;
 }
 
 // Copy a [H*W] x C slab of group g of image b (pixel n at n * stride elements) into a plane of row stride rs, in
@@ -135,6 +146,20 @@ __device__ __forceinline__ void plane_load(T* plane, int rs, const T* src, int64
     const int pix = t / units, u = t - pix * units;
     copy16_async(plane + pix * rs + u * per_unit, src + pix * stride + u * per_unit);
   }
+}
+
+// Zero the plane's row HW (the zero padding), rs elements; ordered with the plane's use by the same __syncthreads.
+template <typename T>
+__device__ __forceinline__ void plane_zero_row(T* plane, int rs, int HW) {
+  uint4* z = reinterpret_cast<uint4*>(plane + HW * rs);
+  const int units = rs * static_cast<int>(sizeof(T)) / 16;
+  for (int t = threadIdx.x; t < units; t += blockDim.x) z[t] = make_uint4(0, 0, 0, 0);
+}
+// The row at an offset of r 16-byte units (the inner loops' 16-bit row offsets) from lane (a plane plus the lane's
+// channels): one shift-add per corner or entry.
+template <typename T>
+__device__ __forceinline__ const T* plane_row(const T* lane, int r) {
+  return reinterpret_cast<const T*>(reinterpret_cast<const uint4*>(lane) + r);
 }
 
 // Geometry of point i = q * K + k of block (b, g) (q: the query's pixel inside the image).
@@ -152,7 +177,7 @@ __device__ __forceinline__ Corners<A> plane_point(const MsdcnParams<T, F, A>& p,
 // grid: B * G blocks, block = b * G + g. gvalue: grad_value in the value's dtype, pixel n at n * p.vs (the value's layout).
 // p.s0_part (FUSED): [G, B] per-(group, image) sums of d/ds0.
 template <typename T, typename F, typename A, bool FUSED>
-__global__ void __launch_bounds__(kPlaneMaxThreads) msdcn_plane_backward_kernel(const MsdcnParams<T, F, A> p, T* __restrict__ gvalue,
+__global__ void __maxnreg__(plane_backward_regs<T>()) msdcn_plane_backward_kernel(const MsdcnParams<T, F, A> p, T* __restrict__ gvalue,
                                                                              PlaneLayout lay) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* vpl = reinterpret_cast<T*>(smem_raw + lay.vpl);
@@ -169,6 +194,7 @@ __global__ void __launch_bounds__(kPlaneMaxThreads) msdcn_plane_backward_kernel(
   // 32-bit index math inside the image (its planes fit in shared memory); 64-bit for global offsets
   const int H = static_cast<int>(p.H), W = static_cast<int>(p.W), HW = H * W, W1 = W + 1;
   const int K = p.K, C = p.C, rs = lay.rs, L = C / kVec;
+  const int rsu = rs * static_cast<int>(sizeof(T)) / 16;  // a plane row in 16-byte units
   const int P = HW * K, cells = (H + 1) * W1;
   const int64_t GC = static_cast<int64_t>(p.G) * C;
   const int tid = threadIdx.x, nthr = blockDim.x;
@@ -176,10 +202,11 @@ __global__ void __launch_bounds__(kPlaneMaxThreads) msdcn_plane_backward_kernel(
   // 1. planes in flight while the geometry is computed
   plane_load(vpl, rs, p.value + b * HW * p.vs + g * C, p.vs, HW, C);
   plane_load(opl, rs, p.gout + b * HW * GC + g * C, GC, HW, C);  // (b * HW: int64)
+  plane_zero_row(vpl, rs, HW);
   for (int c = tid; c < cells; c += nthr) ccur[c] = 0;
   __syncthreads();
 
-  // 2. geometry (the weight and the sample's offset inside its cell), counts
+  // 2. geometry: each point's cell and inside-mask, counts
   for (int i = tid; i < P; i += nthr) {
     const int q = i / K, k = i - q * K;
     FieldIdx fi;
@@ -194,9 +221,6 @@ __global__ void __launch_bounds__(kPlaneMaxThreads) msdcn_plane_backward_kernel(
       atomicAdd(ccur + cell, 1);
     }
     pinfo[i] = info;
-    pw[i] = to_acc(p.weight[fi.f], A());
-    pxy[2 * i] = c.ddy[3];      // lx (corners() keeps it as d bil_3 / d py)
-    pxy[2 * i + 1] = c.ddx[3];  // ly (d bil_3 / d px)
   }
   copy_async_wait();
   __syncthreads();
@@ -229,44 +253,48 @@ __global__ void __launch_bounds__(kPlaneMaxThreads) msdcn_plane_backward_kernel(
     const int info = pinfo[i];
     const int q = i / K, k = i - q * K;
     A D[4] = {A(0), A(0), A(0), A(0)};
-    if (info != kNoCell) {
-      const int cell = info & 0xfff, mask = lay.diag & 2 ? 0 : info >> 12;
-      ent[atomicAdd(ccur + cell, 1)] = static_cast<unsigned short>(i);
+    if (info != kNoCell && !(lay.diag & 2)) {
+      const int cell = info & 0xfff, mask = info >> 12;
       const int y0 = cell / W1 - 1, x0 = cell - (y0 + 1) * W1 - 1;
       const T* orow = opl + q * rs;
-      const T* vrow[4];
+      const T* vrow[4];  // corners outside the grid read the zero row: no branches in the loop
 #pragma unroll
-      for (int j = 0; j < 4; ++j) vrow[j] = vpl + ((y0 + (j >> 1)) * W + x0 + (j & 1)) * rs;  // used only where inside
+      for (int j = 0; j < 4; ++j) vrow[j] = vpl + ((mask >> j) & 1 ? (y0 + (j >> 1)) * W + x0 + (j & 1) : HW) * rs;
       for (int u = 0; u < L; ++u) {
         A o[kVec];
         lds8(orow + u * kVec, o);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          if (!((mask >> j) & 1)) continue;
           A v[kVec];
           lds8(vrow[j] + u * kVec, v);
 #pragma unroll
           for (int e = 0; e < kVec; ++e) D[j] += v[e] * o[e];
         }
       }
-    }
-    if (lay.diag & 4) {
-      s0_acc += D[0] + D[1] + D[2] + D[3];
-      continue;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) D[j] = (mask >> j) & 1 ? D[j] : A(0);  // exactly 0, even where grad_out is not finite
     }
     FieldIdx fi;
     const Corners<A> c = plane_point<FUSED>(p, b, g, q, k, fi);
-    s0_acc += point_field_grads<FUSED>(p, fi, g, k, c, D);
+    if (info != kNoCell) {
+      // the point's entry in its cell's list: the pull reads an entry's query, weight and (lx, ly) at the entry's own
+      // index, so its loads do not wait on the entry (a point index) as a list of point indices would make them
+      const int e = atomicAdd(ccur + (info & 0xfff), 1);
+      ent[e] = static_cast<unsigned short>(q * rsu);
+      pw[e] = to_acc(p.weight[fi.f], A());
+      sts2(pxy + 2 * e, c.ddy[3], c.ddx[3]);  // (lx, ly): corners() keeps lx as d bil_3 / d py, ly as d bil_3 / d px
+    }
+    s0_acc += lay.diag & 4 ? D[0] + D[1] + D[2] + D[3] : point_field_grads<FUSED>(p, fi, g, k, c, D);
   }
   __syncthreads();
 
   // 5. grad_value: per (pixel, 8 channels), the entries of the 4 cells it is a corner of
-  const unsigned invK = K == 1 ? 0u : static_cast<unsigned>((0x100000000ull + K - 1) / K);  // i / K = umulhi(i, invK)
   const int tasks = lay.diag & 1 ? 0 : HW * L;
   for (int t = tid; t < tasks; t += nthr) {
     const int pix = t / L, u = t - pix * L;
     const int y = pix / W, x = pix - y * W;
     const int c00 = (y + 1) * W1 + x + 1;  // the cell whose corner 0 is this pixel
+    const T* olane = opl + u * kVec;
     A acc[kVec];
 #pragma unroll
     for (int e = 0; e < kVec; ++e) acc[e] = A(0);
@@ -275,12 +303,11 @@ __global__ void __launch_bounds__(kPlaneMaxThreads) msdcn_plane_backward_kernel(
       const int cell = c00 - (j & 1) - ((j >> 1) ? W1 : 0);  // this pixel is corner j of it
       const int e1 = cstart[cell + 1];
       for (int e = cstart[cell]; e < e1; ++e) {
-        const int i = ent[e];
-        const unsigned qq = K == 1 ? static_cast<unsigned>(i) : __umulhi(static_cast<unsigned>(i), invK);
-        const A lx = pxy[2 * i], ly = pxy[2 * i + 1];
-        const A w = pw[i] * (((j & 1) ? lx : A(1) - lx) * ((j >> 1) ? ly : A(1) - ly));  // w * bil_j, as corners() forms it
+        A lx, ly;
+        lds2(pxy + 2 * e, lx, ly);
+        const A w = pw[e] * (((j & 1) ? lx : A(1) - lx) * ((j >> 1) ? ly : A(1) - ly));  // w * bil_j, as corners() forms it
         A o[kVec];
-        lds8(opl + static_cast<int>(qq) * rs + u * kVec, o);
+        lds8(plane_row(olane, ent[e]), o);
 #pragma unroll
         for (int m = 0; m < kVec; ++m) acc[m] += w * o[m];
       }
@@ -302,34 +329,36 @@ __global__ void __launch_bounds__(kPlaneMaxThreads) msdcn_plane_forward_kernel(c
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* vpl = reinterpret_cast<T*>(smem_raw + lay.vpl);
   A* ptw = reinterpret_cast<A*>(smem_raw + lay.ptw);
-  int2* pinfo = reinterpret_cast<int2*>(smem_raw + lay.pinfo);
+  uint2* pinfo = reinterpret_cast<uint2*>(smem_raw + lay.pinfo);
   const int g = static_cast<int>(blockIdx.x % p.G);
   const int64_t b = blockIdx.x / p.G;
   const int H = static_cast<int>(p.H), W = static_cast<int>(p.W), HW = H * W;  // 32-bit inside the image
   const int K = p.K, C = p.C, rs = lay.rs, L = C / kVec;
+  const int rsu = rs * static_cast<int>(sizeof(T)) / 16;  // a plane row in 16-byte units
   const int P = HW * K;
   const int64_t GC = static_cast<int64_t>(p.G) * C;
   const int tid = threadIdx.x, nthr = blockDim.x;
 
   plane_load(vpl, rs, p.value + b * HW * p.vs + g * C, p.vs, HW, C);
+  plane_zero_row(vpl, rs, HW);
   for (int i = tid; i < P; i += nthr) {
     const int q = i / K, k = i - q * K;
     FieldIdx fi;
     const Corners<A> c = plane_point<FUSED>(p, b, g, q, k, fi);
     const A wk = to_acc(p.weight[fi.f], A());
-    int2 e = make_int2(0, 0);
+    unsigned r[4] = {unsigned(HW * rsu), unsigned(HW * rsu), unsigned(HW * rsu), unsigned(HW * rsu)};  // the zero row
     A cw[4] = {A(0), A(0), A(0), A(0)};
     if (c.any) {
-      e.x = static_cast<int>(c.yi) * W + static_cast<int>(c.xi);  // may be negative (-W - 1 at least): only inside corners are read
+      const int r00 = static_cast<int>(c.yi) * W + static_cast<int>(c.xi);  // may be negative: only inside corners are used
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         if (c.ok[j]) {
-          e.y |= 1 << j;
+          r[j] = static_cast<unsigned>((r00 + (j & 1) + ((j >> 1) ? W : 0)) * rsu);
           cw[j] = wk * c.bil[j];
         }
       }
     }
-    pinfo[i] = e;
+    pinfo[i] = make_uint2(r[0] | r[1] << 16, r[2] | r[3] << 16);
     store4(ptw + 4 * i, cw);
   }
   copy_async_wait();
@@ -338,18 +367,20 @@ __global__ void __launch_bounds__(kPlaneMaxThreads) msdcn_plane_forward_kernel(c
   const int tasks = HW * L;
   for (int t = tid; t < tasks; t += nthr) {
     const int q = t / L, u = t - q * L;
+    const T* vlane = vpl + u * kVec;
     A acc[kVec];
 #pragma unroll
     for (int e = 0; e < kVec; ++e) acc[e] = A(0);
     for (int k = 0; k < K; ++k) {
-      const int2 e = pinfo[q * K + k];
+      const uint2 e = pinfo[q * K + k];
+      const int r[4] = {static_cast<int>(e.x & 0xffffu), static_cast<int>(e.x >> 16), static_cast<int>(e.y & 0xffffu),
+                        static_cast<int>(e.y >> 16)};
       A cw[4];
       lds4(ptw + 4 * (q * K + k), cw);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (!((e.y >> j) & 1)) continue;
+      for (int j = 0; j < 4; ++j) {  // corners outside the grid: weight 0 on the zero row, no branch
         A v[kVec];
-        lds8(vpl + (e.x + (j & 1) + ((j >> 1) ? W : 0)) * rs + u * kVec, v);
+        lds8(plane_row(vlane, r[j]), v);
 #pragma unroll
         for (int m = 0; m < kVec; ++m) acc[m] += cw[j] * v[m];
       }

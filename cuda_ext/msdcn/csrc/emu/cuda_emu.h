@@ -11,10 +11,12 @@
 #include <vector>
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 struct uint2 { unsigned x, y; };
+inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
 struct int2 { int x, y; };
 inline int2 make_int2(int a, int b) { return {a, b}; }
 struct uint4 { unsigned x, y, z, w; };
-struct float2 { float x, y; };
+struct alignas(8) float2 { float x, y; };
+inline float2 make_float2(float a, float b) { return {a, b}; }
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(16) double2 { double x, y; };
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
@@ -27,12 +29,12 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline unsigned __umulhi(unsigned a, unsigned b) { return static_cast<unsigned>((static_cast<uint64_t>(a) * b) >> 32); }
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __maxnreg__(...)
 #define __restrict__
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__
