@@ -15,14 +15,14 @@
 //   4. per point: the four corner dots <value[corner], grad_out[query]> over C from the planes, the chain rule of the
 //      field grads (as the gather epilogue; d/ds0 summed in registers), and its entry in its cell's list: the query,
 //      the weight and the position inside the cell, stored at the entry's index;
-//   5. per (pixel, 8 channels): grad_value = sum over the entries of the 4 cells the pixel is a corner of of
+//   5. per (pixel, 8 channels; plane_lanes): grad_value = sum over the entries of the 4 cells the pixel is a corner of of
 //      w * bil * grad_out[query] (the gather pull, from shared memory), written once in the value's dtype;
 //   6. d/ds0: the block's sum in a fixed order (warp trees, then the warps in order), one partial per (group, image).
 // Entries in a cell follow the shared atomics' order, so grad_value's fp32 sums have no fixed order (as the gather
 // backward's); every other grad is computed in a fixed order.
 //
 // Forward, block (b, g): the value plane (cp.async) and every point's corners and weights in shared memory, then one
-// thread per (query, 8 channels) sums its K points' corners from the plane.
+// thread per (query, 8 channels; plane_lanes) sums its K points' corners from the plane.
 //
 // A shape is served when the block's shared memory fits the device (plane_layout): at C = 72, K = 9 in bf16 up to about
 // 23 x 23 tokens backward; larger grids take the gather backward and the regular forward.
@@ -40,6 +40,12 @@ constexpr int kPlaneMaxThreads = 1024;  // largest block of the plane kernels (t
 template <typename T>
 constexpr int plane_backward_regs() {
   return sizeof(T) == 2 ? 56 : 64;
+}
+// The forward's: two 1024-thread blocks per SM for 16-bit values (their shared memory fits two at XL 16^2), so <= 32
+// registers (nvcc took 43 for the split last unit, plane_lanes; 32 without spills). Larger values fit one block per SM.
+template <typename T>
+constexpr int plane_forward_min_blocks() {
+  return sizeof(T) == 2 ? 2 : 1;
 }
 
 // ---------------------------------------------------------------- shared-memory helpers
@@ -159,7 +165,24 @@ __device__ __forceinline__ void plane_zero_row(T* plane, int rs, int HW) {
 // channels): one shift-add per corner or entry.
 template <typename T>
 __device__ __forceinline__ const T* plane_row(const T* lane, int r) {
-  return reinterpret_cast<const T*>(reinterpret_cast<const uint4*>(lane) + r);
+  return reinterpret_cast<const T*>(reinterpret_cast<const char*>(lane) + 16 * r);
+}
+
+// Lanes of the per-pixel loops (the forward's per query, the pull's per pixel), one per 8 channels, except at
+// C = 8 * (8n + 1) with n >= 1 (C = 72: 9 units): there the 8n lanes of a pixel each take one 16-byte unit and the last 8
+// also one channel each of the last unit. Why: a quarter-warp's 8 lanes form one shared-memory wavefront of 16-byte
+// loads, and 8 lanes reading 8 consecutive units of one row never conflict. With 9 lanes per pixel, 7 of 9 quarter-warps
+// straddle two pixels, whose rows (random: sample corners, entries' queries) collide in a bank quad most of the time:
+// ncu showed both plane kernels bound by shared memory (L1/TEX 83 % busy at XL 16^2 on an H200). Measured there: the
+// forward 0.064 -> 0.058 ms (also 2 tasks per thread of 1024, not 2.25); the pull unchanged (~0.061 ms: as many
+// instructions per entry, so it is bound by issue rather than by shared memory).
+struct PlaneLanes {
+  int lanes;   // per pixel
+  bool split;  // the last unit is split channel-wise over the last 8 lanes
+};
+__device__ __forceinline__ PlaneLanes plane_lanes(int L) {
+  const bool split = L > 8 && L % 8 == 1;
+  return {split ? L - 1 : L, split};
 }
 
 // Geometry of point i = q * K + k of block (b, g) (q: the query's pixel inside the image).
@@ -289,13 +312,16 @@ __global__ void __maxnreg__(plane_backward_regs<T>()) msdcn_plane_backward_kerne
   __syncthreads();
 
   // 5. grad_value: per (pixel, 8 channels), the entries of the 4 cells it is a corner of
-  const int tasks = lay.diag & 1 ? 0 : HW * L;
+  const PlaneLanes pl = plane_lanes(L);
+  const int tasks = lay.diag & 1 ? 0 : HW * pl.lanes;
   for (int t = tid; t < tasks; t += nthr) {
-    const int pix = t / L, u = t - pix * L;
+    const int pix = t / pl.lanes, u = t - pix * pl.lanes;
+    const bool split = pl.split && u >= pl.lanes - 8;  // also channel (L - 1) * 8 + u % 8
     const int y = pix / W, x = pix - y * W;
     const int c00 = (y + 1) * W1 + x + 1;  // the cell whose corner 0 is this pixel
     const T* olane = opl + u * kVec;
-    A acc[kVec];
+    const T* xlane = opl + (L - 1) * kVec + (u & 7);
+    A acc[kVec], accx = A(0);
 #pragma unroll
     for (int e = 0; e < kVec; ++e) acc[e] = A(0);
 #pragma unroll
@@ -306,13 +332,17 @@ __global__ void __maxnreg__(plane_backward_regs<T>()) msdcn_plane_backward_kerne
         A lx, ly;
         lds2(pxy + 2 * e, lx, ly);
         const A w = pw[e] * (((j & 1) ? lx : A(1) - lx) * ((j >> 1) ? ly : A(1) - ly));  // w * bil_j, as corners() forms it
+        const int r = ent[e];
         A o[kVec];
-        lds8(plane_row(olane, ent[e]), o);
+        lds8(plane_row(olane, r), o);
 #pragma unroll
         for (int m = 0; m < kVec; ++m) acc[m] += w * o[m];
+        if (split) accx += w * to_acc(*plane_row(xlane, r), A());
       }
     }
-    store8(gvalue + (b * HW + pix) * p.vs + g * C + u * kVec, acc);  // b int64
+    T* gv = gvalue + (b * HW + pix) * p.vs + g * C;  // b int64
+    store8(gv + u * kVec, acc);
+    if (split) from_acc(accx, gv + (L - 1) * kVec + (u & 7));
   }
 
   // 6. d/ds0 of the block, in a fixed order
@@ -325,7 +355,7 @@ __global__ void __maxnreg__(plane_backward_regs<T>()) msdcn_plane_backward_kerne
 // ---------------------------------------------------------------- forward
 // grid: B * G blocks, block = b * G + g; out contiguous [N, G, C].
 template <typename T, typename F, typename A, bool FUSED>
-__global__ void __launch_bounds__(kPlaneMaxThreads) msdcn_plane_forward_kernel(const MsdcnParams<T, F, A> p, PlaneLayout lay) {
+__global__ void __launch_bounds__(kPlaneMaxThreads, plane_forward_min_blocks<T>()) msdcn_plane_forward_kernel(const MsdcnParams<T, F, A> p, PlaneLayout lay) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* vpl = reinterpret_cast<T*>(smem_raw + lay.vpl);
   A* ptw = reinterpret_cast<A*>(smem_raw + lay.ptw);
@@ -364,11 +394,14 @@ __global__ void __launch_bounds__(kPlaneMaxThreads) msdcn_plane_forward_kernel(c
   copy_async_wait();
   __syncthreads();
 
-  const int tasks = HW * L;
+  const PlaneLanes pl = plane_lanes(L);
+  const int tasks = HW * pl.lanes;
   for (int t = tid; t < tasks; t += nthr) {
-    const int q = t / L, u = t - q * L;
+    const int q = t / pl.lanes, u = t - q * pl.lanes;
+    const bool split = pl.split && u >= pl.lanes - 8;  // also channel (L - 1) * 8 + u % 8
     const T* vlane = vpl + u * kVec;
-    A acc[kVec];
+    const T* xlane = vpl + (L - 1) * kVec + (u & 7);
+    A acc[kVec], accx = A(0);
 #pragma unroll
     for (int e = 0; e < kVec; ++e) acc[e] = A(0);
     for (int k = 0; k < K; ++k) {
@@ -383,9 +416,12 @@ __global__ void __launch_bounds__(kPlaneMaxThreads) msdcn_plane_forward_kernel(c
         lds8(plane_row(vlane, r[j]), v);
 #pragma unroll
         for (int m = 0; m < kVec; ++m) acc[m] += cw[j] * v[m];
+        if (split) accx += cw[j] * to_acc(*plane_row(xlane, r[j]), A());
       }
     }
-    store8(p.out + (b * HW + q) * GC + g * C + u * kVec, acc);
+    T* out = p.out + (b * HW + q) * GC + g * C;
+    store8(out + u * kVec, acc);
+    if (split) from_acc(accx, out + (L - 1) * kVec + (u & 7));
   }
 }
 
