@@ -420,7 +420,7 @@ def _plane_rule(B, H, W, G: int, C: int, K: int, dtype: torch.dtype, device: int
     if limits is None or C % 8 or C <= 0:
         return False
     smem, sms = limits
-    if (H + 1) * (W + 1) >= 4096 or H * W * K <= 0:   # 16-bit cells (plane_indices_fit)
+    if (H + 1) * (W + 1) >= 4096 or H * W * K >= 65536 or H * W * K <= 0:   # 16-bit cells, FastDiv (plane_indices_fit)
         return False
     if switch != "force" and 2 * B * G < sms:
         return False

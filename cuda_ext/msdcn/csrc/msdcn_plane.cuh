@@ -15,14 +15,14 @@
 //   4. per point: the four corner dots <value[corner], grad_out[query]> over C from the planes, the chain rule of the
 //      field grads (as the gather epilogue; d/ds0 summed in registers), and its entry in its cell's list: the query,
 //      the weight and the position inside the cell, stored at the entry's index;
-//   5. per (pixel, 8 channels; plane_lanes): grad_value = sum over the entries of the 4 cells the pixel is a corner of of
+//   5. per (pixel, 8 channels; plane_split): grad_value = sum over the entries of the 4 cells the pixel is a corner of of
 //      w * bil * grad_out[query] (the gather pull, from shared memory), written once in the value's dtype;
 //   6. d/ds0: the block's sum in a fixed order (warp trees, then the warps in order), one partial per (group, image).
 // Entries in a cell follow the shared atomics' order, so grad_value's fp32 sums have no fixed order (as the gather
 // backward's); every other grad is computed in a fixed order.
 //
 // Forward, block (b, g): the value plane (cp.async) and every point's corners and weights in shared memory, then one
-// thread per (query, 8 channels; plane_lanes) sums its K points' corners from the plane.
+// thread per (query, 8 channels; plane_split) sums its K points' corners from the plane.
 //
 // A shape is served when the block's shared memory fits the device (plane_layout): at C = 72, K = 9 in bf16 up to about
 // 23 x 23 tokens backward; larger grids take the gather backward and the regular forward.
@@ -42,7 +42,7 @@ constexpr int plane_backward_regs() {
   return sizeof(T) == 2 ? 56 : 64;
 }
 // The forward's: two 1024-thread blocks per SM for 16-bit values (their shared memory fits two at XL 16^2), so <= 32
-// registers (nvcc took 43 for the split last unit, plane_lanes; 32 without spills). Larger values fit one block per SM.
+// registers (nvcc took 43 for the split last unit, plane_split; 32 without spills). Larger values fit one block per SM.
 template <typename T>
 constexpr int plane_forward_min_blocks() {
   return sizeof(T) == 2 ? 2 : 1;
@@ -74,6 +74,29 @@ inline int plane_row_stride(int C, size_t tbytes) {
   return (units % 2 == 0 ? units + 1 : units) * per_unit;
 }
 
+// n / d for the plane kernels' index divisions (by K, W, W + 1, the lanes per pixel, the 16-byte units per row), as one
+// multiply-high: exact while n * (d - 1) < 2^32, which n, d < 2^16 guarantee (plane_indices_fit). A division by a runtime
+// divisor is a sequence of about 20 instructions around a MUFU.RCP: ncu put 13 % of the plane forward's stall samples on
+// the per-point i / K and q / W.
+struct FastDiv {
+  unsigned m;  // ceil(2^32 / d); unused for d = 1 (it would not fit)
+  int d;
+};
+inline FastDiv fast_div(int d) { return {d == 1 ? 0u : static_cast<unsigned>((0x100000000ull + d - 1) / d), d}; }
+__device__ __forceinline__ int operator/(int n, const FastDiv& f) {
+  return f.d == 1 ? n : static_cast<int>(__umulhi(static_cast<unsigned>(n), f.m));
+}
+
+// Lanes of the per-pixel loops (the forward's per query, the pull's per pixel), one per 8 channels, except at
+// C = 8 * (8n + 1) with n >= 1 (C = 72: 9 units): there the 8n lanes of a pixel each take one 16-byte unit and the last 8
+// also one channel each of the last unit. Why: a quarter-warp's 8 lanes form one shared-memory wavefront of 16-byte
+// loads, and 8 lanes reading 8 consecutive units of one row never conflict. With 9 lanes per pixel, 7 of 9 quarter-warps
+// straddle two pixels, whose rows (random: sample corners, entries' queries) collide in a bank quad most of the time:
+// ncu showed both plane kernels bound by shared memory (L1/TEX 83 % busy at XL 16^2 on an H200). Measured there: the
+// forward 0.064 -> 0.058 ms (also 2 tasks per thread of 1024, not 2.25); the pull unchanged (~0.061 ms: as many
+// instructions per entry, so it is bound by issue rather than by shared memory).
+inline bool plane_split(int L) { return L > 8 && L % 8 == 1; }
+
 // The backward keeps its per-point lists small enough for two blocks per SM at XL 16^2 (110 KB): 16 bytes per point with
 // fp32 accumulation (weight 4, (lx, ly) 8, 16-bit cell and query indices 2 + 2; plane_indices_fit).
 struct PlaneLayout {
@@ -91,6 +114,10 @@ struct PlaneLayout {
   size_t ccur;            // backward: [cells] int, counts, then each cell's next free entry
   size_t red;             // backward: [32] A, the warps' d/ds0 partials
   size_t bytes;           // total
+  FastDiv K, W, W1;       // divisions by K, W, W + 1
+  FastDiv units;          // by the 16-byte units of a row (C * sizeof(T) / 16; plane_load)
+  FastDiv lanes;          // by the lanes per pixel (C / 8, or C / 8 - 1 where split)
+  bool split;             // the last 8 channels are split over the last 8 lanes of a pixel (plane_split)
   int diag;               // benchmark diagnostic only (FLOWDCN_MSDCN_PLANE_DIAG; wrong grads): backward bit 0 skips the
                           // grad_value pull, bit 1 the corner dots, bit 2 the field grads
 };
@@ -103,6 +130,13 @@ inline PlaneLayout plane_layout(int64_t H, int64_t W, int C, int K, size_t tbyte
   PlaneLayout l{};
   const int64_t HW = H * W, P = HW * K, cells = (H + 1) * (W + 1);
   l.rs = plane_row_stride(C, tbytes);
+  const int L = C / 8;  // kVec
+  l.split = plane_split(L);
+  l.K = fast_div(K);
+  l.W = fast_div(static_cast<int>(W));
+  l.W1 = fast_div(static_cast<int>(W) + 1);
+  l.units = fast_div(static_cast<int>(C * tbytes / 16));
+  l.lanes = fast_div(l.split ? L - 1 : L);
   size_t at = 0;
   l.vpl = at;
   at = align16(at + static_cast<size_t>(HW + 1) * l.rs * tbytes);
@@ -135,21 +169,22 @@ inline PlaneLayout plane_layout(int64_t H, int64_t W, int C, int K, size_t tbyte
 }
 
 // Index limits of the plane kernels: cells < 2^12 (pinfo packs the mask above them in 16 bits, so no valid info equals
-// kNoCell), B * G blocks < 2^31. A plane row's offset in 16-byte units fits 16 bits: the plane fits in shared memory.
-// The per-point index math is 32-bit: shared memory (at least 16 bytes per point backward) bounds P far below 2^31, and
-// it bounds the grids served first in practice (C = 72, K = 9 bf16: about 23 x 23).
+// kNoCell), P < 2^16 (FastDiv: the divisions by K of point indices), B * G blocks < 2^31. The other numerators (tasks
+// H * W * lanes, plane_load's H * W * units, 16-byte row offsets) index shared memory in units of at least 16 bytes, so
+// they stay below 2^14. Shared memory bounds the grids served first in practice (C = 72, K = 9 bf16: about 23 x 23).
 inline bool plane_indices_fit(int64_t B, int64_t H, int64_t W, int64_t G, int64_t K) {
-  return (H + 1) * (W + 1) < (int64_t(1) << 12) && B * G < (int64_t(1) << 31) && H * W * K > 0;
+  const int64_t P = H * W * K;
+  return (H + 1) * (W + 1) < (int64_t(1) << 12) && P < (int64_t(1) << 16) && B * G < (int64_t(1) << 31) && P > 0;
 }
 
 // Copy a [H*W] x C slab of group g of image b (pixel n at n * stride elements) into a plane of row stride rs, in
 // 16-byte units, asynchronously (copy_async_wait + __syncthreads before use).
 template <typename T>
-__device__ __forceinline__ void plane_load(T* plane, int rs, const T* src, int64_t stride, int64_t HW, int C) {
-  const int per_unit = static_cast<int>(16 / sizeof(T)), units = C / per_unit;
-  const int total = static_cast<int>(HW) * units;  // 32-bit index math: a plane fits in shared memory
+__device__ __forceinline__ void plane_load(T* plane, int rs, const T* src, int64_t stride, int64_t HW, const FastDiv& units) {
+  const int per_unit = static_cast<int>(16 / sizeof(T));
+  const int total = static_cast<int>(HW) * units.d;  // 32-bit index math: a plane fits in shared memory
   for (int t = threadIdx.x; t < total; t += blockDim.x) {
-    const int pix = t / units, u = t - pix * units;
+    const int pix = t / units, u = t - pix * units.d;
     copy16_async(plane + pix * rs + u * per_unit, src + pix * stride + u * per_unit);
   }
 }
@@ -168,31 +203,15 @@ __device__ __forceinline__ const T* plane_row(const T* lane, int r) {
   return reinterpret_cast<const T*>(reinterpret_cast<const char*>(lane) + 16 * r);
 }
 
-// Lanes of the per-pixel loops (the forward's per query, the pull's per pixel), one per 8 channels, except at
-// C = 8 * (8n + 1) with n >= 1 (C = 72: 9 units): there the 8n lanes of a pixel each take one 16-byte unit and the last 8
-// also one channel each of the last unit. Why: a quarter-warp's 8 lanes form one shared-memory wavefront of 16-byte
-// loads, and 8 lanes reading 8 consecutive units of one row never conflict. With 9 lanes per pixel, 7 of 9 quarter-warps
-// straddle two pixels, whose rows (random: sample corners, entries' queries) collide in a bank quad most of the time:
-// ncu showed both plane kernels bound by shared memory (L1/TEX 83 % busy at XL 16^2 on an H200). Measured there: the
-// forward 0.064 -> 0.058 ms (also 2 tasks per thread of 1024, not 2.25); the pull unchanged (~0.061 ms: as many
-// instructions per entry, so it is bound by issue rather than by shared memory).
-struct PlaneLanes {
-  int lanes;   // per pixel
-  bool split;  // the last unit is split channel-wise over the last 8 lanes
-};
-__device__ __forceinline__ PlaneLanes plane_lanes(int L) {
-  const bool split = L > 8 && L % 8 == 1;
-  return {split ? L - 1 : L, split};
-}
-
 // Geometry of point i = q * K + k of block (b, g) (q: the query's pixel inside the image).
 template <bool FUSED, typename T, typename F, typename A>
-__device__ __forceinline__ Corners<A> plane_point(const MsdcnParams<T, F, A>& p, int64_t b, int g, int q, int k, FieldIdx& fi) {
+__device__ __forceinline__ Corners<A> plane_point(const MsdcnParams<T, F, A>& p, const PlaneLayout& lay, int64_t b, int g, int q, int k,
+                                                FieldIdx& fi) {
   const int64_t n = b * p.H * p.W + q;
   fi = field_idx(p, n, g, k);
   A ox, oy;
   point_offset<FUSED>(p, fi, g, k, ox, oy);
-  const int W = static_cast<int>(p.W), y = q / W;  // 32-bit: H * W fits in shared memory
+  const int W = static_cast<int>(p.W), y = q / lay.W;  // 32-bit: H * W fits in shared memory
   return corners(add_rn(A(q - y * W), ox), add_rn(A(y), oy), int64_t(0), p.H, p.W, p.trunc);
 }
 
@@ -223,17 +242,17 @@ __global__ void __maxnreg__(plane_backward_regs<T>()) msdcn_plane_backward_kerne
   const int tid = threadIdx.x, nthr = blockDim.x;
 
   // 1. planes in flight while the geometry is computed
-  plane_load(vpl, rs, p.value + b * HW * p.vs + g * C, p.vs, HW, C);
-  plane_load(opl, rs, p.gout + b * HW * GC + g * C, GC, HW, C);  // (b * HW: int64)
+  plane_load(vpl, rs, p.value + b * HW * p.vs + g * C, p.vs, HW, lay.units);
+  plane_load(opl, rs, p.gout + b * HW * GC + g * C, GC, HW, lay.units);  // (b * HW: int64)
   plane_zero_row(vpl, rs, HW);
   for (int c = tid; c < cells; c += nthr) ccur[c] = 0;
   __syncthreads();
 
   // 2. geometry: each point's cell and inside-mask, counts
   for (int i = tid; i < P; i += nthr) {
-    const int q = i / K, k = i - q * K;
+    const int q = i / lay.K, k = i - q * K;
     FieldIdx fi;
-    const Corners<A> c = plane_point<FUSED>(p, b, g, q, k, fi);
+    const Corners<A> c = plane_point<FUSED>(p, lay, b, g, q, k, fi);
     unsigned short info = kNoCell;
     if (c.any) {
       const int cell = static_cast<int>(c.yi + 1) * W1 + static_cast<int>(c.xi) + 1;
@@ -274,11 +293,11 @@ __global__ void __maxnreg__(plane_backward_regs<T>()) msdcn_plane_backward_kerne
   A s0_acc = A(0);
   for (int i = tid; i < P; i += nthr) {
     const int info = pinfo[i];
-    const int q = i / K, k = i - q * K;
+    const int q = i / lay.K, k = i - q * K;
     A D[4] = {A(0), A(0), A(0), A(0)};
     if (info != kNoCell && !(lay.diag & 2)) {
       const int cell = info & 0xfff, mask = info >> 12;
-      const int y0 = cell / W1 - 1, x0 = cell - (y0 + 1) * W1 - 1;
+      const int y0 = cell / lay.W1 - 1, x0 = cell - (y0 + 1) * W1 - 1;
       const T* orow = opl + q * rs;
       const T* vrow[4];  // corners outside the grid read the zero row: no branches in the loop
 #pragma unroll
@@ -298,7 +317,7 @@ __global__ void __maxnreg__(plane_backward_regs<T>()) msdcn_plane_backward_kerne
       for (int j = 0; j < 4; ++j) D[j] = (mask >> j) & 1 ? D[j] : A(0);  // exactly 0, even where grad_out is not finite
     }
     FieldIdx fi;
-    const Corners<A> c = plane_point<FUSED>(p, b, g, q, k, fi);
+    const Corners<A> c = plane_point<FUSED>(p, lay, b, g, q, k, fi);
     if (info != kNoCell) {
       // the point's entry in its cell's list: the pull reads an entry's query, weight and (lx, ly) at the entry's own
       // index, so its loads do not wait on the entry (a point index) as a list of point indices would make them
@@ -312,12 +331,11 @@ __global__ void __maxnreg__(plane_backward_regs<T>()) msdcn_plane_backward_kerne
   __syncthreads();
 
   // 5. grad_value: per (pixel, 8 channels), the entries of the 4 cells it is a corner of
-  const PlaneLanes pl = plane_lanes(L);
-  const int tasks = lay.diag & 1 ? 0 : HW * pl.lanes;
+  const int tasks = lay.diag & 1 ? 0 : HW * lay.lanes.d;
   for (int t = tid; t < tasks; t += nthr) {
-    const int pix = t / pl.lanes, u = t - pix * pl.lanes;
-    const bool split = pl.split && u >= pl.lanes - 8;  // also channel (L - 1) * 8 + u % 8
-    const int y = pix / W, x = pix - y * W;
+    const int pix = t / lay.lanes, u = t - pix * lay.lanes.d;
+    const bool split = lay.split && u >= lay.lanes.d - 8;  // also channel (L - 1) * 8 + u % 8
+    const int y = pix / lay.W, x = pix - y * W;
     const int c00 = (y + 1) * W1 + x + 1;  // the cell whose corner 0 is this pixel
     const T* olane = opl + u * kVec;
     const T* xlane = opl + (L - 1) * kVec + (u & 7);
@@ -369,12 +387,12 @@ __global__ void __launch_bounds__(kPlaneMaxThreads, plane_forward_min_blocks<T>(
   const int64_t GC = static_cast<int64_t>(p.G) * C;
   const int tid = threadIdx.x, nthr = blockDim.x;
 
-  plane_load(vpl, rs, p.value + b * HW * p.vs + g * C, p.vs, HW, C);
+  plane_load(vpl, rs, p.value + b * HW * p.vs + g * C, p.vs, HW, lay.units);
   plane_zero_row(vpl, rs, HW);
   for (int i = tid; i < P; i += nthr) {
-    const int q = i / K, k = i - q * K;
+    const int q = i / lay.K, k = i - q * K;
     FieldIdx fi;
-    const Corners<A> c = plane_point<FUSED>(p, b, g, q, k, fi);
+    const Corners<A> c = plane_point<FUSED>(p, lay, b, g, q, k, fi);
     const A wk = to_acc(p.weight[fi.f], A());
     unsigned r[4] = {unsigned(HW * rsu), unsigned(HW * rsu), unsigned(HW * rsu), unsigned(HW * rsu)};  // the zero row
     A cw[4] = {A(0), A(0), A(0), A(0)};
@@ -394,11 +412,10 @@ __global__ void __launch_bounds__(kPlaneMaxThreads, plane_forward_min_blocks<T>(
   copy_async_wait();
   __syncthreads();
 
-  const PlaneLanes pl = plane_lanes(L);
-  const int tasks = HW * pl.lanes;
+  const int tasks = HW * lay.lanes.d;
   for (int t = tid; t < tasks; t += nthr) {
-    const int q = t / pl.lanes, u = t - q * pl.lanes;
-    const bool split = pl.split && u >= pl.lanes - 8;  // also channel (L - 1) * 8 + u % 8
+    const int q = t / lay.lanes, u = t - q * lay.lanes.d;
+    const bool split = lay.split && u >= lay.lanes.d - 8;  // also channel (L - 1) * 8 + u % 8
     const T* vlane = vpl + u * kVec;
     const T* xlane = vpl + (L - 1) * kVec + (u & 7);
     A acc[kVec], accx = A(0);
