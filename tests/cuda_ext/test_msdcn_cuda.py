@@ -1186,13 +1186,15 @@ def test_emulated_tiled_deform_backward_low_precision(emu_harness, tmp_path, dty
 # ---------------------------------------------------------------- the plane kernels (csrc/msdcn_plane.cuh) under emulation
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("fused,shape,threads", [(True, (2, 6, 7, 2, 72, 9), 96), (False, (2, 5, 9, 3, 24, 5), 64),
-                                                 (True, (1, 1, 3, 1, 16, 1), 32), (True, (1, 3, 4, 2, 136, 3), 64)])
+                                                 (True, (1, 1, 3, 1, 16, 1), 32), (True, (1, 3, 4, 2, 136, 3), 64),
+                                                 (True, (1, 3, 1, 1, 8, 2), 32)])
 def test_emulated_plane_backward_and_forward(emu_harness, tmp_path, rounding, fused, shape, threads):
     """The plane kernels (one block per (image, group), the group's planes in shared memory) in fp64 against the
     reference: forward, and every grad of the backward (d/ds0 from the per-(group, image) partials), fused and plain,
     both roundings, blocks of several thread counts (loops with remainders), offsets in and out of the grid; a 1x3
     grid with K = 1; C = 72 and 136 (9 and 17 units: the last unit split channel-wise over the last 8 lanes of a pixel,
-    plane_lanes). Unwritten elements are NaN and fail the finiteness checks."""
+    plane_split); a 3x1 grid with C = 8 (FastDiv by 1: W, the lanes per pixel). Unwritten elements are NaN and fail the
+    finiteness checks."""
     B, H, W, G, C, K = shape
     if fused:
         tensors, leaves, out = emulated_deform_case(shape, seed=307 + C)
@@ -1222,10 +1224,12 @@ def test_emulated_plane_backward_and_forward(emu_harness, tmp_path, rounding, fu
         assert rel_err(g, leaves[leaf].grad) < 1e-10, name
 
 
-def test_emulated_plane_fp32(emu_harness, tmp_path):
+@pytest.mark.parametrize("C", [24, 72])
+def test_emulated_plane_fp32(emu_harness, tmp_path, C):
     """The plane kernels with fp32 values and fields (the fp32 plane rows: two 16-byte shared loads per 8 channels,
-    padded row stride; C = 72: the split last unit) against fp64 grads of the same inputs."""
-    shape = (2, 5, 6, 2, 72, 9)
+    padded row stride; C = 72: the split last unit, C = 24: one lane per 8 channels) against fp64 grads of the same
+    inputs."""
+    shape = (2, 5, 6, 2, C, 9)
     B, H, W, G, C, K = shape
     tensors, leaves, out = emulated_deform_case(shape, seed=419)
     run_emulated(emu_harness, tmp_path, tensors, 7, True, "floor", shape, q=64, dtype="f32", outputs=False)

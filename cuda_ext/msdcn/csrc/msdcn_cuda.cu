@@ -327,7 +327,8 @@ int plane_threads(size_t smem, int64_t P, int64_t tasks, const void* kernel, boo
     per_sm = device_smem(device).second;
   }
   if (2 * (smem + 1024) > static_cast<size_t>(per_sm)) return kPlaneMaxThreads;
-  // (512 always passes the register test: the launch bound caps the kernel at 64 registers, 2 * 512 * 64 = 64K)
+  // (512 always passes the register test: the kernel is capped at 64 registers or fewer (plane_backward_regs),
+  // 2 * 512 * 64 = 64K)
   const int regs = kernel_regs(kernel);
   int best = 512;
   int64_t best_slots = -1;
@@ -373,7 +374,7 @@ at::Tensor plane_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor& 
   Geometry geo{};
   geo.G = p.G; geo.C = p.C; geo.K = p.K;
   allow_smem(kernel, lay.bytes, value.get_device(), geo);
-  const int threads = plane_threads(lay.bytes, p.H * p.W * p.K, p.H * p.W * (p.C / kVec), reinterpret_cast<const void*>(kernel), true,
+  const int threads = plane_threads(lay.bytes, p.H * p.W * p.K, p.H * p.W * lay.lanes.d, reinterpret_cast<const void*>(kernel), true,
                                     value.get_device());
   kernel<<<static_cast<unsigned>(B * p.G), threads, lay.bytes, stream>>>(p, gvalue, lay);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

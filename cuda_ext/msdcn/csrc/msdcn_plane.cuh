@@ -24,23 +24,32 @@
 // Forward, block (b, g): the value plane (cp.async) and every point's corners and weights in shared memory, then one
 // thread per (query, 8 channels; plane_split) sums its K points' corners from the plane.
 //
-// A shape is served when the block's shared memory fits the device (plane_layout): at C = 72, K = 9 in bf16 up to about
-// 23 x 23 tokens backward; larger grids take the gather backward and the regular forward.
+// A shape is served when the block's shared memory fits the device (plane_layout): at C = 72, K = 9 in bf16 up to 22 x 22
+// tokens backward on an H200 (23 x 23 needs 233472 bytes, 1 KB over a block's limit); larger grids take the gather
+// backward and the regular forward.
 #pragma once
 
 #include "msdcn_kernels.cuh"
 
 namespace flowdcn {
 
-constexpr int kPlaneMaxThreads = 1024;  // largest block of the plane kernels (the forward's launch bound: <= 64 registers)
+constexpr int kPlaneMaxThreads = 1024;  // largest block of the plane kernels
 // The backward's register cap for 16-bit values: two blocks of 576 threads per SM (plane_threads) need
 // <= 65536 / 1152 = 56 registers. Without the cap nvcc took 57-58 on sm_90 once the corner dots lost their branches (all
-// four corners' loads in flight); with it, 53-54 and no spills. fp32/fp64 planes are twice as large or more (one block per
-// SM at the shapes where 16-bit values fit two) and would spill under 56: they keep the 1024-thread bound's 64.
+// four corners' loads in flight); with it, 54-56 and no spills. fp32/fp64 planes are twice as large or more (one block per
+// SM at the shapes where 16-bit values fit two) and keep the 1024-thread bound's 64; at 64, nvcc 13 spills 12-28 bytes of
+// stores there (the four corners' fp32 loads in flight), which the branchless dots cost those (non-model) dtypes.
 template <typename T>
 constexpr int plane_backward_regs() {
   return sizeof(T) == 2 ? 56 : 64;
 }
+// __maxnreg__ is CUDA 12.4+; older toolkits get the 1024-thread launch bound (<= 64 registers: correct, and for 16-bit
+// values plane_threads then picks two blocks of 512 threads per SM instead of 576).
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
+#define FLOWDCN_PLANE_BACKWARD_BOUNDS(T) __maxnreg__(plane_backward_regs<T>())
+#else
+#define FLOWDCN_PLANE_BACKWARD_BOUNDS(T) __launch_bounds__(kPlaneMaxThreads)
+#endif
 // The forward's: two 1024-thread blocks per SM for 16-bit values (their shared memory fits two at XL 16^2), so <= 32
 // registers (nvcc took 43 for the split last unit, plane_split; 32 without spills). Larger values fit one block per SM.
 template <typename T>
@@ -75,7 +84,8 @@ inline int plane_row_stride(int C, size_t tbytes) {
 }
 
 // n / d for the plane kernels' index divisions (by K, W, W + 1, the lanes per pixel, the 16-byte units per row), as one
-// multiply-high: exact while n * (d - 1) < 2^32, which n, d < 2^16 guarantee (plane_indices_fit). A division by a runtime
+// multiply-high: exact while n * (d - 1) < 2^32, which n, d < 2^16 guarantee (point indices: plane_indices_fit; pixels
+// and cells: below 2^12; tasks and 16-byte units: below 2^14, bounded by shared memory). A division by a runtime
 // divisor is a sequence of about 20 instructions around a MUFU.RCP: ncu put 13 % of the plane forward's stall samples on
 // the per-point i / K and q / W.
 struct FastDiv {
@@ -83,7 +93,7 @@ struct FastDiv {
   int d;
 };
 inline FastDiv fast_div(int d) { return {d == 1 ? 0u : static_cast<unsigned>((0x100000000ull + d - 1) / d), d}; }
-__device__ __forceinline__ int operator/(int n, const FastDiv& f) {
+__device__ __forceinline__ int fdiv(int n, const FastDiv& f) {
   return f.d == 1 ? n : static_cast<int>(__umulhi(static_cast<unsigned>(n), f.m));
 }
 
@@ -98,7 +108,8 @@ __device__ __forceinline__ int operator/(int n, const FastDiv& f) {
 inline bool plane_split(int L) { return L > 8 && L % 8 == 1; }
 
 // The backward keeps its per-point lists small enough for two blocks per SM at XL 16^2 (110 KB): 16 bytes per point with
-// fp32 accumulation (weight 4, (lx, ly) 8, 16-bit cell and query indices 2 + 2; plane_indices_fit).
+// fp32 accumulation (weight 4, (lx, ly) 8, a 16-bit cell (plane_indices_fit) and a 16-bit grad_out row offset in 16-byte
+// units (below 2^14: the plane fits in shared memory)).
 struct PlaneLayout {
   int rs;                 // plane row stride (elements); rs * sizeof(T) is a multiple of 16 bytes
   size_t vpl, opl;        // value plane [H*W + 1, rs] of T, whose last row is zeros (the zero padding: corners outside
@@ -171,7 +182,7 @@ inline PlaneLayout plane_layout(int64_t H, int64_t W, int C, int K, size_t tbyte
 // Index limits of the plane kernels: cells < 2^12 (pinfo packs the mask above them in 16 bits, so no valid info equals
 // kNoCell), P < 2^16 (FastDiv: the divisions by K of point indices), B * G blocks < 2^31. The other numerators (tasks
 // H * W * lanes, plane_load's H * W * units, 16-byte row offsets) index shared memory in units of at least 16 bytes, so
-// they stay below 2^14. Shared memory bounds the grids served first in practice (C = 72, K = 9 bf16: about 23 x 23).
+// they stay below 2^14. Shared memory bounds the grids served first in practice (C = 72, K = 9 bf16: 22 x 22).
 inline bool plane_indices_fit(int64_t B, int64_t H, int64_t W, int64_t G, int64_t K) {
   const int64_t P = H * W * K;
   return (H + 1) * (W + 1) < (int64_t(1) << 12) && P < (int64_t(1) << 16) && B * G < (int64_t(1) << 31) && P > 0;
@@ -184,7 +195,7 @@ __device__ __forceinline__ void plane_load(T* plane, int rs, const T* src, int64
   const int per_unit = static_cast<int>(16 / sizeof(T));
   const int total = static_cast<int>(HW) * units.d;  // 32-bit index math: a plane fits in shared memory
   for (int t = threadIdx.x; t < total; t += blockDim.x) {
-    const int pix = t / units, u = t - pix * units.d;
+    const int pix = fdiv(t, units), u = t - pix * units.d;
     copy16_async(plane + pix * rs + u * per_unit, src + pix * stride + u * per_unit);
   }
 }
@@ -211,7 +222,7 @@ __device__ __forceinline__ Corners<A> plane_point(const MsdcnParams<T, F, A>& p,
   fi = field_idx(p, n, g, k);
   A ox, oy;
   point_offset<FUSED>(p, fi, g, k, ox, oy);
-  const int W = static_cast<int>(p.W), y = q / lay.W;  // 32-bit: H * W fits in shared memory
+  const int W = static_cast<int>(p.W), y = fdiv(q, lay.W);  // 32-bit: H * W fits in shared memory
   return corners(add_rn(A(q - y * W), ox), add_rn(A(y), oy), int64_t(0), p.H, p.W, p.trunc);
 }
 
@@ -219,7 +230,7 @@ __device__ __forceinline__ Corners<A> plane_point(const MsdcnParams<T, F, A>& p,
 // grid: B * G blocks, block = b * G + g. gvalue: grad_value in the value's dtype, pixel n at n * p.vs (the value's layout).
 // p.s0_part (FUSED): [G, B] per-(group, image) sums of d/ds0.
 template <typename T, typename F, typename A, bool FUSED>
-__global__ void __maxnreg__(plane_backward_regs<T>()) msdcn_plane_backward_kernel(const MsdcnParams<T, F, A> p, T* __restrict__ gvalue,
+__global__ void FLOWDCN_PLANE_BACKWARD_BOUNDS(T) msdcn_plane_backward_kernel(const MsdcnParams<T, F, A> p, T* __restrict__ gvalue,
                                                                              PlaneLayout lay) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* vpl = reinterpret_cast<T*>(smem_raw + lay.vpl);
@@ -250,7 +261,7 @@ __global__ void __maxnreg__(plane_backward_regs<T>()) msdcn_plane_backward_kerne
 
   // 2. geometry: each point's cell and inside-mask, counts
   for (int i = tid; i < P; i += nthr) {
-    const int q = i / lay.K, k = i - q * K;
+    const int q = fdiv(i, lay.K), k = i - q * K;
     FieldIdx fi;
     const Corners<A> c = plane_point<FUSED>(p, lay, b, g, q, k, fi);
     unsigned short info = kNoCell;
@@ -293,13 +304,13 @@ __global__ void __maxnreg__(plane_backward_regs<T>()) msdcn_plane_backward_kerne
   A s0_acc = A(0);
   for (int i = tid; i < P; i += nthr) {
     const int info = pinfo[i];
-    const int q = i / lay.K, k = i - q * K;
+    const int q = fdiv(i, lay.K), k = i - q * K;
     A D[4] = {A(0), A(0), A(0), A(0)};
     if (info != kNoCell && !(lay.diag & 2)) {
       const int cell = info & 0xfff, mask = info >> 12;
-      const int y0 = cell / lay.W1 - 1, x0 = cell - (y0 + 1) * W1 - 1;
+      const int y0 = fdiv(cell, lay.W1) - 1, x0 = cell - (y0 + 1) * W1 - 1;
       const T* orow = opl + q * rs;
-      const T* vrow[4];  // corners outside the grid read the zero row: no branches in the loop
+      const T* vrow[4];  // corners outside the grid read the zero row (their sums are reset below): no branches in the loop
 #pragma unroll
       for (int j = 0; j < 4; ++j) vrow[j] = vpl + ((mask >> j) & 1 ? (y0 + (j >> 1)) * W + x0 + (j & 1) : HW) * rs;
       for (int u = 0; u < L; ++u) {
@@ -333,9 +344,9 @@ __global__ void __maxnreg__(plane_backward_regs<T>()) msdcn_plane_backward_kerne
   // 5. grad_value: per (pixel, 8 channels), the entries of the 4 cells it is a corner of
   const int tasks = lay.diag & 1 ? 0 : HW * lay.lanes.d;
   for (int t = tid; t < tasks; t += nthr) {
-    const int pix = t / lay.lanes, u = t - pix * lay.lanes.d;
+    const int pix = fdiv(t, lay.lanes), u = t - pix * lay.lanes.d;
     const bool split = lay.split && u >= lay.lanes.d - 8;  // also channel (L - 1) * 8 + u % 8
-    const int y = pix / lay.W, x = pix - y * W;
+    const int y = fdiv(pix, lay.W), x = pix - y * W;
     const int c00 = (y + 1) * W1 + x + 1;  // the cell whose corner 0 is this pixel
     const T* olane = opl + u * kVec;
     const T* xlane = opl + (L - 1) * kVec + (u & 7);
@@ -390,7 +401,7 @@ __global__ void __launch_bounds__(kPlaneMaxThreads, plane_forward_min_blocks<T>(
   plane_load(vpl, rs, p.value + b * HW * p.vs + g * C, p.vs, HW, lay.units);
   plane_zero_row(vpl, rs, HW);
   for (int i = tid; i < P; i += nthr) {
-    const int q = i / lay.K, k = i - q * K;
+    const int q = fdiv(i, lay.K), k = i - q * K;
     FieldIdx fi;
     const Corners<A> c = plane_point<FUSED>(p, lay, b, g, q, k, fi);
     const A wk = to_acc(p.weight[fi.f], A());
@@ -414,7 +425,7 @@ __global__ void __launch_bounds__(kPlaneMaxThreads, plane_forward_min_blocks<T>(
 
   const int tasks = HW * lay.lanes.d;
   for (int t = tid; t < tasks; t += nthr) {
-    const int q = t / lay.lanes, u = t - q * lay.lanes.d;
+    const int q = fdiv(t, lay.lanes), u = t - q * lay.lanes.d;
     const bool split = lay.split && u >= lay.lanes.d - 8;  // also channel (L - 1) * 8 + u % 8
     const T* vlane = vpl + u * kVec;
     const T* xlane = vpl + (L - 1) * kVec + (u & 7);

@@ -10,9 +10,9 @@
 #include <memory>
 #include <vector>
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
-struct uint2 { unsigned x, y; };
+struct alignas(8) uint2 { unsigned x, y; };
 inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
-struct int2 { int x, y; };
+struct alignas(8) int2 { int x, y; };
 inline int2 make_int2(int a, int b) { return {a, b}; }
 struct uint4 { unsigned x, y, z, w; };
 struct alignas(8) float2 { float x, y; };
