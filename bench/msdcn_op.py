@@ -111,6 +111,11 @@ def packed_inputs(v, d, s, w, p, z, m, g):
     return proj.requires_grad_(True), p, z, m, g, G, K
 
 
+def packed_fwd(proj, p, z, m, g, G, K):
+    with torch.no_grad():
+        return msdcn_cuda.msdcn_deform_packed(proj, p, z, m, groups=G, points=K)
+
+
 def packed_fwdbwd(proj, p, z, m, g, G, K):
     out = msdcn_cuda.msdcn_deform_packed(proj, p, z, m, groups=G, points=K)
     torch.autograd.grad(out, [proj, z], g)
@@ -290,11 +295,6 @@ def compare_backward(G, C, K, H, pull_vecs=(), kinds=("gather", "scatter")) -> d
     msdcn_cuda.set_backward(saved)
     print(f"  {' vs '.join(kinds)} G={G} C={C} {H}²: {json.dumps(out)}", flush=True)
     return out
-
-
-def packed_fwd(proj, p, z, m, g, G, K):
-    with torch.no_grad():
-        return msdcn_cuda.msdcn_deform_packed(proj, p, z, m, groups=G, points=K)
 
 
 # (key, FLOWDCN_MSDCN_PLANE, FLOWDCN_MSDCN_PLANE_THREADS) of --planes

@@ -385,12 +385,11 @@ at::Tensor plane_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor& 
 // to gvalue (the value's dtype and layout: p.vs per pixel); returns d/ds0 [G] when fused (else an empty tensor).
 // Workspaces (gather_bind): the bucketing [count | key | rank] (counted: kept from the training forward; else allocated
 // and counted here), one int32 workspace [start | row | pos] and one float workspace of the entries' corner weights and
-// dots (few allocations: at 16² the host's share shows in eager timings). plane: the caller found that the plane backward
-// serves the shape (plane_serves, asked once per call); it then runs instead.
+// dots (few allocations: at 16² the host's share shows in eager timings). Where the plane backward serves the shape
+// (plane_serves), the callers run it instead.
 template <typename T, typename F, typename A>
 at::Tensor gather_backward(MsdcnParams<T, F, A> p, bool fused, const at::Tensor& value, T* gvalue, int64_t pull_vec_req,
-                           cudaStream_t stream, bool plane, const at::Tensor& counted = at::Tensor()) {
-  if (plane) return plane_backward<T, F, A>(p, fused, value, gvalue, stream);  // the forward's bucketing, if any, is not needed
+                           cudaStream_t stream, const at::Tensor& counted = at::Tensor()) {
   const int64_t items = p.N * p.G * p.K, NB = gather_buckets(value.size(0), p.H, p.W, p.G);
   const auto aopt = value.options().dtype(value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   // Runs of 8 channels per pull lane (requested by cuda.py from FLOWDCN_MSDCN_PULL_VEC, which it validates; 0 = auto).
@@ -627,7 +626,9 @@ std::vector<at::Tensor> msdcn_backward(const at::Tensor& gout, const at::Tensor&
     if (fused) p.gscale = reinterpret_cast<F*>(gscale.data_ptr());
     if (gather) {
       gvalue = at::empty_like(value);
-      s0p = gather_backward<T, F, A>(p, fused, value, reinterpret_cast<T*>(gvalue.data_ptr()), pull_vec_req, stream, plane);
+      T* gv = reinterpret_cast<T*>(gvalue.data_ptr());
+      s0p = plane ? plane_backward<T, F, A>(p, fused, value, gv, stream)
+                  : gather_backward<T, F, A>(p, fused, value, gv, pull_vec_req, stream);
       return;
     }
     p.gvalue = reinterpret_cast<A*>(gvalue.data_ptr());
@@ -695,8 +696,10 @@ std::vector<at::Tensor> msdcn_backward_packed(const at::Tensor& gout, const at::
     p.gscale = reinterpret_cast<F*>(g + G * C + 2 * G * K);
     p.gweight = reinterpret_cast<F*>(g + G * C + 3 * G * K);
     if (counted.numel() > 0) check_cuda(counted, "the forward's bucketing", proj);
+    // the plane backward needs no bucketing: a forward's, if any, goes unused
     const bool plane = plane_serves(v.value.size(0), p.H, p.W, p.G, p.C, p.K, sizeof(T), sizeof(A), true, proj.get_device());
-    s0p = gather_backward<T, F, A>(p, true, v.value, g, pull_vec_req, stream, plane, counted);
+    s0p = plane ? plane_backward<T, F, A>(p, true, v.value, g, stream)
+                : gather_backward<T, F, A>(p, true, v.value, g, pull_vec_req, stream, counted);
   });
   return {gproj, s0p};
 }
