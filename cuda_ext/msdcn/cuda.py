@@ -391,12 +391,14 @@ def _plane_backward_bytes(H, W, C: int, K: int, itemsize: int, accsize: int):
     units = C // per_unit
     rs = (units + 1 if units % 2 == 0 else units) * per_unit   # plane row stride: an odd number of 16-byte units
     HW, P, cells = H * W, H * W * K, (H + 1) * (W + 1)
+    rsu = rs * itemsize // 16
+    ys = W * rs + (3 - W % 8 + 8) * rsu % 8 * per_unit   # image rows padded apart in bank quads (plane_image_row_pad)
 
     def a16(n):
         return (n + 15) // 16 * 16
 
     # the value plane has one more row, of zeros (the zero padding)
-    return (a16((HW + 1) * rs * itemsize) + a16(HW * rs * itemsize) + a16(P * accsize) + a16(2 * P * accsize) + 2 * a16(2 * P) + a16(4 * (cells + 1))
+    return (a16((H * ys + rs) * itemsize) + a16(HW * rs * itemsize) + a16(P * accsize) + a16(2 * P * accsize) + 2 * a16(2 * P) + a16(4 * (cells + 1))
             + a16(4 * cells) + a16(32 * accsize))
 
 
