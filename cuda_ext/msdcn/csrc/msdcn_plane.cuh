@@ -37,7 +37,7 @@ constexpr int kPlaneMaxThreads = 1024;  // largest block of the plane kernels
 // The backward's register cap for 16-bit values: two blocks of 576 threads per SM (plane_threads) need
 // <= 65536 / 1152 = 56 registers. Without the cap nvcc took 57-58 on sm_90 once the corner dots lost their branches (all
 // four corners' loads in flight); with it, 54-56 and no spills. fp32/fp64 planes are twice as large or more (one block per
-// SM at the shapes where 16-bit values fit two) and keep the 1024-thread bound's 64; at 64, nvcc 13 spills 12-28 bytes of
+// SM at the shapes where 16-bit values fit two) and keep the 1024-thread bound's 64; at 64, nvcc 13 spills 24-48 bytes of
 // stores there (the four corners' fp32 loads in flight), which the branchless dots cost those (non-model) dtypes.
 template <typename T>
 constexpr int plane_backward_regs() {
@@ -230,6 +230,68 @@ __device__ __forceinline__ const T* plane_row(const T* lane, int r) {
   return reinterpret_cast<const T*>(reinterpret_cast<const char*>(lane) + 16 * r);
 }
 
+// 8 channels of a plane row at a shared-memory address in bytes (SAddr), for the per-entry and per-corner loads of the
+// pull and the forward. Through a generic pointer (plane_row) nvcc formed each such address in two instructions, (r * 8
+// + lane) * 2 + the shared window, one of ~33 per entry of the pull; a 32-bit shared address is one shift-add, r * 16 +
+// the lane's address. The asm is volatile so that these loads keep their order with the block's barriers.
+#if defined(__CUDA_ARCH__)
+using SAddr = unsigned;
+__device__ __forceinline__ SAddr saddr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ uint4 lds128_at(SAddr a) {
+  uint4 r;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a));
+  return r;
+}
+__device__ __forceinline__ unsigned short lds16_at(SAddr a) {
+  unsigned short v;
+  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(a));
+  return v;
+}
+__device__ __forceinline__ float lds32f_at(SAddr a) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(a));
+  return v;
+}
+__device__ __forceinline__ double lds64f_at(SAddr a) {
+  double v;
+  asm volatile("ld.shared.f64 %0, [%1];\n" : "=d"(v) : "r"(a));
+  return v;
+}
+#else
+using SAddr = uintptr_t;  // the emulator: a host address
+inline SAddr saddr(const void* p) { return reinterpret_cast<uintptr_t>(p); }
+inline uint4 lds128_at(SAddr a) { return *reinterpret_cast<const uint4*>(a); }
+inline unsigned short lds16_at(SAddr a) { return *reinterpret_cast<const unsigned short*>(a); }
+inline float lds32f_at(SAddr a) { return *reinterpret_cast<const float*>(a); }
+inline double lds64f_at(SAddr a) { return *reinterpret_cast<const double*>(a); }
+#endif
+// One element (the split lanes' channel of the last unit, plane_split) as the accumulation type.
+__device__ __forceinline__ float lds1_at(SAddr a, const __nv_bfloat16*) { return __uint_as_float(static_cast<unsigned>(lds16_at(a)) << 16); }
+#if defined(__CUDA_ARCH__)
+__device__ __forceinline__ float lds1_at(SAddr a, const __half*) { return __half2float(__ushort_as_half(lds16_at(a))); }
+#else  // the emulator's __half is a float (a stub: no fp16 kernel runs there)
+inline float lds1_at(SAddr a, const __half*) { return __half2float(*reinterpret_cast<const __half*>(a)); }
+#endif
+__device__ __forceinline__ float lds1_at(SAddr a, const float*) { return lds32f_at(a); }
+__device__ __forceinline__ double lds1_at(SAddr a, const double*) { return lds64f_at(a); }
+__device__ __forceinline__ void lds8_at(SAddr a, const __nv_bfloat16*, float* o) { unpack_pairs8<__nv_bfloat162>(lds128_at(a), o); }
+__device__ __forceinline__ void lds8_at(SAddr a, const __half*, float* o) { unpack_pairs8<__half2>(lds128_at(a), o); }
+__device__ __forceinline__ void lds8_at(SAddr a, const float*, float* o) {
+  const float4 x = as_float4(lds128_at(a)), y = as_float4(lds128_at(a + 16));
+  o[0] = x.x; o[1] = x.y; o[2] = x.z; o[3] = x.w;
+  o[4] = y.x; o[5] = y.y; o[6] = y.z; o[7] = y.w;
+}
+__device__ __forceinline__ void lds8_at(SAddr a, const double*, double* o) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint4 r = lds128_at(a + 16 * i);
+    double d[2];
+    memcpy(d, &r, 16);
+    o[2 * i] = d[0];
+    o[2 * i + 1] = d[1];
+  }
+}
+
 // Geometry of point i = q * K + k of block (b, g) (q: the query's pixel inside the image).
 template <bool FUSED, typename T, typename F, typename A>
 __device__ __forceinline__ Corners<A> plane_point(const MsdcnParams<T, F, A>& p, const PlaneLayout& lay, int64_t b, int g, int q, int k,
@@ -364,8 +426,7 @@ __global__ void FLOWDCN_PLANE_BACKWARD_BOUNDS(T) msdcn_plane_backward_kernel(con
     const bool split = lay.split && u >= lay.lanes.d - 8;  // also channel (L - 1) * 8 + u % 8
     const int y = fdiv(pix, lay.W), x = pix - y * W;
     const int c00 = (y + 1) * W1 + x + 1;  // the cell whose corner 0 is this pixel
-    const T* olane = opl + u * kVec;
-    const T* xlane = opl + (L - 1) * kVec + (u & 7);
+    const SAddr olane = saddr(opl + u * kVec), xlane = saddr(opl + (L - 1) * kVec + (u & 7));
     A acc[kVec], accx = A(0);
 #pragma unroll
     for (int e = 0; e < kVec; ++e) acc[e] = A(0);
@@ -379,10 +440,10 @@ __global__ void FLOWDCN_PLANE_BACKWARD_BOUNDS(T) msdcn_plane_backward_kernel(con
         const A w = pw[e] * (((j & 1) ? lx : A(1) - lx) * ((j >> 1) ? ly : A(1) - ly));  // w * bil_j, as corners() forms it
         const int r = ent[e];
         A o[kVec];
-        lds8(plane_row(olane, r), o);
+        lds8_at(olane + 16 * r, opl, o);
 #pragma unroll
         for (int m = 0; m < kVec; ++m) acc[m] += w * o[m];
-        if (split) accx += w * to_acc(*plane_row(xlane, r), A());
+        if (split) accx += w * lds1_at(xlane + 16 * r, opl);
       }
     }
     T* gv = gvalue + (b * HW + pix) * p.vs + g * C;  // b int64
@@ -444,8 +505,7 @@ __global__ void __launch_bounds__(kPlaneMaxThreads, plane_forward_min_blocks<T>(
   for (int t = tid; t < tasks; t += nthr) {
     const int q = fdiv(t, lay.lanes), u = t - q * lay.lanes.d;
     const bool split = lay.split && u >= lay.lanes.d - 8;  // also channel (L - 1) * 8 + u % 8
-    const T* vlane = vpl + u * kVec;
-    const T* xlane = vpl + (L - 1) * kVec + (u & 7);
+    const SAddr vlane = saddr(vpl + u * kVec), xlane = saddr(vpl + (L - 1) * kVec + (u & 7));
     A acc[kVec], accx = A(0);
 #pragma unroll
     for (int e = 0; e < kVec; ++e) acc[e] = A(0);
@@ -458,10 +518,10 @@ __global__ void __launch_bounds__(kPlaneMaxThreads, plane_forward_min_blocks<T>(
 #pragma unroll
       for (int j = 0; j < 4; ++j) {  // corners outside the grid: weight 0 on the zero row, no branch
         A v[kVec];
-        lds8(plane_row(vlane, r[j]), v);
+        lds8_at(vlane + 16 * r[j], vpl, v);
 #pragma unroll
         for (int m = 0; m < kVec; ++m) acc[m] += cw[j] * v[m];
-        if (split) accx += cw[j] * to_acc(*plane_row(xlane, r[j]), A());
+        if (split) accx += cw[j] * lds1_at(xlane + 16 * r[j], vpl);
       }
     }
     T* out = p.out + (b * HW + q) * GC + g * C;
