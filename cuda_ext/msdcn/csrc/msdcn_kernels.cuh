@@ -191,20 +191,64 @@ __device__ __forceinline__ float4 as_float4(uint4 r) {
   return make_float4(__uint_as_float(r.x), __uint_as_float(r.y), __uint_as_float(r.z), __uint_as_float(r.w));
 }
 
-// 8 channels of a plane row (shared memory, 16-byte aligned) -> accumulation type.
-__device__ __forceinline__ void lds8(const __nv_bfloat16* p, float* o) { unpack_pairs8<__nv_bfloat162>(lds128(p), o); }
-__device__ __forceinline__ void lds8(const __half* p, float* o) { unpack_pairs8<__half2>(lds128(p), o); }
-__device__ __forceinline__ void lds8(const float* p, float* o) {
-  const float4 a = as_float4(lds128(p)), b = as_float4(lds128(p + 4));
-  o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
-  o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+// 8 channels of a plane row (the plane kernels, msdcn_plane.cuh) at a 32-bit shared-memory address in bytes (SAddr) ->
+// accumulation type. Through a generic pointer (T* + r * 16 bytes) nvcc formed each row address in two instructions,
+// (r * 8 + lane) * 2 + the shared window, one of ~33 per entry of the pull; from a shared address it is one shift-add.
+// These loads are ld.shared inside asm, which the compiler does not know to read memory (see lds128): they are only
+// used on planes that no thread writes between the same two barriers, and the asm is volatile, so they stay between them.
+#if defined(__CUDA_ARCH__)
+using SAddr = unsigned;
+__device__ __forceinline__ SAddr saddr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ uint4 lds128_at(SAddr a) {
+  uint4 r;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a));
+  return r;
 }
-__device__ __forceinline__ void lds8(const double* p, double* o) {
+// One element (the split lanes' channel of the last unit, plane_split) as the accumulation type.
+__device__ __forceinline__ float lds1_at(SAddr a, const __nv_bfloat16*) {
+  unsigned short v;
+  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(a));
+  return __uint_as_float(static_cast<unsigned>(v) << 16);
+}
+__device__ __forceinline__ float lds1_at(SAddr a, const __half*) {
+  unsigned short v;
+  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(a));
+  return __half2float(__ushort_as_half(v));
+}
+__device__ __forceinline__ float lds1_at(SAddr a, const float*) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(a));
+  return v;
+}
+__device__ __forceinline__ double lds1_at(SAddr a, const double*) {
+  double v;
+  asm volatile("ld.shared.f64 %0, [%1];\n" : "=d"(v) : "r"(a));
+  return v;
+}
+#else
+using SAddr = uintptr_t;  // the emulator: a host address
+inline SAddr saddr(const void* p) { return reinterpret_cast<uintptr_t>(p); }
+inline uint4 lds128_at(SAddr a) { return *reinterpret_cast<const uint4*>(a); }
+template <typename T>
+inline auto lds1_at(SAddr a, const T*) {
+  return to_acc(*reinterpret_cast<const T*>(a), std::conditional_t<sizeof(T) == 8, double, float>());
+}
+#endif
+__device__ __forceinline__ void lds8_at(SAddr a, const __nv_bfloat16*, float* o) { unpack_pairs8<__nv_bfloat162>(lds128_at(a), o); }
+__device__ __forceinline__ void lds8_at(SAddr a, const __half*, float* o) { unpack_pairs8<__half2>(lds128_at(a), o); }
+__device__ __forceinline__ void lds8_at(SAddr a, const float*, float* o) {
+  const float4 x = as_float4(lds128_at(a)), y = as_float4(lds128_at(a + 16));
+  o[0] = x.x; o[1] = x.y; o[2] = x.z; o[3] = x.w;
+  o[4] = y.x; o[5] = y.y; o[6] = y.z; o[7] = y.w;
+}
+__device__ __forceinline__ void lds8_at(SAddr a, const double*, double* o) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const double2 d = reinterpret_cast<const double2*>(p)[i];
-    o[2 * i] = d.x;
-    o[2 * i + 1] = d.y;
+    const uint4 r = lds128_at(a + 16 * i);
+    double d[2];
+    memcpy(d, &r, 16);
+    o[2 * i] = d[0];
+    o[2 * i + 1] = d[1];
   }
 }
 

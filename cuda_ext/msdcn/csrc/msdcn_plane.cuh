@@ -37,7 +37,7 @@ constexpr int kPlaneMaxThreads = 1024;  // largest block of the plane kernels
 // The backward's register cap for 16-bit values: two blocks of 576 threads per SM (plane_threads) need
 // <= 65536 / 1152 = 56 registers. Without the cap nvcc took 57-58 on sm_90 once the corner dots lost their branches (all
 // four corners' loads in flight); with it, 54-56 and no spills. fp32/fp64 planes are twice as large or more (one block per
-// SM at the shapes where 16-bit values fit two) and keep the 1024-thread bound's 64; at 64, nvcc 13 spills 24-48 bytes of
+// SM at the shapes where 16-bit values fit two) and keep the 1024-thread bound's 64; at 64, nvcc 13 spills 8-52 bytes of
 // stores there (the four corners' fp32 loads in flight), which the branchless dots cost those (non-model) dtypes.
 template <typename T>
 constexpr int plane_backward_regs() {
@@ -223,75 +223,6 @@ __device__ __forceinline__ void plane_zero_row(T* plane, int rs, int at) {
   const int units = rs * static_cast<int>(sizeof(T)) / 16;
   for (int t = threadIdx.x; t < units; t += blockDim.x) z[t] = make_uint4(0, 0, 0, 0);
 }
-// The row at an offset of r 16-byte units (the inner loops' 16-bit row offsets) from lane (a plane plus the lane's
-// channels): one shift-add per corner or entry.
-template <typename T>
-__device__ __forceinline__ const T* plane_row(const T* lane, int r) {
-  return reinterpret_cast<const T*>(reinterpret_cast<const char*>(lane) + 16 * r);
-}
-
-// 8 channels of a plane row at a shared-memory address in bytes (SAddr), for the per-entry and per-corner loads of the
-// pull and the forward. Through a generic pointer (plane_row) nvcc formed each such address in two instructions, (r * 8
-// + lane) * 2 + the shared window, one of ~33 per entry of the pull; a 32-bit shared address is one shift-add, r * 16 +
-// the lane's address. The asm is volatile so that these loads keep their order with the block's barriers.
-#if defined(__CUDA_ARCH__)
-using SAddr = unsigned;
-__device__ __forceinline__ SAddr saddr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
-__device__ __forceinline__ uint4 lds128_at(SAddr a) {
-  uint4 r;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a));
-  return r;
-}
-__device__ __forceinline__ unsigned short lds16_at(SAddr a) {
-  unsigned short v;
-  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(a));
-  return v;
-}
-__device__ __forceinline__ float lds32f_at(SAddr a) {
-  float v;
-  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(a));
-  return v;
-}
-__device__ __forceinline__ double lds64f_at(SAddr a) {
-  double v;
-  asm volatile("ld.shared.f64 %0, [%1];\n" : "=d"(v) : "r"(a));
-  return v;
-}
-#else
-using SAddr = uintptr_t;  // the emulator: a host address
-inline SAddr saddr(const void* p) { return reinterpret_cast<uintptr_t>(p); }
-inline uint4 lds128_at(SAddr a) { return *reinterpret_cast<const uint4*>(a); }
-inline unsigned short lds16_at(SAddr a) { return *reinterpret_cast<const unsigned short*>(a); }
-inline float lds32f_at(SAddr a) { return *reinterpret_cast<const float*>(a); }
-inline double lds64f_at(SAddr a) { return *reinterpret_cast<const double*>(a); }
-#endif
-// One element (the split lanes' channel of the last unit, plane_split) as the accumulation type.
-__device__ __forceinline__ float lds1_at(SAddr a, const __nv_bfloat16*) { return __uint_as_float(static_cast<unsigned>(lds16_at(a)) << 16); }
-#if defined(__CUDA_ARCH__)
-__device__ __forceinline__ float lds1_at(SAddr a, const __half*) { return __half2float(__ushort_as_half(lds16_at(a))); }
-#else  // the emulator's __half is a float (a stub: no fp16 kernel runs there)
-inline float lds1_at(SAddr a, const __half*) { return __half2float(*reinterpret_cast<const __half*>(a)); }
-#endif
-__device__ __forceinline__ float lds1_at(SAddr a, const float*) { return lds32f_at(a); }
-__device__ __forceinline__ double lds1_at(SAddr a, const double*) { return lds64f_at(a); }
-__device__ __forceinline__ void lds8_at(SAddr a, const __nv_bfloat16*, float* o) { unpack_pairs8<__nv_bfloat162>(lds128_at(a), o); }
-__device__ __forceinline__ void lds8_at(SAddr a, const __half*, float* o) { unpack_pairs8<__half2>(lds128_at(a), o); }
-__device__ __forceinline__ void lds8_at(SAddr a, const float*, float* o) {
-  const float4 x = as_float4(lds128_at(a)), y = as_float4(lds128_at(a + 16));
-  o[0] = x.x; o[1] = x.y; o[2] = x.z; o[3] = x.w;
-  o[4] = y.x; o[5] = y.y; o[6] = y.z; o[7] = y.w;
-}
-__device__ __forceinline__ void lds8_at(SAddr a, const double*, double* o) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint4 r = lds128_at(a + 16 * i);
-    double d[2];
-    memcpy(d, &r, 16);
-    o[2 * i] = d[0];
-    o[2 * i + 1] = d[1];
-  }
-}
-
 // Geometry of point i = q * K + k of block (b, g) (q: the query's pixel inside the image).
 template <bool FUSED, typename T, typename F, typename A>
 __device__ __forceinline__ Corners<A> plane_point(const MsdcnParams<T, F, A>& p, const PlaneLayout& lay, int64_t b, int g, int q, int k,
@@ -387,17 +318,18 @@ __global__ void FLOWDCN_PLANE_BACKWARD_BOUNDS(T) msdcn_plane_backward_kernel(con
     if (info != kNoCell && !(lay.diag & 2)) {
       const int cell = info & 0xfff, mask = info >> 12;
       const int y0 = fdiv(cell, lay.W1) - 1, x0 = cell - (y0 + 1) * W1 - 1;
-      const T* orow = opl + q * rs;
-      const T* vrow[4];  // corners outside the grid read the zero row (their sums are reset below): no branches in the loop
+      const SAddr orow = saddr(opl + q * rs);
+      SAddr vrow[4];  // corners outside the grid read the zero row (their sums are reset below): no branches in the loop
 #pragma unroll
-      for (int j = 0; j < 4; ++j) vrow[j] = vpl + ((mask >> j) & 1 ? (y0 + (j >> 1)) * ys + (x0 + (j & 1)) * rs : H * ys);
+      for (int j = 0; j < 4; ++j) vrow[j] = saddr(vpl + ((mask >> j) & 1 ? (y0 + (j >> 1)) * ys + (x0 + (j & 1)) * rs : H * ys));
+      const int ub = kVec * static_cast<int>(sizeof(T));  // bytes per 8 channels
       for (int u = 0; u < L; ++u) {
         A o[kVec];
-        lds8(orow + u * kVec, o);
+        lds8_at(orow + u * ub, opl, o);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           A v[kVec];
-          lds8(vrow[j] + u * kVec, v);
+          lds8_at(vrow[j] + u * ub, vpl, v);
 #pragma unroll
           for (int e = 0; e < kVec; ++e) D[j] += v[e] * o[e];
         }

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 struct alignas(8) uint2 { unsigned x, y; };
