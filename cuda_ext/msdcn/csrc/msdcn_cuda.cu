@@ -468,7 +468,7 @@ at::Tensor forward_launch(const at::Tensor& value, const at::Tensor& off, const 
     }
     if (!counts.defined() && plane_serves(value.size(0), geo.H, geo.W, geo.G, geo.C, geo.K, sizeof(T), sizeof(A), false, value.get_device())) {
       const PlaneLayout lay = plane_layout(geo.H, geo.W, geo.C, geo.K, sizeof(T), sizeof(A), false);
-      auto plane = fused ? msdcn_plane_forward_kernel<T, F, A, true> : msdcn_plane_forward_kernel<T, F, A, false>;
+      auto plane = plane_kernel_forward<T, F, A>(fused, lay);
       allow_smem(plane, lay.bytes, value.get_device(), geo);
       plane<<<static_cast<unsigned>(value.size(0) * geo.G), plane_threads(lay.bytes, 0, 0, nullptr, false, value.get_device()), lay.bytes,
                                                                   stream>>>(p, lay);

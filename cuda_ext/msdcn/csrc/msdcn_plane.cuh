@@ -13,8 +13,8 @@
 //      inside-mask into shared memory, count[cell] += 1 (native shared integer atomics);
 //   3. exclusive scan of the counts (one warp);
 //   4. per point: the four corner dots <value[corner], grad_out[query]> over C from the planes, the chain rule of the
-//      field grads (as the gather epilogue; d/ds0 summed in registers), and its entry in its cell's list: the query,
-//      the weight and the position inside the cell, stored at the entry's index;
+//      field grads (as the gather epilogue; d/ds0 summed in registers), and its entry in its cell's list: the query's
+//      row, the weight times the x factors of the bilinear weights and ly, stored at the entry's index;
 //   5. per (pixel, 8 channels; plane_split): grad_value = sum over the entries of the 4 cells the pixel is a corner of of
 //      w * bil * grad_out[query] (the gather pull, from shared memory), written once in the value's dtype;
 //   6. d/ds0: the block's sum in a fixed order (warp trees, then the warps in order), one partial per (group, image).
@@ -118,7 +118,7 @@ inline bool plane_split(int L) { return L > 8 && L % 8 == 1; }
 inline int plane_image_row_pad(int64_t W, int rsu) { return static_cast<int>(((3 - W % 8 + 8) * rsu) % 8); }
 
 // The backward keeps its per-point lists small enough for two blocks per SM at XL 16^2 (110 KB): 16 bytes per point with
-// fp32 accumulation (weight 4, (lx, ly) 8, a 16-bit cell (plane_indices_fit) and a 16-bit grad_out row offset in 16-byte
+// fp32 accumulation ((w * (1 - lx), w * lx) 8, ly 4, a 16-bit cell (plane_indices_fit) and a 16-bit grad_out row offset in 16-byte
 // units (below 2^14: the plane fits in shared memory)).
 struct PlaneLayout {
   int rs;                 // plane row stride (elements); rs * sizeof(T) is a multiple of 16 bytes
@@ -127,8 +127,9 @@ struct PlaneLayout {
                           // padding: corners outside the grid read it, so the inner loops have no branches) of T;
                           // grad_out plane (backward) [H*W, rs]
   size_t ptw;             // forward: [P, 4] of A, corner weights w * bil (0 outside the grid); backward: [P] of A, the
-                          // entries' weights w
-  size_t pxy;             // backward: [P, 2] of A, the entries' offsets from their cell's corner (0, 0): (lx, ly)
+                          // entries' ly (offset from their cell's corner (0, 0) in y)
+  size_t pxy;             // backward: [P, 2] of A, the entries' weights times the x factors of the bilinear weights:
+                          // (w * (1 - lx), w * lx)
   size_t pinfo;           // backward: [P] uint16, cell | inside-mask << 12, or kNoCell when no corner is inside the grid;
                           // forward: [P] 4 x uint16, the plane rows of the corners in 16-byte units (the zero row outside)
   size_t ent;             // backward: [P] uint16, the entries' grad_out plane rows in 16-byte units (their queries), the
@@ -244,8 +245,8 @@ __global__ void FLOWDCN_PLANE_BACKWARD_BOUNDS(T) msdcn_plane_backward_kernel(con
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* vpl = reinterpret_cast<T*>(smem_raw + lay.vpl);
   T* opl = reinterpret_cast<T*>(smem_raw + lay.opl);
-  A* pw = reinterpret_cast<A*>(smem_raw + lay.ptw);
-  A* pxy = reinterpret_cast<A*>(smem_raw + lay.pxy);
+  A* ply = reinterpret_cast<A*>(smem_raw + lay.ptw);
+  A* pwx = reinterpret_cast<A*>(smem_raw + lay.pxy);
   unsigned short* pinfo = reinterpret_cast<unsigned short*>(smem_raw + lay.pinfo);
   unsigned short* ent = reinterpret_cast<unsigned short*>(smem_raw + lay.ent);
   int* cstart = reinterpret_cast<int*>(smem_raw + lay.cstart);
@@ -340,12 +341,16 @@ __global__ void FLOWDCN_PLANE_BACKWARD_BOUNDS(T) msdcn_plane_backward_kernel(con
     FieldIdx fi;
     const Corners<A> c = plane_point<FUSED>(p, lay, b, g, q, k, fi);
     if (info != kNoCell) {
-      // the point's entry in its cell's list: the pull reads an entry's query, weight and (lx, ly) at the entry's own
+      // the point's entry in its cell's list: the pull reads an entry's query and weight factors at the entry's own
       // index, so its loads do not wait on the entry (a point index) as a list of point indices would make them
       const int e = atomicAdd(ccur + (info & 0xfff), 1);
       ent[e] = static_cast<unsigned short>(q * rsu);
-      pw[e] = to_acc(p.weight[fi.f], A());
-      sts2(pxy + 2 * e, c.ddy[3], c.ddx[3]);  // (lx, ly): corners() keeps lx as d bil_3 / d py, ly as d bil_3 / d px
+      // the x factors of w * bil_j, the pixel's side chosen by the pull per cell (corners() keeps lx as d bil_3 / d py,
+      // -(1 - lx) as d bil_0 / d py and ly as d bil_3 / d px): one load and one or two float ops per entry in the pull,
+      // where (w, lx, ly) took two loads and two to four
+      const A w = to_acc(p.weight[fi.f], A());
+      sts2(pwx + 2 * e, w * -c.ddy[0], w * c.ddy[3]);
+      ply[e] = c.ddx[3];
     }
     s0_acc += lay.diag & 4 ? D[0] + D[1] + D[2] + D[3] : point_field_grads<FUSED>(p, fi, g, k, c, D);
   }
@@ -367,9 +372,8 @@ __global__ void FLOWDCN_PLANE_BACKWARD_BOUNDS(T) msdcn_plane_backward_kernel(con
       const int cell = c00 - (j & 1) - ((j >> 1) ? W1 : 0);  // this pixel is corner j of it
       const int e1 = cstart[cell + 1];
       for (int e = cstart[cell]; e < e1; ++e) {
-        A lx, ly;
-        lds2(pxy + 2 * e, lx, ly);
-        const A w = pw[e] * (((j & 1) ? lx : A(1) - lx) * ((j >> 1) ? ly : A(1) - ly));  // w * bil_j, as corners() forms it
+        const A ly = ply[e];
+        const A w = pwx[2 * e + (j & 1)] * ((j >> 1) ? ly : A(1) - ly);  // (w * hx or w * lx) * (hy or ly): w * bil_j
         const int r = ent[e];
         A o[kVec];
         lds8_at(olane + 16 * r, opl, o);
@@ -391,8 +395,11 @@ __global__ void FLOWDCN_PLANE_BACKWARD_BOUNDS(T) msdcn_plane_backward_kernel(con
 }
 
 // ---------------------------------------------------------------- forward
-// grid: B * G blocks, block = b * G + g; out contiguous [N, G, C].
-template <typename T, typename F, typename A, bool FUSED>
+// grid: B * G blocks, block = b * G + g; out contiguous [N, G, C]. SPLIT = lay.split (plane_kernel_forward picks the
+// instance): there every lane loads and sums a channel of the last unit, and only the split lanes store it, so the corner
+// loop has no predicate. Why: with a runtime predicate under the 32-register cap nvcc rematerialised the predicate and the
+// last unit's lane address at every corner (32.5 instructions per corner and lane at C = 72; sm_90 SASS).
+template <typename T, typename F, typename A, bool FUSED, bool SPLIT>
 __global__ void __launch_bounds__(kPlaneMaxThreads, plane_forward_min_blocks<T>()) msdcn_plane_forward_kernel(const MsdcnParams<T, F, A> p, PlaneLayout lay) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* vpl = reinterpret_cast<T*>(smem_raw + lay.vpl);
@@ -436,7 +443,7 @@ __global__ void __launch_bounds__(kPlaneMaxThreads, plane_forward_min_blocks<T>(
   const int tasks = HW * lay.lanes.d;
   for (int t = tid; t < tasks; t += nthr) {
     const int q = fdiv(t, lay.lanes), u = t - q * lay.lanes.d;
-    const bool split = lay.split && u >= lay.lanes.d - 8;  // also channel (L - 1) * 8 + u % 8
+    const bool split = SPLIT && u >= lay.lanes.d - 8;  // also channel (L - 1) * 8 + u % 8
     const SAddr vlane = saddr(vpl + u * kVec), xlane = saddr(vpl + (L - 1) * kVec + (u & 7));
     A acc[kVec], accx = A(0);
 #pragma unroll
@@ -453,13 +460,20 @@ __global__ void __launch_bounds__(kPlaneMaxThreads, plane_forward_min_blocks<T>(
         lds8_at(vlane + 16 * r[j], vpl, v);
 #pragma unroll
         for (int m = 0; m < kVec; ++m) acc[m] += cw[j] * v[m];
-        if (split) accx += cw[j] * lds1_at(xlane + 16 * r[j], vpl);
+        if (SPLIT) accx += cw[j] * lds1_at(xlane + 16 * r[j], vpl);  // used where split
       }
     }
     T* out = p.out + (b * HW + q) * GC + g * C;
     store8(out + u * kVec, acc);
     if (split) from_acc(accx, out + (L - 1) * kVec + (u & 7));
   }
+}
+
+// The plane forward's instance for a launch (its SPLIT is lay.split).
+template <typename T, typename F, typename A>
+auto plane_kernel_forward(bool fused, const PlaneLayout& lay) {
+  return fused ? (lay.split ? msdcn_plane_forward_kernel<T, F, A, true, true> : msdcn_plane_forward_kernel<T, F, A, true, false>)
+               : (lay.split ? msdcn_plane_forward_kernel<T, F, A, false, true> : msdcn_plane_forward_kernel<T, F, A, false, false>);
 }
 
 }  // namespace flowdcn

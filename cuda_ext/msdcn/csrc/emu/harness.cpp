@@ -163,7 +163,7 @@ static int run(char** argv) {
       for (auto& x : out) from_f64(NAN, x);
       p.out = out.data();
       launch({unsigned(B * G), 1, 1}, Q, [&] {
-        if (fused) msdcn_plane_forward_kernel<T, F, A, true>(p, lay); else msdcn_plane_forward_kernel<T, F, A, false>(p, lay);
+        plane_kernel_forward<T, F, A>(fused, lay)(p, lay);
       }, lay.bytes);
       wr(dir, "out", out);
       std::printf("ok plane forward %zu bytes\n", lay.bytes);
