@@ -397,8 +397,10 @@ def _plane_backward_bytes(H, W, C: int, K: int, itemsize: int, accsize: int):
     def a16(n):
         return (n + 15) // 16 * 16
 
-    # the value plane has one more row, of zeros (the zero padding)
-    return (a16((H * ys + rs) * itemsize) + a16(HW * rs * itemsize) + a16(P * accsize) + a16(2 * P * accsize) + 2 * a16(2 * P) + a16(4 * (cells + 1))
+    # the value plane has one more row, of zeros (the zero padding); its space later holds the pull's [P, 4] records.
+    # The builtin max: torch.sym_max here made torch 2.11 (the H200 machine) break the compiled FlowDCN block's graph
+    # (7 breaks in bench/train_step.py, a failing fullgraph test); max traces with static and symbolic sizes.
+    return (a16(max((H * ys + rs) * itemsize, 4 * P * accsize)) + a16(HW * rs * itemsize) + a16(P * accsize) + a16(2 * P * accsize) + 2 * a16(2 * P) + a16(4 * (cells + 1))
             + a16(4 * cells) + a16(32 * accsize))
 
 

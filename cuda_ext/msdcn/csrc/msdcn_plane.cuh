@@ -15,6 +15,7 @@
 //   4. per point: the four corner dots <value[corner], grad_out[query]> over C from the planes, the chain rule of the
 //      field grads (as the gather epilogue; d/ds0 summed in registers), and its entry in its cell's list: the query's
 //      row, the weight times the x factors of the bilinear weights and ly, stored at the entry's index;
+//   4b. the entries repacked as 16-byte records into the value plane's space (dead after the dots);
 //   5. per (pixel, 8 channels; plane_split): grad_value = sum over the entries of the 4 cells the pixel is a corner of of
 //      w * bil * grad_out[query] (the gather pull, from shared memory), written once in the value's dtype;
 //   6. d/ds0: the block's sum in a fixed order (warp trees, then the warps in order), one partial per (group, image).
@@ -28,6 +29,8 @@
 // tokens backward on an H200 (23 x 23 needs 234944 bytes, 2.4 KB over a block's limit); larger grids take the gather
 // backward and the regular forward.
 #pragma once
+
+#include <algorithm>
 
 #include "msdcn_kernels.cuh"
 
@@ -125,7 +128,8 @@ struct PlaneLayout {
   int ys;                 // value plane image-row stride (elements): W * rs + the bank pad (plane_image_row_pad)
   size_t vpl, opl;        // value plane: pixel (x, y) at y * ys + x * rs, then one row of zeros at H * ys (the zero
                           // padding: corners outside the grid read it, so the inner loops have no branches) of T;
-                          // grad_out plane (backward) [H*W, rs]
+                          // backward: after the dots the same space holds the pull's entry records, [P, 4] of A (it is
+                          // sized for both); grad_out plane (backward) [H*W, rs]
   size_t ptw;             // forward: [P, 4] of A, corner weights w * bil (0 outside the grid); backward: [P] of A, the
                           // entries' ly (offset from their cell's corner (0, 0) in y)
   size_t pxy;             // backward: [P, 2] of A, the entries' weights times the x factors of the bilinear weights:
@@ -165,7 +169,8 @@ inline PlaneLayout plane_layout(int64_t H, int64_t W, int C, int K, size_t tbyte
   l.lanes = fast_div(l.split ? L - 1 : L);
   size_t at = 0;
   l.vpl = at;
-  at = align16(at + (static_cast<size_t>(H) * l.ys + l.rs) * tbytes);
+  const size_t vbytes = (static_cast<size_t>(H) * l.ys + l.rs) * tbytes;
+  at = align16(at + (backward ? std::max(vbytes, static_cast<size_t>(P) * 4 * abytes) : vbytes));
   if (!backward) {
     l.ptw = at;
     at = align16(at + static_cast<size_t>(P) * 4 * abytes);
@@ -215,6 +220,12 @@ __device__ __forceinline__ void plane_load(T* plane, int rs, int ys, const T* sr
     copy16_async(plane + y * ys + (pix - y * W.d) * rs + u * per_unit, src + pix * stride + u * per_unit);
   }
 }
+
+// An int carried in the bits of an accumulator (the pull's records) and back.
+__device__ __forceinline__ float int_bits(int v, float) { return __int_as_float(v); }
+__device__ __forceinline__ double int_bits(int v, double) { return __longlong_as_double(v); }
+__device__ __forceinline__ int bits_int(float a) { return __float_as_int(a); }
+__device__ __forceinline__ int bits_int(double a) { return static_cast<int>(__double_as_longlong(a)); }
 
 // Zero the plane's row at element offset at (the zero padding), rs elements; ordered with the plane's use by the same
 // __syncthreads.
@@ -356,6 +367,22 @@ __global__ void FLOWDCN_PLANE_BACKWARD_BOUNDS(T) msdcn_plane_backward_kernel(con
   }
   __syncthreads();
 
+  // 4b. each entry as one 16-byte record (w * (1 - lx), w * lx, ly, its grad_out row as the bits of an A) in the value
+  // plane's space, dead after the dots. Why: the pull's lanes of a pixel each load its entries' metadata, and three
+  // scalar loads (ent, ly, one x factor) were 3 of the 8 shared-memory wavefronts per warp and entry (4 pixels), one
+  // 16-byte load is 1. The pull was bound by those wavefronts: a cut of its instructions by 8 % left its time unchanged
+  // (H200, XL 16^2).
+  A* rec = reinterpret_cast<A*>(smem_raw + lay.vpl);
+  const int entries = cstart[cells];
+  for (int e = tid; e < entries; e += nthr) {
+    A r4[4];
+    lds2(pwx + 2 * e, r4[0], r4[1]);
+    r4[2] = ply[e];
+    r4[3] = int_bits(ent[e], A());
+    store4(rec + 4 * e, r4);
+  }
+  __syncthreads();
+
   // 5. grad_value: per (pixel, 8 channels), the entries of the 4 cells it is a corner of
   const int tasks = lay.diag & 1 ? 0 : HW * lay.lanes.d;
   for (int t = tid; t < tasks; t += nthr) {
@@ -372,9 +399,10 @@ __global__ void FLOWDCN_PLANE_BACKWARD_BOUNDS(T) msdcn_plane_backward_kernel(con
       const int cell = c00 - (j & 1) - ((j >> 1) ? W1 : 0);  // this pixel is corner j of it
       const int e1 = cstart[cell + 1];
       for (int e = cstart[cell]; e < e1; ++e) {
-        const A ly = ply[e];
-        const A w = pwx[2 * e + (j & 1)] * ((j >> 1) ? ly : A(1) - ly);  // (w * hx or w * lx) * (hy or ly): w * bil_j
-        const int r = ent[e];
+        A rc[4];
+        lds4(rec + 4 * e, rc);
+        const A w = rc[j & 1] * ((j >> 1) ? rc[2] : A(1) - rc[2]);  // (w * hx or w * lx) * (hy or ly): w * bil_j
+        const int r = bits_int(rc[3]);
         A o[kVec];
         lds8_at(olane + 16 * r, opl, o);
 #pragma unroll
