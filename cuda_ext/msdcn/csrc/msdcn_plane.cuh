@@ -16,8 +16,9 @@
 //      field grads (as the gather epilogue; d/ds0 summed in registers), and its entry in its cell's list: the query's
 //      row, the weight times the x factors of the bilinear weights and ly, stored at the entry's index;
 //   4b. the entries repacked as 16-byte records into the value plane's space (dead after the dots);
-//   5. per (pixel, 8 channels; plane_split): grad_value = sum over the entries of the 4 cells the pixel is a corner of of
-//      w * bil * grad_out[query] (the gather pull, from shared memory), written once in the value's dtype;
+//   5. per (pair of pixels in a row, 8 channels; plane_split): grad_value = sum over the entries of the cells the
+//      pixels are corners of of w * bil * grad_out[query] (the gather pull, from shared memory), written once in the
+//      value's dtype;
 //   6. d/ds0: the block's sum in a fixed order (warp trees, then the warps in order), one partial per (group, image).
 // Entries in a cell follow the shared atomics' order, so grad_value's fp32 sums have no fixed order (as the gather
 // backward's); every other grad is computed in a fixed order.
@@ -31,6 +32,7 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
 
 #include "msdcn_kernels.cuh"
 
@@ -39,9 +41,10 @@ namespace flowdcn {
 constexpr int kPlaneMaxThreads = 1024;  // largest block of the plane kernels
 // The backward's register cap for 16-bit values: two blocks of 576 threads per SM (plane_threads) need
 // <= 65536 / 1152 = 56 registers. Without the cap nvcc took 57-58 on sm_90 once the corner dots lost their branches (all
-// four corners' loads in flight); with it, 54-56 and no spills. fp32/fp64 planes are twice as large or more (one block per
-// SM at the shapes where 16-bit values fit two) and keep the 1024-thread bound's 64; at 64, nvcc 13 spills 8-52 bytes of
-// stores there (the four corners' fp32 loads in flight), which the branchless dots cost those (non-model) dtypes.
+// four corners' loads in flight); with it, 56 and no spills in the fused (model's) kernels, 4 bytes in the unfused ones
+// since the pull sums pairs of pixels (two sets of accumulators). fp32/fp64 planes are twice as large or more (one block
+// per SM at the shapes where 16-bit values fit two) and keep the 1024-thread bound's 64; at 64, nvcc 13 spills 32-52
+// bytes there (the four corners' fp32 loads in flight, the pull's pairs), which those (non-model) dtypes pay.
 template <typename T>
 constexpr int plane_backward_regs() {
   return sizeof(T) == 2 ? 56 : 64;
@@ -142,7 +145,7 @@ struct PlaneLayout {
   size_t ccur;            // backward: [cells] int, counts, then each cell's next free entry
   size_t red;             // backward: [32] A, the warps' d/ds0 partials
   size_t bytes;           // total
-  FastDiv K, W, W1;       // divisions by K, W, W + 1
+  FastDiv K, W, W1, W2;   // divisions by K, W, W + 1, (W + 1) / 2 (the pull's pixel pairs per row)
   FastDiv units;          // by the 16-byte units of a row (C * sizeof(T) / 16; plane_load)
   FastDiv lanes;          // by the lanes per pixel (C / 8, or C / 8 - 1 where split)
   bool split;             // the last 8 channels are split over the last 8 lanes of a pixel (plane_split)
@@ -165,6 +168,7 @@ inline PlaneLayout plane_layout(int64_t H, int64_t W, int C, int K, size_t tbyte
   l.K = fast_div(K);
   l.W = fast_div(static_cast<int>(W));
   l.W1 = fast_div(static_cast<int>(W) + 1);
+  l.W2 = fast_div(static_cast<int>(W + 1) / 2);
   l.units = fast_div(static_cast<int>(C * tbytes / 16));
   l.lanes = fast_div(l.split ? L - 1 : L);
   size_t at = 0;
@@ -383,36 +387,70 @@ __global__ void FLOWDCN_PLANE_BACKWARD_BOUNDS(T) msdcn_plane_backward_kernel(con
   }
   __syncthreads();
 
-  // 5. grad_value: per (pixel, 8 channels), the entries of the 4 cells it is a corner of
-  const int tasks = lay.diag & 1 ? 0 : HW * lay.lanes.d;
+  // 5. grad_value: per (pair of pixels (x0, y), (x0 + 1, y) with x0 even, 8 channels; plane_split), the entries of the
+  //    cells they are corners of: the 3 cells from x0 - 1 to x0 + 1 in the cell rows y and y - 1. A cell's entry is read
+  //    once per pair holding one of its corners: twice when its lower x is even (both corners of a row in one pair),
+  //    else 4 times; 3 on average where one task per pixel read it 4 times (once per corner). Why: the pull is bound by
+  //    shared-memory wavefronts (each entry read is a record and a grad_out row), not by its multiply-adds.
+  const int pairs_w = (W + 1) / 2;
+  const int tasks = lay.diag & 1 ? 0 : H * pairs_w * lay.lanes.d;
   for (int t = tid; t < tasks; t += nthr) {
-    const int pix = fdiv(t, lay.lanes), u = t - pix * lay.lanes.d;
+    const int pr = fdiv(t, lay.lanes), u = t - pr * lay.lanes.d;
     const bool split = lay.split && u >= lay.lanes.d - 8;  // also channel (L - 1) * 8 + u % 8
-    const int y = fdiv(pix, lay.W), x = pix - y * W;
-    const int c00 = (y + 1) * W1 + x + 1;  // the cell whose corner 0 is this pixel
+    const int y = fdiv(pr, lay.W2), x0 = 2 * (pr - y * pairs_w);
+    const bool has_b = x0 + 1 < W;  // odd W: the last pair has one pixel
     const SAddr olane = saddr(opl + u * kVec), xlane = saddr(opl + (L - 1) * kVec + (u & 7));
-    A acc[kVec], accx = A(0);
+    A acc_a[kVec], acc_b[kVec], accx_a = A(0), accx_b = A(0);
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) acc[e] = A(0);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int cell = c00 - (j & 1) - ((j >> 1) ? W1 : 0);  // this pixel is corner j of it
+    for (int e = 0; e < kVec; ++e) acc_a[e] = acc_b[e] = A(0);
+    // cell (x0 + DX, y - DY): pixel a = (x0, y) is its corner with x offset -DX (DX <= 0), pixel b = (x0 + 1, y) the one
+    // with x offset 1 - DX (DX >= 0); both have y offset DY. x factor: w * (1 - lx) at offset 0, w * lx at offset 1 (the
+    // record's first two); y factor: 1 - ly at offset 0, ly at 1.
+    auto pull_cell = [&](auto dx_c, auto dy_c) {
+      constexpr int DX = decltype(dx_c)::value, DY = decltype(dy_c)::value;
+      const int cell = (y - DY + 1) * W1 + x0 + DX + 1;
       const int e1 = cstart[cell + 1];
       for (int e = cstart[cell]; e < e1; ++e) {
         A rc[4];
         lds4(rec + 4 * e, rc);
-        const A w = rc[j & 1] * ((j >> 1) ? rc[2] : A(1) - rc[2]);  // (w * hx or w * lx) * (hy or ly): w * bil_j
+        const A fy = DY ? rc[2] : A(1) - rc[2];
         const int r = bits_int(rc[3]);
         A o[kVec];
         lds8_at(olane + 16 * r, opl, o);
+        const A ox = split ? lds1_at(xlane + 16 * r, opl) : A(0);
+        if (DX <= 0) {
+          const A w = rc[DX == 0 ? 0 : 1] * fy;
 #pragma unroll
-        for (int m = 0; m < kVec; ++m) acc[m] += w * o[m];
-        if (split) accx += w * lds1_at(xlane + 16 * r, opl);
+          for (int m = 0; m < kVec; ++m) acc_a[m] += w * o[m];
+          if (split) accx_a += w * ox;
+        }
+        if (DX >= 0) {
+          const A w = rc[DX == 0 ? 1 : 0] * fy;
+#pragma unroll
+          for (int m = 0; m < kVec; ++m) acc_b[m] += w * o[m];
+          if (split) accx_b += w * ox;
+        }
       }
+    };
+    using I0 = std::integral_constant<int, 0>;
+    using I1 = std::integral_constant<int, 1>;
+    using Im1 = std::integral_constant<int, -1>;
+    pull_cell(Im1(), I0());
+    pull_cell(I0(), I0());
+    pull_cell(Im1(), I1());
+    pull_cell(I0(), I1());
+    if (has_b) {
+      pull_cell(I1(), I0());
+      pull_cell(I1(), I1());
     }
-    T* gv = gvalue + (b * HW + pix) * p.vs + g * C;  // b int64
-    store8(gv + u * kVec, acc);
-    if (split) from_acc(accx, gv + (L - 1) * kVec + (u & 7));
+    T* gv = gvalue + (b * HW + y * W + x0) * p.vs + g * C;  // b int64
+    store8(gv + u * kVec, acc_a);
+    if (split) from_acc(accx_a, gv + (L - 1) * kVec + (u & 7));
+    if (has_b) {
+      gv += p.vs;
+      store8(gv + u * kVec, acc_b);
+      if (split) from_acc(accx_b, gv + (L - 1) * kVec + (u & 7));
+    }
   }
 
   // 6. d/ds0 of the block, in a fixed order
