@@ -124,8 +124,8 @@ inline bool plane_split(int L) { return L > 8 && L % 8 == 1; }
 inline int plane_image_row_pad(int64_t W, int rsu) { return static_cast<int>(((3 - W % 8 + 8) * rsu) % 8); }
 
 // The backward keeps its per-point lists small enough for two blocks per SM at XL 16^2 (110 KB): 16 bytes per point with
-// fp32 accumulation ((w * (1 - lx), w * lx) 8, ly 4, a 16-bit cell (plane_indices_fit) and a 16-bit grad_out row offset in 16-byte
-// units (below 2^14: the plane fits in shared memory)).
+// fp32 accumulation ((w * (1 - lx), w * lx) 8, ly 4, a 16-bit cell (plane_indices_fit) and a 16-bit grad_out row offset
+// in 16-byte units (below 2^14: the plane fits in shared memory)).
 struct PlaneLayout {
   int rs;                 // plane row stride (elements); rs * sizeof(T) is a multiple of 16 bytes
   int ys;                 // value plane image-row stride (elements): W * rs + the bank pad (plane_image_row_pad)
@@ -372,9 +372,9 @@ __global__ void FLOWDCN_PLANE_BACKWARD_BOUNDS(T) msdcn_plane_backward_kernel(con
   __syncthreads();
 
   // 4b. each entry as one 16-byte record (w * (1 - lx), w * lx, ly, its grad_out row as the bits of an A) in the value
-  // plane's space, dead after the dots. Why: the pull's lanes of a pixel each load its entries' metadata, and three
-  // scalar loads (ent, ly, one x factor) were 3 of the 8 shared-memory wavefronts per warp and entry (4 pixels), one
-  // 16-byte load is 1. The pull was bound by those wavefronts: a cut of its instructions by 8 % left its time unchanged
+  // plane's space, dead after the dots. Why: every lane of the pull loads each entry's metadata, and three scalar
+  // loads (ent, ly, one x factor) were 3 of the 8 shared-memory wavefronts per warp and entry (4 pixels); one 16-byte
+  // load is 1. The pull was bound by those wavefronts: a cut of its instructions by 8 % left its time unchanged
   // (H200, XL 16^2).
   A* rec = reinterpret_cast<A*>(smem_raw + lay.vpl);
   const int entries = cstart[cells];
@@ -462,9 +462,10 @@ __global__ void FLOWDCN_PLANE_BACKWARD_BOUNDS(T) msdcn_plane_backward_kernel(con
 
 // ---------------------------------------------------------------- forward
 // grid: B * G blocks, block = b * G + g; out contiguous [N, G, C]. SPLIT = lay.split (plane_kernel_forward picks the
-// instance): there every lane loads and sums a channel of the last unit, and only the split lanes store it, so the corner
-// loop has no predicate. Why: with a runtime predicate under the 32-register cap nvcc rematerialised the predicate and the
-// last unit's lane address at every corner (32.5 instructions per corner and lane at C = 72; sm_90 SASS).
+// instance): there every lane loads and sums a channel of the last unit, and only the split lanes store it, so the
+// corner loop has no predicate. Why: with a runtime predicate under the 32-register cap nvcc rematerialised the
+// predicate and the last unit's lane address at every corner (32.5 instructions per corner and lane at C = 72, 29
+// without; sm_90 SASS).
 template <typename T, typename F, typename A, bool FUSED, bool SPLIT>
 __global__ void __launch_bounds__(kPlaneMaxThreads, plane_forward_min_blocks<T>()) msdcn_plane_forward_kernel(const MsdcnParams<T, F, A> p, PlaneLayout lay) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
