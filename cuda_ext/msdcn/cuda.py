@@ -399,7 +399,8 @@ def _plane_backward_bytes(H, W, C: int, K: int, itemsize: int, accsize: int):
 
     # the value plane has one more row, of zeros (the zero padding); its space later holds the pull's [P, 4] records.
     # The builtin max: torch.sym_max here made torch 2.11 (the H200 machine) break the compiled FlowDCN block's graph
-    # (7 breaks in bench/train_step.py, a failing fullgraph test); max traces with static and symbolic sizes.
+    # (7 breaks in bench/train_step.py, a failing fullgraph test). The builtin max traced without breaks there (static
+    # sizes), and with static and dynamic sizes under torch 2.13 on the CPU.
     return (a16(max((H * ys + rs) * itemsize, 4 * P * accsize)) + a16(HW * rs * itemsize) + a16(P * accsize) + a16(2 * P * accsize) + 2 * a16(2 * P) + a16(4 * (cells + 1))
             + a16(4 * cells) + a16(32 * accsize))
 
