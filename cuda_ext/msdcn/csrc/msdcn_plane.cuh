@@ -135,7 +135,7 @@ struct PlaneLayout {
                           // sized for both); grad_out plane (backward) [H*W, rs]
   size_t ptw;             // forward: [P, 4] of A, corner weights w * bil (0 outside the grid); backward: [P] of A, the
                           // entries' ly (offset from their cell's corner (0, 0) in y)
-  size_t pxy;             // backward: [P, 2] of A, the entries' weights times the x factors of the bilinear weights:
+  size_t pwx;             // backward: [P, 2] of A, the entries' weights times the x factors of the bilinear weights:
                           // (w * (1 - lx), w * lx)
   size_t pinfo;           // backward: [P] uint16, cell | inside-mask << 12, or kNoCell when no corner is inside the grid;
                           // forward: [P] 4 x uint16, the plane rows of the corners in 16-byte units (the zero row outside)
@@ -187,7 +187,7 @@ inline PlaneLayout plane_layout(int64_t H, int64_t W, int C, int K, size_t tbyte
   at = align16(at + static_cast<size_t>(HW) * l.rs * tbytes);
   l.ptw = at;
   at = align16(at + static_cast<size_t>(P) * abytes);
-  l.pxy = at;
+  l.pwx = at;
   at = align16(at + static_cast<size_t>(P) * 2 * abytes);
   l.pinfo = at;
   at = align16(at + static_cast<size_t>(P) * 2);
@@ -261,7 +261,7 @@ __global__ void FLOWDCN_PLANE_BACKWARD_BOUNDS(T) msdcn_plane_backward_kernel(con
   T* vpl = reinterpret_cast<T*>(smem_raw + lay.vpl);
   T* opl = reinterpret_cast<T*>(smem_raw + lay.opl);
   A* ply = reinterpret_cast<A*>(smem_raw + lay.ptw);
-  A* pwx = reinterpret_cast<A*>(smem_raw + lay.pxy);
+  A* pwx = reinterpret_cast<A*>(smem_raw + lay.pwx);
   unsigned short* pinfo = reinterpret_cast<unsigned short*>(smem_raw + lay.pinfo);
   unsigned short* ent = reinterpret_cast<unsigned short*>(smem_raw + lay.ent);
   int* cstart = reinterpret_cast<int*>(smem_raw + lay.cstart);
@@ -392,7 +392,7 @@ __global__ void FLOWDCN_PLANE_BACKWARD_BOUNDS(T) msdcn_plane_backward_kernel(con
   //    once per pair holding one of its corners: twice when its lower x is even (both corners of a row in one pair),
   //    else 4 times; 3 on average where one task per pixel read it 4 times (once per corner). Why: the pull is bound by
   //    shared-memory wavefronts (each entry read is a record and a grad_out row), not by its multiply-adds.
-  const int pairs_w = (W + 1) / 2;
+  const int pairs_w = lay.W2.d;  // pairs per row, (W + 1) / 2
   const int tasks = lay.diag & 1 ? 0 : H * pairs_w * lay.lanes.d;
   for (int t = tid; t < tasks; t += nthr) {
     const int pr = fdiv(t, lay.lanes), u = t - pr * lay.lanes.d;
